@@ -1,0 +1,106 @@
+"""The shared driver of every converter: parallel, ordered (so output is deterministic), with progress and ETA,
+and `--on_bad=fail|skip` handling. A converter supplies a list of items and a picklable `build(item)` that
+returns a list of (split, record) pairs or raises `BadInput` for a data problem.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import time
+from typing import Callable, Sequence
+
+from absl import flags, logging
+
+from data_prep.shards import DatasetWriter
+from mmrs.data import records
+
+
+class BadInput(ValueError):
+  """A data problem in one item (missing band file, wrong shape/dtype, NaN in S1, all-zero S2, ...)."""
+
+
+class ConversionError(RuntimeError):
+  pass
+
+
+def define_common_flags():
+  """Flags every converter has. Call at import time of the converter's __main__ module."""
+  flags.DEFINE_string("out", None, "Output dataset directory (replaced atomically when the conversion succeeds).")
+  flags.DEFINE_integer("num_shards", 4, "ArrayRecord shards per split and modality group.")
+  flags.DEFINE_enum("on_bad", "fail", ["fail", "skip"], "Bad input: stop with an error, or skip and count it.")
+  flags.DEFINE_integer("workers", min(8, os.cpu_count() or 1), "Parallel reader processes (0 = in-process).")
+  flags.mark_flag_as_required("out")
+
+
+def _safe_build(args):
+  build, item = args
+  try:
+    return ("ok", item, build(item))
+  except (BadInput, records.RecordError) as e:
+    return ("bad", item, str(e))
+  except Exception as e:  # corrupted files surface as library errors (rasterio, json, ...): name the item
+    return ("bad", item, f"{type(e).__name__}: {e}")
+
+
+def _item_name(item) -> str:
+  return item if isinstance(item, str) else getattr(item, "name", None) or str(item)
+
+
+class Progress:
+  def __init__(self, total: int, desc: str, every_s: float = 5.0):
+    self.total, self.desc, self.every_s = total, desc, every_s
+    self.start = self.last = time.time()
+
+  def update(self, done: int, writer: DatasetWriter, force: bool = False):
+    now = time.time()
+    if not force and now - self.last < self.every_s:
+      return
+    self.last = now
+    rate = done / max(now - self.start, 1e-9)
+    eta = (self.total - done) / rate if rate > 0 else 0.0
+    c = writer._counts
+    pairs = sum(v for (_, g), v in c.items() if g == "paired")
+    logging.info("%s: %d/%d items (%.1f/s, ETA %s) records=%d pairs=%d skipped=%d", self.desc, done, self.total,
+                 rate, time.strftime("%H:%M:%S", time.gmtime(eta)), sum(c.values()), pairs,
+                 sum(writer.skipped.values()))
+
+
+def run(items: Sequence, build: Callable, writer: DatasetWriter, *, on_bad: str = "fail", workers: int = 0,
+        desc: str = "convert") -> dict:
+  """Builds every item (in parallel, results in input order), writes the records, commits; returns the manifest."""
+  if on_bad not in ("fail", "skip"):
+    raise ValueError(f"on_bad must be 'fail' or 'skip', got {on_bad!r}.")
+  progress = Progress(len(items), desc)
+  pool = None
+  with writer:
+    try:
+      jobs = [(build, item) for item in items]
+      if workers and len(items) > 1:
+        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(items)))
+        results = pool.imap(_safe_build, jobs, chunksize=max(1, min(16, len(items) // (4 * workers) or 1)))
+      else:
+        results = map(_safe_build, jobs)
+      for done, (status, item, out) in enumerate(results, 1):
+        if status == "ok":
+          for split, record in out:
+            try:
+              writer.add(record, split)
+            except records.RecordError as e:
+              status, out = "bad", str(e)
+              break
+        if status == "bad":
+          if on_bad == "fail":
+            raise ConversionError(f"Bad input in {_item_name(item)}: {out}. Fix or remove it, or rerun with "
+                                  "--on_bad=skip to skip such items and count them in manifest.json.")
+          writer.skip(_item_name(item), out)
+        progress.update(done, writer)
+      progress.update(len(items), writer, force=True)
+      manifest = writer.close()
+    finally:
+      if pool is not None:
+        pool.terminate()
+  c = manifest["counts"]
+  print(f"{desc}: wrote {c['records']} records (pairs={c['pairs']}, s1_only={c['s1_only']}, "
+        f"s2_only={c['s2_only']}, skipped={c['skipped']}) to {writer.out_dir}", file=sys.stderr)
+  return manifest
