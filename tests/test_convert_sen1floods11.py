@@ -1,0 +1,171 @@
+"""data_prep.sen1floods11 on tiny chips in the v1.1 bucket layout (HandLabeled/{S1Hand,S2Hand,LabelHand} + splits)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import rasterio
+from array_record.python import array_record_module
+
+from data_prep import convert, sen1floods11
+from mmrs import bands
+from mmrs.data import records
+
+N = 32  # chip side (512 in the real data)
+SPLITS = {"train": ["Ghana_1", "Mekong_6"], "valid": ["Ghana_2"], "test": ["India_3", "Peru_9"],
+          "bolivia": ["Bolivia_4"]}  # Peru_9 is listed but has no files; Spain_5 is in no list
+
+
+def write_tif(path, arr, dtype):
+  arr = np.asarray(arr)
+  arr = arr[None] if arr.ndim == 2 else arr
+  c, h, w = arr.shape
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=c, dtype=dtype, crs="EPSG:32630",
+                     transform=rasterio.Affine(10, 0, 400000, 0, -10, 1000000)) as f:
+    f.write(arr.astype(dtype))
+
+
+def label(seed):
+  """Top-left quadrant no data (-1); the rest a water/not-water pattern."""
+  rng = np.random.default_rng(seed)
+  m = rng.integers(0, 2, (N, N)).astype(np.int16)
+  m[:N // 2, :N // 2] = -1
+  return m
+
+
+def write_chip(hand, chip, seed, s1_nan=0, s2_float=False):
+  s2 = np.stack([np.full((N, N), 100 * (i + 1) + seed) for i in range(13)])
+  s2_dtype = "uint16"
+  if s2_float:
+    s2 = s2.astype(np.float32)
+    s2[:, 0, 0] = np.nan
+    s2_dtype = "float32"
+  write_tif(os.path.join(hand, "S2Hand", f"{chip}_S2Hand.tif"), s2, s2_dtype)
+  s1 = np.stack([np.full((N, N), -9.0 - seed, np.float32), np.full((N, N), -16.0 - seed, np.float32)])
+  s1.reshape(2, -1)[:, N * N - s1_nan:] = np.nan
+  write_tif(os.path.join(hand, "S1Hand", f"{chip}_S1Hand.tif"), s1, "float32")
+  write_tif(os.path.join(hand, "LabelHand", f"{chip}_LabelHand.tif"), label(seed), "int16")
+
+
+def make_tree(root):
+  hand = os.path.join(root, "v1.1", "data", "flood_events", "HandLabeled")
+  for seed, chip in enumerate(["Ghana_1", "Ghana_2", "India_3", "Bolivia_4", "Spain_5", "Mekong_6"]):
+    write_chip(hand, chip, seed, s1_nan={"Ghana_1": 5, "Mekong_6": N * N * 3 // 4}.get(chip, 0),
+               s2_float=chip == "India_3")
+  sd = os.path.join(root, "v1.1", "splits", "flood_handlabeled")
+  os.makedirs(sd)
+  for name, chips in SPLITS.items():
+    with open(os.path.join(sd, f"flood_{name}_data.csv"), "w") as f:
+      f.writelines(f"{c}_S1Hand.tif,{c}_LabelHand.tif\n" for c in chips)
+  return os.path.join(root, "v1.1")
+
+
+def read_split(out, split):
+  with open(os.path.join(out, "manifest.json")) as f:
+    groups = json.load(f)["splits"].get(split, {})
+  recs = {}
+  for group, files in groups.items():
+    for fn in files:
+      r = array_record_module.ArrayRecordReader(os.path.join(out, fn))
+      for b in r.read_all():
+        rec = records.decode(b, meta=True)
+        rec["group"] = group
+        recs[rec["id"]] = rec
+      r.close()
+  return recs
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+  return make_tree(str(tmp_path_factory.mktemp("s1f11")))
+
+
+@pytest.fixture(scope="module")
+def converted(src, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("out") / "ds")
+  return out, sen1floods11.convert(src, out, num_shards=1)
+
+
+def test_splits_from_csv_files(converted):
+  out, m = converted
+  got = {s: sorted(read_split(out, s)) for s in m["splits"]}
+  assert got == {"train": ["Ghana_1", "Mekong_6"], "val": ["Ghana_2"], "test": ["India_3"], "bolivia": ["Bolivia_4"],
+                 "unlisted": ["Spain_5"]}
+  sf = m["split_files"]
+  assert sf["listed_but_missing"] == ["Peru_9"] and sf["unlisted"] == 1
+  assert sf["splits_dir"].endswith("flood_handlabeled")
+  assert m["label_sets"]["sen1floods11"]["kind"] == "mask"
+  assert m["label_sets"]["sen1floods11"]["names"] == ["not water", "water"] and m["licence"] == "CC-BY-4.0"
+
+
+def test_record_arrays(converted):
+  out, _ = converted
+  r = read_split(out, "val")["Ghana_2"]
+  np.testing.assert_array_equal(r["mask"], label(1))
+  assert r["s2"].dtype == np.uint16 and [int(v) for v in r["s2"][3, 3]] == [100 * (i + 1) + 1 for i in range(13)]
+  assert r["s2_bands"] == bands.S2_L1C_BANDS and r["group"] == "paired"
+  np.testing.assert_allclose(r["s1"][0, 0], [-10.0, -17.0])
+  assert r["meta"]["region"] == "Ghana" and r["meta"]["splits"] == ["val"] and "lon" in r["meta"]
+  india = read_split(out, "test")["India_3"]  # float S2 with a NaN pixel -> rounded uint16, NaN -> 0
+  assert india["s2"].dtype == np.uint16 and not india["s2"][0, 0].any() and india["meta"]["s2_nodata_filled"] == 1
+
+
+def test_s1_nan_flagged_mask_kept_and_mostly_nodata_dropped(converted):
+  out, m = converted
+  train = read_split(out, "train")
+  g = train["Ghana_1"]
+  assert g["s1_valid"].sum() == N * N - 5 and not g["s1_valid"][-1, -1] and np.isfinite(g["s1"]).all()
+  np.testing.assert_array_equal(g["mask"], label(0))  # the hand label is not changed where S1 is missing
+  mk = train["Mekong_6"]
+  assert mk["group"] == "s2_only" and "75% of the Sentinel-1 pixels" in mk["meta"]["s1_dropped"]
+  np.testing.assert_array_equal(mk["mask"], label(5))
+  assert m["counts"]["s1_dropped"] == 1 and m["counts"]["s2_only"] == 1 and m["counts"]["pairs"] == 5
+
+
+def test_tiles_drop_unlabelled_and_hash_split_keeps_chip_together(src, tmp_path):
+  hand = os.path.join(src, "data", "flood_events", "HandLabeled")  # --src may be the HandLabeled folder too
+  m = sen1floods11.convert(hand, str(tmp_path / "t"), tile=16, splits_dir="none", split="hash:0.5,0.5",
+                           num_shards=1)
+  recs = {}
+  for s in m["splits"]:
+    recs.update({k: (s, v) for k, v in read_split(str(tmp_path / "t"), s).items()})
+  assert len(recs) == 6 * 3  # the top-left tile of every chip is all no-data
+  assert "Ghana_2_y0_x0" not in recs and "Ghana_2_y16_x16" in recs
+  split, t = recs["Ghana_2_y0_x16"]
+  np.testing.assert_array_equal(t["mask"], label(1)[:16, 16:])
+  assert t["s2"].shape == (16, 16, 13) and t["meta"]["window"] == [0, 16, 16, 16]
+  chips = {}
+  for rid, (s, _) in recs.items():
+    chips.setdefault(rid.rsplit("_", 2)[0], set()).add(s)
+  assert all(len(s) == 1 for s in chips.values()) and m["split_files"]["splits_dir"] is None
+
+
+def test_bad_chips_fail_and_skip(src, tmp_path):
+  bad = str(tmp_path / "bad")
+  shutil.copytree(src, bad)
+  hand = os.path.join(bad, "data", "flood_events", "HandLabeled")
+  s2_path = os.path.join(hand, "S2Hand", "Ghana_2_S2Hand.tif")
+  write_tif(s2_path, np.ones((13, N // 2, N // 2)), "uint16")  # wrong grid
+  lab = label(3)
+  lab[0, 0] = 7
+  write_tif(os.path.join(hand, "LabelHand", "Bolivia_4_LabelHand.tif"), lab, "int16")  # invalid class value
+  with pytest.raises(convert.ConversionError, match="Bolivia_4_LabelHand.tif: label values"):  # sorted: first
+    sen1floods11.convert(bad, str(tmp_path / "o1"), num_shards=1)
+  m = sen1floods11.convert(bad, str(tmp_path / "o2"), num_shards=1, on_bad="skip")
+  assert m["counts"]["skipped"] == 2 and m["counts"]["records"] == 4
+  reasons = {s["item"]: s["reason"] for s in m["skipped_items"]}
+  assert "grid (16, 16)" in reasons["Ghana_2"] and "label values" in reasons["Bolivia_4"]
+
+
+def test_cli(src, tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = str(tmp_path / "cli")
+  ok = subprocess.run([sys.executable, "-m", "data_prep.sen1floods11", f"--src={src}", f"--out={out}", "--tile=16",
+                       "--workers=0", "--num_shards=1"], cwd=repo, capture_output=True, text=True)
+  assert ok.returncode == 0, ok.stderr
+  with open(os.path.join(out, "manifest.json")) as f:
+    assert json.load(f)["counts"]["records"] == 6 * 3
