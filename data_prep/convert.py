@@ -1,9 +1,11 @@
 """The shared driver of every converter: parallel, ordered (so output is deterministic), with progress and ETA,
 and `--on_bad=fail|skip` handling. A converter supplies a list of items and a picklable `build(item)` that
-returns a list of (split, record) pairs or raises `BadInput` for a data problem.
+returns a list of (split, record) pairs or raises `BadInput` for a data problem. `parse_split_spec` / `split_of`
+implement the shared `--split=train | hash:0.8,0.1,0.1` option (stable hash of the record id).
 """
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import sys
@@ -67,8 +69,12 @@ class Progress:
 
 
 def run(items: Sequence, build: Callable, writer: DatasetWriter, *, on_bad: str = "fail", workers: int = 0,
-        desc: str = "convert") -> dict:
-  """Builds every item (in parallel, results in input order), writes the records, commits; returns the manifest."""
+        desc: str = "convert", on_record: Callable[[str, dict], None] | None = None) -> dict:
+  """Builds every item (in parallel, results in input order), writes the records, commits; returns the manifest.
+
+  `on_record(split, record)` is called in this process for every record written (e.g. to count label
+  statistics into the dicts given to the writer as `extra` / `extra_counts`).
+  """
   if on_bad not in ("fail", "skip"):
     raise ValueError(f"on_bad must be 'fail' or 'skip', got {on_bad!r}.")
   progress = Progress(len(items), desc)
@@ -89,6 +95,8 @@ def run(items: Sequence, build: Callable, writer: DatasetWriter, *, on_bad: str 
             except records.RecordError as e:
               status, out = "bad", str(e)
               break
+            if on_record is not None:
+              on_record(split, record)
         if status == "bad":
           if on_bad == "fail":
             raise ConversionError(f"Bad input in {_item_name(item)}: {out}. Fix or remove it, or rerun with "
@@ -104,3 +112,44 @@ def run(items: Sequence, build: Callable, writer: DatasetWriter, *, on_bad: str 
   print(f"{desc}: wrote {c['records']} records (pairs={c['pairs']}, s1_only={c['s1_only']}, "
         f"s2_only={c['s2_only']}, skipped={c['skipped']}) to {writer.out_dir}", file=sys.stderr)
   return manifest
+
+
+def parse_split_spec(spec: str) -> tuple[str, ...] | tuple[tuple[str, float], ...]:
+  """'train' -> ('train',) (everything in one split); 'hash:0.8,0.1,0.1' -> (('train', .8), ('val', .1),
+  ('test', .1)); 'hash:train=0.9,val=0.1' names the splits. Fractions must sum to 1."""
+  spec = spec.strip()
+  if not spec.startswith("hash:"):
+    if not spec or not spec.replace("_", "").isalnum():
+      raise ValueError(f"--split={spec!r}: give a split name (e.g. 'train') or 'hash:0.8,0.1,0.1'.")
+    return (spec,)
+  parts = [p.strip() for p in spec[len("hash:"):].split(",") if p.strip()]
+  default_names = ("train", "val", "test")
+  if not parts or (len(parts) > 3 and any("=" not in p for p in parts)):
+    raise ValueError(f"--split={spec!r}: give 1-3 fractions ('hash:0.8,0.1,0.1') or named ones "
+                     "('hash:train=0.9,val=0.1').")
+  out = []
+  for i, p in enumerate(parts):
+    name, _, frac = p.rpartition("=") if "=" in p else (default_names[i], "", p)
+    try:
+      f = float(frac)
+    except ValueError:
+      raise ValueError(f"--split={spec!r}: {frac!r} is not a fraction.") from None
+    if not 0 <= f <= 1:
+      raise ValueError(f"--split={spec!r}: fraction {f} is outside [0, 1].")
+    out.append((name.strip(), f))
+  if abs(sum(f for _, f in out) - 1.0) > 1e-6:
+    raise ValueError(f"--split={spec!r}: the fractions sum to {sum(f for _, f in out)}, not 1.")
+  return tuple(out)
+
+
+def split_of(record_id: str, spec) -> str:
+  """The split of a record under a parsed spec: stable (sha256 of the id), independent of order and machine."""
+  if len(spec) == 1 and isinstance(spec[0], str):
+    return spec[0]
+  u = int.from_bytes(hashlib.sha256(record_id.encode()).digest()[:8], "big") / 2.0**64
+  acc = 0.0
+  for name, frac in spec:
+    acc += frac
+    if u < acc:
+      return name
+  return spec[-1][0]

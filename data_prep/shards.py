@@ -23,6 +23,8 @@ from mmrs.data import records
 FORMAT = "mmrs-records-v1"
 GROUPS = {("s1", "s2"): "paired", ("s2",): "s2_only", ("s1",): "s1_only"}
 COUNT_KEYS = {"paired": "pairs", "s2_only": "s2_only", "s1_only": "s1_only"}
+_STANDARD_KEYS = ("format", "counts", "skipped_reasons", "skipped_items", "splits", "records_per_shard", "bands",
+                  "stats_from_split")
 
 
 def shard_name(split: str, group: str, i: int, n: int) -> str:
@@ -39,15 +41,27 @@ def write_json_atomic(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def _check_replaceable(out_dir: str) -> None:
+  if os.path.isfile(out_dir):
+    raise FileExistsError(f"{out_dir} is a file, not a dataset directory; choose another --out.")
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, "manifest.json")):
+    raise FileExistsError(f"{out_dir} exists, is not empty and holds no manifest.json: it is not an mmrs "
+                          "dataset; refusing to replace it. Choose another --out or empty it.")
+
+
 class DatasetWriter:
   """`add()` records, `skip()` bad items, `close()` to commit; use as a context manager to abort on errors."""
 
   def __init__(self, out_dir: str, *, num_shards: int = 1, source: str = "", licence: str = "",
                created_by: str = "", args: dict | None = None, label_sets: dict | None = None,
-               stats_split: str = "train"):
+               stats_split: str = "train", extra: dict | None = None, extra_counts: dict | None = None):
+    """`extra`: more manifest sections (e.g. {"pairing": {...}}); `extra_counts`: more entries of the manifest's
+    `counts` (e.g. {"unmatched_s1": 3}). Both are read at close(), so a converter may fill the dicts it passed
+    while records are added."""
     if num_shards < 1:
       raise ValueError(f"num_shards must be >= 1, got {num_shards}.")
     self.out_dir = os.path.abspath(out_dir)
+    _check_replaceable(self.out_dir)  # fail before the conversion, not after hours of it
     parent = os.path.dirname(self.out_dir)
     os.makedirs(parent, exist_ok=True)
     self.tmp_dir = os.path.join(parent, f".{os.path.basename(self.out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
@@ -56,6 +70,8 @@ class DatasetWriter:
     self.info = dict(source=source, licence=licence, created_by=created_by, args=args or {},
                      label_sets=label_sets or {})
     self.stats_split = stats_split
+    self.extra = extra if extra is not None else {}
+    self.extra_counts = extra_counts if extra_counts is not None else {}
     self._writers: dict[tuple[str, str, int], array_record_module.ArrayRecordWriter] = {}
     self._counts: dict[tuple[str, str], int] = collections.Counter()
     self._per_shard: dict[tuple[str, str, int], int] = collections.Counter()
@@ -116,9 +132,14 @@ class DatasetWriter:
     counts = {"records": sum(self._counts.values()), "skipped": sum(self.skipped.values())}
     for group, key in COUNT_KEYS.items():
       counts[key] = sum(c for (_, g), c in self._counts.items() if g == group)
+    clash = (set(self.extra_counts) & set(counts)) | (set(self.extra) & (set(self.info) | set(_STANDARD_KEYS)))
+    if clash:
+      raise ValueError(f"DatasetWriter extra manifest keys {sorted(clash)} clash with standard manifest keys.")
+    counts.update(self.extra_counts)
     stats = self._merged_stats()
-    manifest = dict(format=FORMAT, **self.info, counts=counts, skipped_reasons=dict(sorted(self.skipped.items())),
-                    skipped_items=self.skipped_items[:1000], splits=dict(splits), records_per_shard=per_file,
+    manifest = dict(format=FORMAT, **self.info, **self.extra, counts=counts,
+                    skipped_reasons=dict(sorted(self.skipped.items())), skipped_items=self.skipped_items[:1000],
+                    splits=dict(splits), records_per_shard=per_file,
                     bands={m: list(b) for m, b in sorted(self._bands.items())},
                     stats_from_split=self.stats_split if self.stats_split in self._stats else "all")
     write_json_atomic(os.path.join(self.tmp_dir, "stats.json"), stats)
@@ -141,10 +162,11 @@ class DatasetWriter:
   def _swap_in(self) -> None:
     old = None
     if os.path.exists(self.out_dir):
-      if not os.path.exists(os.path.join(self.out_dir, "manifest.json")) and os.listdir(self.out_dir):
+      try:
+        _check_replaceable(self.out_dir)
+      except FileExistsError:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        raise FileExistsError(f"{self.out_dir} exists, is not empty and holds no manifest.json: it is not an mmrs "
-                              "dataset; refusing to replace it. Choose another --out or empty it.")
+        raise
       old = f"{self.tmp_dir}.old"
       os.replace(self.out_dir, old)
     os.replace(self.tmp_dir, self.out_dir)
