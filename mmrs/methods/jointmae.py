@@ -1,0 +1,259 @@
+"""JointMAE: this project's reading of the mask module of Zhang et al., "Joint Multi-Modality SAR and Optical
+Representation Learning" (the paper only sketches it; DESIGN.md section 3).
+
+`jointmae`: S1 and S2 go through their own entry layers -> 2L tokens, one per (position, modality); token
+t = position + L * group, groups ordered as `MODALITIES` = (s1, s2). Per sample the mask module draws a scenario:
+  independent    each modality keeps its own random set of positions (ceil(n/2) S2, floor(n/2) S1 tokens);
+  complementary  one random permutation of the positions: the first ceil(n/2) show S2, the next floor(n/2) S1,
+                 so no position is ever visible in both modalities (with visible_fraction = 0.5, n = L and every
+                 position is visible in exactly one modality; below 0.5 the rest are visible in neither);
+  drop_s1/drop_s2  one modality wholly masked, n random positions of the other visible.
+Every scenario shows exactly n = floor(visible_fraction * 2L) tokens, so the encoder input has one static shape;
+visible_fraction <= max_visible_fraction <= 0.5 (n <= L is what makes complementary and drop possible, and the
+paper's ">= 50% less input"). With the default 0.25 every scenario shows a quarter of the input pixels, MAE's 75%
+masking: drop then shows half of one modality ("partly"), complementary half of the positions.
+The encoder sees the visible tokens only; one ViT-Lite decoder gets them at their slots (mask tokens elsewhere,
+a learned group embedding per modality) and predicts every slot with one head per modality. Loss: per-patch MSE
+on the masked tokens of each modality (per-patch normalized targets with `norm_pix_loss`),
+loss = lam * loss_s1 + (1 - lam) * loss_s2 (lam = 0.5, as MixMAE).
+
+`jointmae_plain` (the baseline row, the paper's literal input): S1 and S2 concatenated along channels (s1 first),
+one entry layer ("s1s2"), one token per position, MAE random masking keeping floor(visible_fraction * L)
+tokens (the same fraction of the input pixels as `jointmae`), one decoder head for all channels; the loss is
+still reported per modality (the channel blocks of each patch).
+
+Masks are drawn on device from the step's rng (static shapes: argsort of uniform noise, as scenic's MAE).
+Params: {"encoder": ViTEncoder, "decoder": ViTLiteDecoder}; no state.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmrs.methods import flops as flops_lib
+from mmrs.methods import mae as mae_lib
+from mmrs.methods import masking
+from mmrs.methods.base import Task
+from mmrs.models import vit
+
+MODALITIES = ("s1", "s2")  # token blocks / decoder groups, in this order
+SCENARIOS = ("independent", "complementary", "drop_s1", "drop_s2")
+_PARAMS = ("encoder", "decoder")
+
+
+# --- the mask module --------------------------------------------------------------------------------------------
+
+def scenario_probabilities(config) -> np.ndarray:
+  """P(independent), P(complementary), P(drop_s1), P(drop_s2) from the config's weights (normalized)."""
+  raw = np.asarray([config.p_independent, config.p_complementary, config.p_drop], np.float64)
+  if (raw < 0).any() or raw.sum() <= 0:
+    raise ValueError(f"config.p_independent/p_complementary/p_drop = {raw.tolist()}: give non-negative weights, "
+                     "at least one positive.")
+  if not 0.0 <= config.drop_s1_prob <= 1.0:
+    raise ValueError(f"config.drop_s1_prob={config.drop_s1_prob} must be in [0, 1].")
+  p = raw / raw.sum()
+  return np.asarray([p[0], p[1], p[2] * config.drop_s1_prob, p[2] * (1.0 - config.drop_s1_prob)])
+
+
+def num_visible(config, num_tokens: int) -> int:
+  """Visible tokens out of `num_tokens` (2L for jointmae, L for the plain variant), checked against the limit."""
+  frac, limit = float(config.visible_fraction), float(config.max_visible_fraction)
+  if not 0.0 < limit <= 0.5:
+    raise ValueError(f"config.max_visible_fraction={limit} must be in (0, 0.5] (at most half the input tokens).")
+  if not 0.0 < frac <= limit:
+    raise ValueError(f"config.visible_fraction={frac} must be in (0, config.max_visible_fraction={limit}].")
+  n = int(np.floor(frac * num_tokens + 1e-9))  # floor: never above the limit
+  if n < 1:
+    raise ValueError(f"config.visible_fraction={frac} keeps no token of {num_tokens}; raise it or use larger "
+                     "images (data.paired.image_size) or a smaller model.patch_size.")
+  return n
+
+
+def _ranks(rng: jax.Array, batch_size: int, length: int) -> jax.Array:
+  """Per sample a uniformly random permutation, as ranks (B, L) in [0, L)."""
+  return jnp.argsort(jnp.argsort(jax.random.uniform(rng, (batch_size, length)), axis=1), axis=1)
+
+
+def mask_module(rng: jax.Array, batch_size: int, length: int, n_visible: int, probs) -> tuple[jax.Array, jax.Array]:
+  """Draws one scenario per sample and its visibility mask over the 2L tokens.
+
+  Returns (visible (B, 2L) bool with exactly `n_visible` True per row, token t = position + L * group with groups
+  `MODALITIES`; scenario (B,) int32 index into `SCENARIOS`). Requires n_visible <= length.
+  """
+  if not 0 < n_visible <= length:
+    raise ValueError(f"mask_module: n_visible={n_visible} must be in [1, L={length}].")
+  k_scn, k_a, k_b = jax.random.split(rng, 3)
+  scenario = jax.random.categorical(k_scn, jnp.log(jnp.asarray(probs, jnp.float32)), shape=(batch_size,))
+  n_s2, n_s1 = (n_visible + 1) // 2, n_visible // 2
+  r_a, r_b = _ranks(k_a, batch_size, length), _ranks(k_b, batch_size, length)
+  none = jnp.zeros((batch_size, length), bool)
+  # (s1 visible, s2 visible) per scenario, in SCENARIOS order.
+  options = (
+      (r_a < n_s1, r_b < n_s2),  # independent: two unrelated permutations
+      ((r_a >= n_s2) & (r_a < n_visible), r_a < n_s2),  # complementary: disjoint ranges of one permutation
+      (none, r_a < n_visible),  # drop_s1
+      (r_a < n_visible, none),  # drop_s2
+  )
+  pick = lambda i: jnp.select([scenario[:, None] == s for s in range(len(SCENARIOS))],  # noqa: E731
+                              [opt[i] for opt in options], default=False)
+  visible = jnp.concatenate([pick(0), pick(1)], axis=1)
+  return visible, scenario.astype(jnp.int32)
+
+
+# --- the method -------------------------------------------------------------------------------------------------
+
+class JointMAE:
+  """config.method = "jointmae" | "jointmae_plain": one task of that name on dataset "paired";
+  params {"encoder", "decoder"}, no state."""
+
+  def __init__(self, config):
+    self.config = config
+    self.name = config.method
+    self.plain = self.name == "jointmae_plain"
+    self.patch_size = int(config.model.patch_size)
+    self.norm_pix_loss = bool(config.norm_pix_loss)
+    self.lam = float(config.lam)
+    if not 0.0 <= self.lam <= 1.0:
+      raise ValueError(f"config.lam={self.lam} must be in [0, 1] (loss = lam * L_S1 + (1 - lam) * L_S2).")
+    self.channels = {m: len(mae_lib.band_names(config, m)) for m in MODALITIES}
+    self.probs = scenario_probabilities(config)
+    p2 = self.patch_size ** 2
+    if self.plain:
+      self.groups = ("s1s2",)
+      dtype = jnp.dtype(config.compute_dtype)
+      self.encoder = vit.ViTEncoder(
+          **mae_lib.encoder_size(config), patch_size=self.patch_size,
+          in_channels={"s1s2": self.channels["s1"] + self.channels["s2"]}, use_cls_token=config.model.use_cls_token,
+          dtype=dtype, dropout_rate=config.model.get("dropout_rate", 0.0))
+      out_dim = p2 * (self.channels["s1"] + self.channels["s2"])
+    else:
+      self.groups = MODALITIES
+      self.encoder = mae_lib.build_encoder(config, MODALITIES)
+      out_dim = tuple(p2 * self.channels[m] for m in MODALITIES)
+    self.decoder = vit.ViTLiteDecoder(**mae_lib.decoder_size(config), out_dim=out_dim,
+                                      dtype=jnp.dtype(config.compute_dtype),
+                                      dropout_rate=config.model.get("dropout_rate", 0.0))
+    self.tasks = (Task(self.name, "paired", ("s1", "s2"), self.loss, param_prefixes=_PARAMS),)
+
+  # --- shapes and masks ---------------------------------------------------------------------------------------
+  def _grid(self, batch) -> tuple[int, int]:
+    s1, s2 = batch["s1"], batch["s2"]
+    if s1.shape[:3] != s2.shape[:3]:
+      raise ValueError(f"{self.name}: S1 {s1.shape} and S2 {s2.shape} must share batch and spatial size.")
+    for m in MODALITIES:
+      if batch[m].shape[-1] != self.channels[m]:
+        raise ValueError(f"{self.name}: batch {m!r} has {batch[m].shape[-1]} channels but config.bands.{m} names "
+                         f"{self.channels[m]} bands; make config.bands match the data (data.*.s2_bands).")
+    return vit.patch_grid(s2.shape[1], s2.shape[2], self.patch_size)
+
+  def _images(self, batch) -> dict[str, jax.Array]:
+    if self.plain:  # channels: S1 first, then S2
+      return {"s1s2": jnp.concatenate([batch["s1"], batch["s2"]], axis=-1)}
+    return {m: batch[m] for m in MODALITIES}
+
+  def num_visible(self, length: int) -> int:
+    """Encoder tokens per sample for a grid of `length` positions."""
+    return num_visible(self.config, length * len(self.groups))
+
+  def masks(self, rng: jax.Array, batch_size: int, length: int) -> tuple[jax.Array, jax.Array]:
+    """(visible (B, G*L) bool, scenario (B,) int32); the plain variant: MAE random masking, scenario all 0."""
+    n = self.num_visible(length)
+    if self.plain:
+      keep_ids, _ = masking.random_split(rng, batch_size, length, n)
+      return masking.ids_to_mask(keep_ids, length), jnp.zeros((batch_size,), jnp.int32)
+    return mask_module(rng, batch_size, length, n, self.probs)
+
+  # --- contract -----------------------------------------------------------------------------------------------
+  def init(self, rng: jax.Array, batch):
+    grid = self._grid(batch)
+    n = self.num_visible(grid[0] * grid[1])
+    enc_rng, dec_rng = jax.random.split(rng)
+    images = {k: jnp.zeros((1,) + v.shape[1:]) for k, v in self._images(batch).items()}
+    # Every entry layer, then the blocks (ViTEncoder.__call__ knows only s2=/s1=, not the plain "s1s2").
+    enc = self.encoder.init(enc_rng, images, method=lambda mod, x: mod.encode(sum(mod.embed(x).values())))
+    latent = jnp.zeros((1, n + int(self.encoder.use_cls_token), self.encoder.width))
+    dec = self.decoder.init(dec_rng, latent, grid, jnp.zeros((1, n), jnp.int32), self.encoder.use_cls_token)
+    return {"encoder": enc["params"], "decoder": dec["params"]}, {}
+
+  def update_state(self, params, state, step):
+    del params, step
+    return state
+
+  def forward(self, params, batch, rng, train: bool):
+    """-> (predictions {modality: (B, L, p*p*C)}, visible {modality: (B, L) bool}, scenario (B,) int32).
+    The mask depends only on `rng` (the same for `loss` and `reconstruct`)."""
+    grid = self._grid(batch)
+    length = grid[0] * grid[1]
+    b = batch["s2"].shape[0]
+    mask_rng, enc_rngs, dec_rngs = mae_lib.split_rng(rng)
+    visible, scenario = self.masks(mask_rng, b, length)
+    ids = masking.mask_to_ids(visible, self.num_visible(length))
+    enc = {"params": params["encoder"]}
+    tokens = self.encoder.apply(enc, self._images(batch), method="embed")
+    all_tokens = jnp.concatenate([tokens[g] for g in self.groups], axis=1)  # (B, G*L, D), token = pos + L*g
+    latent = self.encoder.apply(enc, masking.gather_tokens(all_tokens, ids), train, method="encode", rngs=enc_rngs)
+    out = self.decoder.apply({"params": params["decoder"]}, latent, grid, ids, self.encoder.use_cls_token, train,
+                             rngs=dec_rngs)
+    if self.plain:
+      c1 = self.channels["s1"]
+      pixels = out.reshape(b, length, self.patch_size ** 2, -1)  # patchify order: (py, px, c)
+      preds = {"s1": pixels[..., :c1].reshape(b, length, -1), "s2": pixels[..., c1:].reshape(b, length, -1)}
+      shown = {"s1": visible, "s2": visible}
+    else:
+      preds = dict(zip(MODALITIES, out))
+      shown = {m: visible[:, g * length:(g + 1) * length] for g, m in enumerate(MODALITIES)}
+    return preds, shown, scenario
+
+  def loss_from(self, preds, batch, visible) -> tuple[jax.Array, dict]:
+    """Loss on the masked tokens only (targets from `batch`), and the per-modality terms."""
+    terms = {m: mae_lib.patch_mse(preds[m], vit.patchify(batch[m], self.patch_size), ~visible[m],
+                                  self.norm_pix_loss) for m in MODALITIES}
+    loss = self.lam * terms["s1"] + (1.0 - self.lam) * terms["s2"]
+    return loss, {f"loss_{m}": v for m, v in terms.items()}
+
+  def loss(self, params, state, batch, rng, train: bool = True):
+    preds, visible, scenario = self.forward(params, batch, rng, train)
+    loss, metrics = self.loss_from(preds, batch, visible)
+    if not self.plain:
+      for i, name in enumerate(SCENARIOS):
+        metrics[f"scenario_{name}"] = jnp.sum(scenario == i).astype(jnp.float32)
+      shown = jnp.concatenate([visible[m] for m in MODALITIES], axis=1)
+    else:
+      shown = visible["s1"]
+    metrics["visible_fraction"] = jnp.mean(shown.astype(jnp.float32))
+    return loss, (metrics, state)
+
+  def reconstruct(self, params, state, batch, rng) -> dict[str, dict[str, jax.Array]]:
+    """Same mask as the loss for the same rng. Per modality: "seen" = the tokens the encoder saw (others zeroed),
+    "reconstruction" = prediction at the masked tokens, input elsewhere, "target" = the input."""
+    del state
+    p = self.patch_size
+    preds, visible, _ = self.forward(params, batch, rng, False)
+    grid = self._grid(batch)
+    out = {"seen": {}, "reconstruction": {}, "target": {}}
+    for m in MODALITIES:
+      target = vit.patchify(batch[m], p)
+      out["seen"][m] = vit.unpatchify(jnp.where(visible[m][..., None], target, 0.0), p, grid)
+      out["reconstruction"][m] = vit.unpatchify(
+          mae_lib.paste_prediction(preds[m], target, ~visible[m], self.norm_pix_loss), p, grid)
+      out["target"][m] = batch[m]
+    return out
+
+  def flops_per_sample(self, task_name: str) -> float:
+    """Training FLOPs of one sample: entry layers on all patches, encoder on the visible tokens (+ CLS), decoder
+    on all G*L slots (matmuls only; see mmrs/methods/flops.py)."""
+    if task_name != self.name:
+      raise ValueError(f"Method {self.name} has one task {self.name!r}, not {task_name!r}.")
+    p, enc, dec = self.patch_size, self.encoder, self.decoder
+    length = (self.config.data.paired.image_size // p) ** 2
+    n, cls = self.num_visible(length), int(enc.use_cls_token)
+    entry = sum(flops_lib.patch_embed_flops(length, p, c, enc.width) for c in enc.in_channels.values())
+    dec_size = dict(width=dec.width, depth=dec.depth, mlp_dim=dec.mlp_dim)
+    forward = (flops_lib.blocks_flops(n + cls, enc.width, enc.depth, enc.mlp_dim)
+               + flops_lib.decoder_flops(n, enc.width, length, dec_size, dec.out_dim, bool(cls)))
+    return flops_lib.train_flops(forward, entry)
+
+
+def build(config) -> JointMAE:
+  return JointMAE(config)

@@ -1,0 +1,196 @@
+"""JointMAE: the mask module's scenarios and limits, loss locality, tiny training (joint and plain variants)."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import jointmae as jointmae_config
+from mmrs import bands, methods
+from mmrs.data import synthetic
+from mmrs.methods import jointmae
+
+# An "rbg" key: init is mostly RNG, and XLA's RngBitGenerator compiles much faster than threefry on CPU.
+KEY = jax.random.key(0, impl="rbg")
+
+
+MASKS = jax.jit(jointmae.mask_module, static_argnums=(1, 2, 3))
+
+
+def _batch(batch=8, size=32, seed=0):
+  """Normalized synthetic S1/S2 scenes (shared segments, so one modality tells about the other)."""
+  rng = np.random.default_rng(seed)
+  recs = [synthetic.synthetic_record(rng, size, bands.S2_L2A_BANDS, labels=False, mask=False) for _ in range(batch)]
+  out = {}
+  for mod, stats, names in (("s1", bands.SSL4EO_S1, bands.S1_BANDS), ("s2", bands.SSL4EO_S2_L1C, bands.S2_L2A_BANDS)):
+    mean, std = stats.for_bands(names)
+    out[mod] = jnp.asarray((np.stack([r[mod] for r in recs]).astype(np.float32) - mean) / std)
+  return out
+
+
+# --- the mask module ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def drawn():
+  """4000 samples of the mask module, L = 16 positions, 8 visible of 32 tokens, scenario weights 5:2:3."""
+  config = jointmae_config.get_config("tiny")
+  config.p_independent, config.p_complementary, config.p_drop, config.drop_s1_prob = 5.0, 2.0, 3.0, 0.5
+  probs = jointmae.scenario_probabilities(config)
+  visible, scenario = MASKS(jax.random.key(42), 4000, 16, 8, probs)
+  return np.asarray(visible), np.asarray(scenario), probs
+
+
+def test_each_scenario_occurs_at_its_configured_rate(drawn):
+  _, scenario, probs = drawn
+  np.testing.assert_allclose(probs, [0.5, 0.2, 0.15, 0.15])
+  rates = np.bincount(scenario, minlength=4) / len(scenario)
+  np.testing.assert_allclose(rates, probs, atol=0.03)  # > 4 standard errors at n = 4000
+
+
+def test_every_sample_shows_the_same_number_of_tokens(drawn):
+  visible, _, _ = drawn
+  assert visible.shape == (4000, 32) and visible.dtype == bool
+  assert (visible.sum(axis=1) == 8).all()
+
+
+def test_scenarios_show_what_they_promise(drawn):
+  visible, scenario, _ = drawn
+  s1, s2 = visible[:, :16], visible[:, 16:]
+  ind, comp, drop_s1, drop_s2 = (scenario == i for i in range(4))
+  assert not (s1[comp] & s2[comp]).any()  # complementary: never a position visible in both modalities
+  assert (s1[comp].sum(1) == 4).all() and (s2[comp].sum(1) == 4).all()
+  assert not s1[drop_s1].any() and (s2[drop_s1].sum(1) == 8).all()  # one modality wholly masked, other partly
+  assert not s2[drop_s2].any() and (s1[drop_s2].sum(1) == 8).all()
+  assert (s1[ind].sum(1) == 4).all() and (s2[ind].sum(1) == 4).all()
+  assert (s1[ind] & s2[ind]).any()  # independent draws do overlap sometimes
+  # Positions are spread uniformly: every position is visible in some samples of every scenario.
+  for rows in (ind, comp):
+    assert (s1[rows] | s2[rows]).any(axis=0).all()
+
+
+def test_complementary_at_half_visible_covers_every_position_once():
+  visible, scenario = MASKS(jax.random.key(1), 64, 16, 16, np.asarray([0.0, 1.0, 0.0, 0.0]))
+  visible = np.asarray(visible)
+  assert (np.asarray(scenario) == 1).all()
+  np.testing.assert_array_equal(visible[:, :16] ^ visible[:, 16:], True)
+
+
+@pytest.mark.parametrize("fraction,tokens", [(0.25, 32), (0.5, 32), (0.3, 98), (0.49, 392), (0.1, 50)])
+def test_visible_fraction_never_exceeds_the_limit(fraction, tokens):
+  config = jointmae_config.get_config("tiny")
+  config.visible_fraction = fraction
+  n = jointmae.num_visible(config, tokens)
+  assert 1 <= n and n / tokens <= fraction <= config.max_visible_fraction
+
+
+def test_limits_are_enforced():
+  config = jointmae_config.get_config("tiny")
+  config.visible_fraction = 0.6
+  with pytest.raises(ValueError, match="visible_fraction"):
+    jointmae.num_visible(config, 32)
+  config.visible_fraction, config.max_visible_fraction = 0.25, 0.7
+  with pytest.raises(ValueError, match="max_visible_fraction"):
+    jointmae.num_visible(config, 32)
+  config.max_visible_fraction, config.p_drop = 0.5, -1.0
+  with pytest.raises(ValueError, match="p_drop"):
+    jointmae.scenario_probabilities(config)
+
+
+# --- the method (joint and plain) ---------------------------------------------------------------------------------
+
+def _trained(arg, steps):
+  config = jointmae_config.get_config(arg)
+  method = methods.build(config)
+  batch = _batch()
+  params, state = jax.jit(method.init)(KEY, batch)
+  params = nn.meta.unbox(params)
+  tx = optax.adam(3e-3)
+
+  @jax.jit
+  def step(params, opt_state, i):
+    grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+    (loss, (metrics, _)), grads = grad_fn(params, state, batch, jax.random.fold_in(KEY, i), True)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, metrics
+
+  opt_state, losses, metrics = tx.init(params), [], None
+  for i in range(steps):
+    params, opt_state, loss, metrics = step(params, opt_state, i % 2)  # two masks, alternating
+    losses.append(float(loss))
+  # One compiled evaluation for the locality and reconstruction tests: predictions, mask, PNG arrays.
+  evaluate = jax.jit(lambda p, b: (method.forward(p, b, KEY, False), method.reconstruct(p, {}, b, KEY)))
+  return dict(config=config, method=method, batch=batch, params=params, losses=losses, metrics=metrics,
+              evaluate=evaluate)
+
+
+@pytest.fixture(scope="module")
+def joint():
+  return _trained("tiny", 12)
+
+
+@pytest.fixture(scope="module")
+def plain():
+  return _trained("tiny,plain=True", 12)
+
+
+def test_tiny_trains_with_finite_decreasing_loss(joint, plain):
+  for run in (joint, plain):
+    losses = run["losses"]
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-2:]) < np.mean(losses[:2])
+
+
+def test_metrics_report_each_modality_and_the_scenarios(joint, plain):
+  m = joint["metrics"]
+  assert {"loss_s1", "loss_s2"} <= set(m) and {"loss_s1", "loss_s2"} <= set(plain["metrics"])
+  counts = [float(m[f"scenario_{s}"]) for s in jointmae.SCENARIOS]
+  assert sum(counts) == 8
+  assert float(m["visible_fraction"]) == pytest.approx(0.25)
+  assert float(plain["metrics"]["visible_fraction"]) == pytest.approx(0.25)
+  params = joint["params"]
+  assert set(params) == {"encoder", "decoder"}
+  assert {"patch_embed_s1", "patch_embed_s2"} <= set(params["encoder"])
+  assert {"head_0", "head_1"} <= set(params["decoder"])  # one output head per modality
+  assert "patch_embed_s1s2" in plain["params"]["encoder"]
+
+
+@pytest.mark.parametrize("variant", ["joint", "plain"])
+def test_a_seen_tokens_target_does_not_change_the_loss(variant, joint, plain):
+  run = {"joint": joint, "plain": plain}[variant]
+  method, batch, params = run["method"], run["batch"], run["params"]
+  (preds, visible, _), _ = run["evaluate"](params, batch)
+  base, _ = method.loss_from(preds, batch, visible)
+  p = method.patch_size
+  for mod in ("s1", "s2"):
+    vis = np.asarray(visible[mod])
+    sample = int(np.argmax(vis.any(axis=1) & (~vis).any(axis=1)))  # a sample with seen and masked tokens
+    seen, masked = int(np.argmax(vis[sample])), int(np.argmax(~vis[sample]))
+    for token, changes in ((seen, False), (masked, True)):
+      row, col = divmod(token, 32 // p)
+      target = {k: np.array(v) for k, v in batch.items()}
+      target[mod][sample, row * p:(row + 1) * p, col * p:(col + 1) * p] += 5.0 * np.random.default_rng(0).normal(
+          size=(p, p, target[mod].shape[-1]))
+      loss, _ = method.loss_from(preds, {k: jnp.asarray(v) for k, v in target.items()}, visible)
+      assert (abs(float(loss) - float(base)) > 1e-4) == changes, (mod, token, changes)
+
+
+def test_reconstruct_for_the_png_helper(joint):
+  batch = joint["batch"]
+  (_, visible, _), out = joint["evaluate"](joint["params"], batch)
+  assert set(out) == {"seen", "reconstruction", "target"}
+  for mod, c in (("s1", 2), ("s2", 12)):
+    assert out["seen"][mod].shape == out["reconstruction"][mod].shape == (8, 32, 32, c)
+    seen_pixels = np.repeat(np.repeat(np.asarray(visible[mod]).reshape(8, 4, 4), 8, 1), 8, 2)
+    np.testing.assert_array_equal(np.asarray(out["seen"][mod])[~seen_pixels], 0.0)
+    np.testing.assert_allclose(np.asarray(out["reconstruction"][mod])[seen_pixels],
+                               np.asarray(batch[mod])[seen_pixels])
+
+
+def test_flops_count_the_visible_tokens_only():
+  def flops(arg, fraction):
+    config = jointmae_config.get_config(arg)
+    config.visible_fraction = fraction
+    return methods.build(config).flops_per_sample(config.method)
+  assert flops("vit_b", 0.5) > flops("vit_b", 0.25) > 0
+  assert flops("vit_b,plain=True", 0.25) < flops("vit_b", 0.25)  # half the encoder tokens, half the slots
