@@ -259,7 +259,8 @@ def make_pipeline(data_cfg, *, modalities: tuple[str, ...], global_batch_size: i
   None = same as `shuffle` (evaluation pipelines get centre crops). drop_remainder=False pads the last batch to the
   fixed size and adds a `valid` (b,) bool to every batch. Optional data_cfg keys: split ("train"), groups
   (from modalities), label_set (comma-separated), rrc_scale ((0.2, 1.0)), read_threads (2),
-  worker_buffer_size (2), thread_prefetch (2 batches, workers=0 only).
+  worker_buffer_size (2), thread_prefetch (2 batches, workers=0 only), indices (record indices to read,
+  e.g. a label-fraction subset; empty = all).
   """
   if normalize not in NORMALIZE:
     raise ValueError(f"normalize={normalize!r}: use one of {NORMALIZE}.")
@@ -273,7 +274,10 @@ def make_pipeline(data_cfg, *, modalities: tuple[str, ...], global_batch_size: i
   augment = shuffle if augment is None else augment
   info = describe(data_cfg, modalities, split)
 
-  ds = grain.MapDataset.source(info.source)[process_index::process_count]
+  source = info.source
+  if data_cfg.get("indices"):  # a subset of the records (finetuning label fractions), in this index space
+    source = sources.IndexedSource(source, data_cfg.indices)
+  ds = grain.MapDataset.source(source)[process_index::process_count]
   if len(ds) < batch_size and drop_remainder and not repeat:
     raise ValueError(f"{data_cfg.shards}: process {process_index} sees {len(ds)} records, fewer than one batch "
                      f"of {batch_size}, and drop_remainder=True would yield nothing.")
@@ -319,7 +323,7 @@ def make_pipeline(data_cfg, *, modalities: tuple[str, ...], global_batch_size: i
     if prefetch > 0:  # overlap host work with the device step
       it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
   pins = dict(workers=workers, process_index=process_index, process_count=process_count, batch_size=batch_size,
-              shuffle_seed=shuffle_seed, seed=seed, num_records=info.num_records, shuffle=shuffle, repeat=repeat)
+              shuffle_seed=shuffle_seed, seed=seed, num_records=len(source), shuffle=shuffle, repeat=repeat)
   iterator = PipelineIterator(iter(it), pins)
-  return Pipeline(iterator, info.normalizer, info.bands, info.stats, info.manifest, info.num_records, batch_size,
+  return Pipeline(iterator, info.normalizer, info.bands, info.stats, info.manifest, len(source), batch_size,
                   info.labels)

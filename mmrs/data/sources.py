@@ -253,3 +253,22 @@ def open_source(shards: str, split: str, groups: Sequence[str]) -> SourceInfo:
   if shards.startswith("tfds:"):
     return open_tfds(shards, split)
   return open_directory(shards, split, groups)
+
+
+class IndexedSource:
+  """A random-access source restricted to `indices` (`data.<name>.indices`: a label-fraction subset)."""
+
+  def __init__(self, source, indices):
+    self._source = source
+    self._indices = np.asarray(indices, np.int64)
+    if len(self._indices) and (self._indices.min() < 0 or self._indices.max() >= len(source)):
+      raise ValueError(f"data indices must lie in [0, {len(source)}) for {source!r}.")
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, i):
+    return self._source[int(self._indices[int(i)])]
+
+  def __repr__(self):
+    return f"IndexedSource({len(self)} of {self._source!r})"

@@ -1,0 +1,93 @@
+"""Finetune configs: one file per downstream dataset, all built by `finetune_config` here.
+
+`--config=configs/finetune/<dataset>.py:VARIANT[,key=value...]`, run by `python -m launch.main` (a config with a
+`finetune` section trains `mmrs.finetune.method` with the same loop, then evaluates and writes results.json/.md).
+Variants: the dataset's paper-like default (`paper`), `demo` (the bundled BigEarthNet-MM sample; bigearthnet only),
+`tiny` (a "mu" encoder at 32 px: seconds on a CPU; give `shards=`).
+Keys (all variants): init_from (a converted encoder directory, "" = random init), frozen (True = only the head
+trains), head, label_fraction (0.01 / 0.1 / 0.5 / 1.0), subset_seed, modalities (s2 | s1 | s1+s2), shards,
+eval_shards, steps, batch_size, lr.
+
+Config keys read by mmrs/finetune:
+  init_from; finetune.{dataset, task (multilabel | class | segmentation), head (linear | mlp | vitlite), frozen,
+  label_fraction, subset_mode (balanced | stratified), subset_seed, modalities, label_set, num_classes, pool
+  (mean | cls), mlp_hidden_dim, decoder (ViT size of the vitlite head), decoder_depth, class_names};
+  model.{backbone (vit | resnet18/50...), encoder, patch_size, use_cls_token, dropout_rate} and bands.{s2, s1}
+  for a random init (with init_from they are filled from encoder.json); data.train / data.eval (+ split,
+  label_set, indices: the label-fraction subset, filled by mmrs.finetune.method.prepare_config); eval_batch_size.
+"""
+import ml_collections
+
+from configs import common
+from mmrs import bands as bands_lib
+
+SAMPLE_SHARDS = "runs/data/bigearthnet_mm_sample"
+ARG_DEFAULTS = dict(variant="paper", init_from="", frozen=False, head="", label_fraction=1.0, subset_seed=0,
+                    modalities="", shards="", eval_shards="", steps=0, batch_size=0, lr=0.0)
+
+
+def finetune_config(arg, *, dataset: str, task: str, label_set: str, num_classes: int, modalities: str,
+                    s2_bands: tuple[str, ...], image_size: int, head: str, shards: str, train_split: str = "train",
+                    eval_split: str = "test", batch_size: int = 256, steps: int = 10_000, lr: float = 1e-4,
+                    frozen_lr: float = 1e-3, frozen: bool = False):
+  """The config shared by every dataset; `arg` is the command line's `VARIANT,key=value,...`."""
+  arg = common.parse_arg(arg, **dict(ARG_DEFAULTS, frozen=frozen))
+  c = common.base_config()
+  c.method = "finetune"
+  c.init_from = arg.init_from
+  c.model = ml_collections.ConfigDict(dict(backbone="vit", encoder="B", patch_size=16, use_cls_token=True,
+                                           dropout_rate=0.0))
+  c.bands = ml_collections.ConfigDict(dict(s2=",".join(s2_bands), s1=",".join(bands_lib.S1_BANDS)))
+  c.finetune = ml_collections.ConfigDict(dict(
+      dataset=dataset, task=task, head=arg.head or head, frozen=arg.frozen, label_fraction=arg.label_fraction,
+      subset_mode="balanced", subset_seed=arg.subset_seed, modalities=arg.modalities or modalities,
+      label_set=label_set, num_classes=num_classes, pool="mean", mlp_hidden_dim=128, decoder="lite",
+      decoder_depth=0, class_names=()))
+  c.eval_batch_size = 0  # 0 = batch_size
+  c.optimizer.update(dict(name="adamw", learning_rate=frozen_lr if arg.frozen else lr, warmup_steps=0,
+                          schedule="cosine", weight_decay=0.0 if arg.frozen else 0.05, b1=0.9, b2=0.999,
+                          clip_norm=1.0))
+
+  variant = arg.variant
+  if variant == "paper":
+    c.batch_size, c.total_steps = batch_size, steps
+    c.optimizer.warmup_steps = steps // 20
+    c.log_every_steps, c.checkpoint_every_steps = 100, 2000
+  elif variant == "demo":
+    if dataset != "bigearthnet":
+      raise ValueError(f"configs/finetune/{dataset}.py: the `demo` variant needs the bundled BigEarthNet-MM sample; "
+                       "use bigearthnet.py:demo, or `tiny,shards=DIR` with your own shards.")
+    shards, image_size = SAMPLE_SHARDS, 96
+    train_split = eval_split = "train"  # the sample has one split: a smoke test, not an evaluation
+    c.model.update(encoder="tiny", patch_size=16)
+    c.batch_size, c.total_steps = 8, 30
+    c.optimizer.warmup_steps = 3
+    c.log_every_steps, c.checkpoint_every_steps = 5, 30
+    if c.finetune.head == "vitlite":
+      c.finetune.decoder, c.finetune.decoder_depth = "tiny", 2
+  elif variant == "tiny":
+    image_size = 32
+    c.model.update(encoder="mu", patch_size=8)
+    c.finetune.update(decoder="mu", mlp_hidden_dim=16)
+    c.batch_size, c.total_steps = 8, 4
+    c.log_every_steps, c.checkpoint_every_steps = 2, 4
+    if dataset == "bigearthnet":
+      shards, train_split, eval_split = SAMPLE_SHARDS, "train", "train"
+  else:
+    raise ValueError(f"configs/finetune/{dataset}.py: unknown variant {variant!r}; use paper, demo or tiny.")
+  if arg.steps:
+    c.total_steps = arg.steps
+  if arg.batch_size:
+    c.batch_size = arg.batch_size
+  if arg.lr:
+    c.optimizer.learning_rate = arg.lr
+
+  train_shards = arg.shards or shards
+  c.data = ml_collections.ConfigDict()
+  c.data.train = common.dataset_config(train_shards, image_size=image_size, split=train_split,
+                                       label_set=c.finetune.get_ref("label_set"), s2_bands=c.bands.get_ref("s2"),
+                                       indices=())
+  c.data.eval = common.dataset_config(arg.eval_shards or train_shards, image_size=image_size, split=eval_split,
+                                      label_set=c.finetune.get_ref("label_set"), s2_bands=c.bands.get_ref("s2"),
+                                      flips=False, rot90=False)
+  return c

@@ -1,0 +1,15 @@
+"""SEN12MS scene classification, 10 simplified IGBP classes (weighted precision / recall / F1):
+`--config=configs/finetune/sen12ms.py:VARIANT[,key=value...]`.
+
+paper: the JointMAE paper's setup: S1+S2 (13 L1C bands + VV, VH), finetuned ViT, linear head, 128 px centre crops of
+the 256 px patches, label fractions 1 / 10 / 50 / 100 % (label_fraction=0.01 ...); shards from
+`python -m data_prep.sen12ms --dataset=sen12ms` (label set "sen12ms" = the patch's majority class).
+"""
+from configs.finetune import finetune_config
+from mmrs import bands as bands_lib
+
+
+def get_config(arg=None):
+  return finetune_config(arg, dataset="sen12ms", task="class", label_set="sen12ms", num_classes=10,
+                         modalities="s1,s2", s2_bands=bands_lib.S2_L1C_BANDS, image_size=128, head="linear",
+                         shards="runs/data/sen12ms", eval_split="test", batch_size=256, steps=20_000)

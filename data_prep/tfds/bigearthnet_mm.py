@@ -1,0 +1,36 @@
+"""TFDS builder `mmrs_bigearthnet_mm`: BigEarthNet-MM v1 S1+S2 pairs with the 19- and 43-class labels."""
+import tensorflow_datasets as tfds
+
+from data_prep import bigearthnet_mm
+from data_prep.tfds import common
+from mmrs.data import bigearthnet_labels
+
+
+class MmrsBigearthnetMm(common.ConverterBuilder):
+  """BigEarthNet-MM (Sumbul et al. 2021): 120 x 120 px Sentinel-1 (VV, VH dB) + Sentinel-2 L2A (12 bands) pairs,
+  multi-label CORINE classes (label_corine43) and the 19-class nomenclature (label_ben19). Only S1+S2 pairs are
+  written (an S1 patch without its S2 partner, or the reverse, is counted in metadata['skipped'])."""
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release (mmrs data_prep.bigearthnet_mm records)."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Download BigEarthNet-S1-v1.0.tar.gz and BigEarthNet-S2-v1.0.tar.gz from https://bigearth.net and extract both
+  into manual_dir (giving manual_dir/BigEarthNet-S1-v1.0/... and manual_dir/BigEarthNet-v1.0/...). For the
+  official train/val/test split, put train.csv, val.csv and test.csv in manual_dir/splits/ (without them,
+  everything goes to split 'train').
+  """
+  converter = bigearthnet_mm
+
+  def features_for(self, config):
+    label_sets = bigearthnet_labels.LABEL_SETS
+    features = common.image_features(120, common.S2_L2A, s1=True, mask=False)
+    features.update(common.label_features(label_sets))
+    return features, {"s2": common.S2_L2A, "s1": common.S1}, label_sets
+
+  def list_kwargs(self, config):
+    import os  # pylint: disable=g-import-not-at-top
+    splits = os.path.join(str(self._manual_dir), "splits")
+    return {"splits_dir": splits} if os.path.isdir(splits) else {}
+
+  def _split_generators(self, dl_manager):
+    self._manual_dir = dl_manager.manual_dir
+    return super()._split_generators(dl_manager)

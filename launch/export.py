@@ -1,0 +1,35 @@
+"""Export a converted encoder to Hugging Face transformers (ViTModel) or timm naming (safetensors).
+
+    python -m launch.export --checkpoint=ENCODER_DIR --format=hf|timm --out=PATH [--modalities=s2]
+
+ENCODER_DIR is the output of `launch.convert_checkpoint`. `hf` writes a directory that
+`transformers.ViTModel.from_pretrained(PATH)` loads; `timm` writes PATH (a .safetensors file, or a directory with
+model.safetensors) in timm's VisionTransformer naming (ResNet: torchvision/timm names). Both carry the bands,
+channel order and normalization as JSON. See mmrs/finetune/export.py.
+"""
+import sys
+
+from absl import app, flags
+
+flags.DEFINE_string("checkpoint", None, "A converted encoder directory (encoder.safetensors + encoder.json).")
+flags.DEFINE_enum("format", "hf", ["hf", "timm"], "Export format.")
+flags.DEFINE_string("out", None, "Output directory (hf) or .safetensors file / directory (timm).")
+flags.DEFINE_string("modalities", "", "Modalities to fold into the patch embedding (empty = all the encoder has).")
+flags.mark_flags_as_required(["checkpoint", "out"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from mmrs.finetune import export  # pylint: disable=g-import-not-at-top
+
+  mods = [m.strip() for m in FLAGS.modalities.split(",") if m.strip()] or None
+  try:
+    files = export.export(FLAGS.checkpoint, FLAGS.format, FLAGS.out, mods)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"export: {e}")
+  print("Wrote " + ", ".join(files))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,73 @@
+"""Evaluation results: `results.json` (everything) and `results.md` (a Markdown table) in the run's workdir.
+
+`write(workdir, result)` writes one run; `table(results)` renders any number of runs as one Markdown table (one row
+per run, the union of their metrics as columns in a fixed order), e.g. to collect a label-fraction sweep:
+    python -m mmrs.finetune.report runs/ft_*  > table.md
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any, Mapping, Sequence
+
+# Column order of the metrics (others follow alphabetically).
+METRIC_ORDER = ("map_micro", "map_macro", "f1_micro", "f1_macro", "accuracy", "precision_weighted",
+                "recall_weighted", "f1_weighted", "iou_water", "miou", "average_accuracy", "pixel_accuracy")
+RUN_COLUMNS = (("dataset", "dataset"), ("modalities", "input"), ("head", "head"), ("scenario", "encoder"),
+               ("label_fraction", "labels"), ("split", "split"), ("num_examples", "n"))
+JSON_FILE, MD_FILE = "results.json", "results.md"
+
+
+def _fmt(value: Any) -> str:
+  if isinstance(value, float):
+    return "nan" if math.isnan(value) else f"{value:.2f}"
+  if isinstance(value, (list, tuple)):
+    return "+".join(str(v) for v in value)
+  return str(value)
+
+
+def _metric_columns(results: Sequence[Mapping[str, Any]]) -> list[str]:
+  names = {k for r in results for k in r.get("metrics", {}) if not k.startswith("num_")}
+  return [m for m in METRIC_ORDER if m in names] + sorted(names - set(METRIC_ORDER))
+
+
+def table(results: Sequence[Mapping[str, Any]]) -> str:
+  cols = _metric_columns(results)
+  head = [title for _, title in RUN_COLUMNS] + cols
+  lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+  for r in results:
+    row = []
+    for key, _ in RUN_COLUMNS:
+      v = r.get(key, "")
+      row.append(f"{100 * v:g}%" if key == "label_fraction" and isinstance(v, (int, float)) else _fmt(v))
+    row += [_fmt(r.get("metrics", {}).get(c, "")) for c in cols]
+    lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def write(workdir: str, result: Mapping[str, Any]) -> tuple[str, str]:
+  os.makedirs(workdir, exist_ok=True)
+  json_path, md_path = os.path.join(workdir, JSON_FILE), os.path.join(workdir, MD_FILE)
+  with open(json_path + ".tmp", "w") as f:
+    json.dump(result, f, indent=1, sort_keys=True)
+    f.write("\n")
+  os.replace(json_path + ".tmp", json_path)
+  title = f"# {result.get('dataset', '')} {result.get('task', '')} evaluation\n\n"
+  notes = "".join(f"- {k}: {_fmt(result[k])}\n" for k in ("init_from", "step", "label_set") if result.get(k) not in
+                  (None, ""))
+  with open(md_path + ".tmp", "w") as f:
+    f.write(title + table([result]) + ("\n" + notes if notes else ""))
+  os.replace(md_path + ".tmp", md_path)
+  return json_path, md_path
+
+
+def read(workdir: str) -> dict:
+  with open(os.path.join(workdir, JSON_FILE)) as f:
+    return json.load(f)
+
+
+if __name__ == "__main__":
+  runs = [read(d) for d in sys.argv[1:] if os.path.exists(os.path.join(d, JSON_FILE))]
+  sys.stdout.write(table(runs))

@@ -1,0 +1,198 @@
+"""Export to Hugging Face transformers / timm naming: the exported models compute the same features as `embed`.
+
+The parity tests need torch and transformers, which are not project dependencies: they are skipped (with the
+reason) when missing; `pip install torch==2.13.0 transformers` in the venv runs them.
+"""
+import importlib.util
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+import mmrs
+from mmrs import bands as B
+from mmrs.finetune import convert, export
+from mmrs.models import resnet, vit
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+HAVE_HF = HAVE_TORCH and importlib.util.find_spec("transformers") is not None
+needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed (optional; pip install torch==2.13.0)")
+needs_hf = pytest.mark.skipif(not HAVE_HF, reason="torch/transformers are not installed (optional: pip install "
+                              "torch==2.13.0 transformers)")
+P, SIZE, WIDTH, DEPTH = 4, 8, 32, 2
+NORM = {"source": "test", "s2": {"bands": list(B.S2_L1C_BANDS), "mean": [1000.0] * 13, "std": [500.0] * 13},
+        "s1": {"bands": ["VV", "VH"], "mean": [-12.0, -19.0], "std": [5.0, 6.0]}}
+
+
+def random_params(module, seed, *args, **kwargs):
+  """Random, well-scaled params of `module` without compiling its init (shapes from eval_shape): kernels with
+  1/sqrt(fan_in) scale, norms near one, and non-zero biases / embeddings, so no mapping error hides behind zeros."""
+  abstract = jax.eval_shape(lambda: nn.meta.unbox(module.init(jax.random.key(0), *args, **kwargs)))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name, shape = path[-1].key, leaf.shape
+    noise = rng.normal(size=shape).astype(np.float32)
+    if name == "kernel":
+      keys = [k.key for k in path]
+      fan_in = shape[0] if "qkv" in keys else shape[0] * shape[1] if "out" in keys else int(np.prod(shape[:-1]))
+      return noise / np.sqrt(fan_in)
+    if name in ("scale", "var"):
+      return 1.0 + 0.1 * np.abs(noise)
+    return 0.1 * noise
+
+  return jax.tree_util.tree_map_with_path(lambda p, x: np.asarray(draw(p, x), np.float32), abstract)
+
+
+@pytest.fixture(scope="module")
+def vit_params():
+  module = vit.ViTEncoder(WIDTH, DEPTH, 64, 2, patch_size=P, in_channels={"s2": 13, "s1": 2})
+  return random_params(module, 1, s2=jnp.zeros((1, SIZE, SIZE, 13)), s1=jnp.zeros((1, SIZE, SIZE, 2)))["params"]
+
+
+def _converted(params, tmp_path, modalities):
+  variables, meta = convert.convert({"encoder": params}, {}, trained_bands={"s2": B.S2_L1C_BANDS, "s1": B.S1_BANDS},
+                                    normalization=NORM, modalities=modalities, image_size=SIZE)
+  out = tmp_path / f"enc_{modalities.replace(',', '_')}"
+  convert.save(str(out), variables, meta)
+  return str(out)
+
+
+def _inputs(enc, seed=0):
+  rng = np.random.default_rng(seed)
+  return {m: rng.normal(size=(2, SIZE, SIZE, len(enc.bands[m]))).astype(np.float32) for m in enc.modalities}
+
+
+@needs_hf
+@pytest.mark.parametrize("modalities", ["s2", "s1", "s1,s2"])
+def test_hf_vit_matches_embed(vit_params, tmp_path, modalities):
+  import torch
+  import transformers
+
+  enc_dir = _converted(vit_params, tmp_path, modalities)
+  enc = mmrs.load_encoder(enc_dir)
+  out = tmp_path / "hf"
+  export.export(enc_dir, "hf", str(out))
+  config = json.loads((out / "config.json").read_text())
+  assert config["layer_norm_eps"] == 1e-6 and config["hidden_act"] == "gelu"
+  model, info = transformers.ViTModel.from_pretrained(str(out), output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+  x = _inputs(enc)
+  channels_first = np.concatenate([x[m] for m in ("s2", "s1") if m in x], axis=-1).transpose(0, 3, 1, 2)
+  with torch.no_grad():
+    hf = model(pixel_values=torch.from_numpy(channels_first)).last_hidden_state.numpy()
+  np.testing.assert_allclose(hf, np.asarray(enc.embed(**x)), atol=1e-4)
+  assert config["mmrs"]["channel_order"] == [b for m in ("s2", "s1") if m in x for b in enc.bands[m]]
+
+
+def test_timm_names_shapes_and_sidecar(vit_params, tmp_path):
+  from safetensors import safe_open
+  from safetensors.numpy import load_file
+
+  enc_dir = _converted(vit_params, tmp_path, "s1,s2")
+  path = tmp_path / "vit.safetensors"
+  export.export(enc_dir, "timm", str(path))
+  sd = load_file(str(path))
+  n = (SIZE // P) ** 2
+  want = {"cls_token": (1, 1, WIDTH), "pos_embed": (1, 1 + n, WIDTH), "patch_embed.proj.weight": (WIDTH, 15, P, P),
+          "patch_embed.proj.bias": (WIDTH,), "norm.weight": (WIDTH,), "norm.bias": (WIDTH,)}
+  for i in range(DEPTH):
+    want.update({f"blocks.{i}.norm1.weight": (WIDTH,), f"blocks.{i}.norm1.bias": (WIDTH,),
+                 f"blocks.{i}.attn.qkv.weight": (3 * WIDTH, WIDTH), f"blocks.{i}.attn.qkv.bias": (3 * WIDTH,),
+                 f"blocks.{i}.attn.proj.weight": (WIDTH, WIDTH), f"blocks.{i}.attn.proj.bias": (WIDTH,),
+                 f"blocks.{i}.norm2.weight": (WIDTH,), f"blocks.{i}.norm2.bias": (WIDTH,),
+                 f"blocks.{i}.mlp.fc1.weight": (64, WIDTH), f"blocks.{i}.mlp.fc1.bias": (64,),
+                 f"blocks.{i}.mlp.fc2.weight": (WIDTH, 64), f"blocks.{i}.mlp.fc2.bias": (WIDTH,)})
+  assert {k: v.shape for k, v in sd.items()} == want
+  # Values: q/k/v rows in timm's (3, heads, head_dim) order; the CLS slot of pos_embed is zero, the rest is twice
+  # the sin-cos table (one per summed modality).
+  qkv = vit_params["blocks_0"]["attn"]["qkv"]["kernel"]  # (D, 3, heads, head_dim)
+  np.testing.assert_array_equal(sd["blocks.0.attn.qkv.weight"][WIDTH:2 * WIDTH], qkv[:, 1].reshape(WIDTH, WIDTH).T)
+  np.testing.assert_allclose(sd["pos_embed"][0, 0], 0.0)
+  np.testing.assert_allclose(sd["pos_embed"][0, 1:], 2 * vit.sincos_2d(2, 2, WIDTH), atol=1e-6)
+  side = json.loads((tmp_path / "vit.json").read_text())
+  with safe_open(str(path), "np") as f:
+    assert json.loads(f.metadata()["mmrs"]) == side
+  assert side["channel_order"] == list(B.S2_L1C_BANDS) + ["VV", "VH"]
+  assert side["mean"][-2:] == [-12.0, -19.0]
+
+
+def test_export_errors_name_the_problem(vit_params, tmp_path):
+  enc_dir = _converted(vit_params, tmp_path, "s2")
+  with pytest.raises(ValueError, match="converted encoder has"):
+    export.export(enc_dir, "timm", str(tmp_path / "x.safetensors"), modalities=["s1"])
+  with pytest.raises(FileNotFoundError, match="launch.convert_checkpoint"):
+    export.export(str(tmp_path), "hf", str(tmp_path / "y"))
+
+
+# --- ResNet (RS-BYOL backbone): torchvision / timm names --------------------------------------------------------
+
+def _torch_resnet18(in_channels: int):
+  """A minimal pure-torch ResNet-18 with torchvision's module names (torchvision itself does not load here)."""
+  import torch.nn as tnn
+
+  class Block(tnn.Module):
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.bn1 = tnn.BatchNorm2d(cout)
+      self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.bn2 = tnn.BatchNorm2d(cout)
+      self.relu = tnn.ReLU()
+      self.downsample = (tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+      out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+      return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+  class Net(tnn.Module):
+    def __init__(self):
+      super().__init__()
+      self.conv1 = tnn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+      self.bn1 = tnn.BatchNorm2d(64)
+      self.relu, self.maxpool = tnn.ReLU(), tnn.MaxPool2d(3, 2, 1)
+      cin = 64
+      for i, width in enumerate((64, 128, 256, 512)):
+        setattr(self, f"layer{i + 1}", tnn.Sequential(Block(cin, width, 1 if i == 0 else 2), Block(width, width, 1)))
+        cin = width
+
+    def forward(self, x):
+      x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+      for i in range(4):
+        x = getattr(self, f"layer{i + 1}")(x)
+      return x.mean(dim=(2, 3))
+
+  return Net()
+
+
+def test_resnet_exports_in_torchvision_naming(tmp_path):
+  from safetensors.numpy import load_file
+
+  v = random_params(resnet.ResNet("resnet18"), 2, jnp.zeros((1, 32, 32, 1)), train=False)
+  params, stats = v["params"], v["batch_stats"]
+  enc_dir = tmp_path / "enc"
+  variables, meta = convert.convert(
+      {"online": {"backbone": params, "projector": {}}}, {"batch_stats": {"backbone": stats}},
+      trained_bands={"s2": B.S2_10_20M_BANDS}, normalization=NORM, modalities="s2", image_size=32, bands="B04")
+  convert.save(str(enc_dir), variables, meta)
+  export.export(str(enc_dir), "timm", str(tmp_path / "r.safetensors"))
+  sd = load_file(str(tmp_path / "r.safetensors"))
+  assert sd["conv1.weight"].shape == (64, 1, 7, 7) and sd["bn1.running_var"].shape == (64,)
+  assert "layer2.0.downsample.0.weight" in sd and "layer2.0.downsample.1.running_mean" in sd
+  assert "layer1.0.downsample.0.weight" not in sd and not any(k.startswith("fc.") for k in sd)
+  np.testing.assert_array_equal(sd["layer3.1.conv2.weight"], params["layer3_1"]["conv2"]["kernel"].transpose(3, 2, 0, 1))
+  np.testing.assert_array_equal(sd["layer4.0.bn1.running_mean"], stats["layer4_0"]["bn1"]["mean"])
+  if not HAVE_TORCH:
+    pytest.skip("torch is not installed: names/values checked, forward parity skipped")
+  import torch
+  net = _torch_resnet18(1).eval()
+  net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, strict=True)
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 1)).astype(np.float32)
+  enc = mmrs.load_encoder(str(enc_dir))
+  with torch.no_grad():
+    want = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+  np.testing.assert_allclose(np.asarray(enc.embed(s2=x)), want, atol=1e-4, rtol=1e-4)

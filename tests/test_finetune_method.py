@@ -1,0 +1,137 @@
+"""The downstream Method: frozen vs finetuned gradients, heads, the label-fraction subset, and one end-to-end run
+(train with the pretraining loop, evaluate, results files) on the bundled BigEarthNet-MM sample."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from configs.finetune import bigearthnet, dfc2020, eurosat
+from mmrs import bands as B
+from mmrs.data import pipeline
+from mmrs.finetune import convert, method as method_lib, subsets
+from mmrs.models import resnet
+
+SAMPLE = os.path.join(os.path.dirname(__file__), "..", "data_prep", "samples", "bigearthnet_mm")
+
+
+@pytest.fixture(scope="module")
+def sample_shards(tmp_path_factory):
+  from data_prep import bigearthnet_mm
+  out = str(tmp_path_factory.mktemp("data") / "ben")
+  bigearthnet_mm.convert_dataset(SAMPLE, out, num_shards=1, workers=0)
+  return out  # 17 records: 6 pairs, 8 S2-only, 3 S1-only; one split "train"
+
+
+def _batch(method, config, b=2, size=32):
+  ft = config.finetune
+  rng = np.random.default_rng(0)
+  batch = {m: jnp.asarray(rng.normal(size=(b, size, size, len(config.bands[m].split(","))))) for m in method.modalities}
+  if ft.task == "multilabel":
+    batch[method.label_key] = jnp.asarray(rng.random((b, ft.num_classes)) < 0.3, jnp.float32)
+  elif ft.task == "class":
+    batch[method.label_key] = jnp.asarray(rng.integers(0, ft.num_classes, b), jnp.int32)
+  else:
+    batch[method.label_key] = jnp.asarray(rng.integers(-1, ft.num_classes, (b, size, size)), jnp.int32)
+  return batch
+
+
+def _random_init(method, batch):
+  """(params, state) with random values from the init's shapes (no init compile: slow on CPU)."""
+  shapes = jax.eval_shape(method.init, jax.random.key(0), batch)
+  rng = np.random.default_rng(0)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: np.asarray((p[-1].key in ("scale", "var")) + 0.1 * rng.normal(size=x.shape), np.float32),
+      nn.meta.unbox(shapes))
+
+
+def _norm(tree):
+  return float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(tree)))
+
+
+def test_frozen_encoder_gets_no_gradient_and_only_the_head_trains():
+  methods = {f: method_lib.build(eurosat.get_config(f"tiny,frozen={f}")) for f in (True, False)}  # ViT + MLP head
+  config = eurosat.get_config("tiny")
+  batch = _batch(methods[True], config)
+  params, state = _random_init(methods[True], batch)
+  for frozen, m in methods.items():
+    assert m.tasks[0].param_prefixes == (("head",) if frozen else ("encoder", "head"))
+    grads = jax.jit(jax.grad(lambda p: m.loss_fn(p, state, batch, jax.random.key(1), True)[0]))(params)
+    assert _norm(grads["head"]) > 0
+    assert (_norm(grads["encoder"]) == 0) == frozen
+
+
+def test_segmentation_heads_give_per_pixel_logits():
+  for head in ("vitlite", "linear"):
+    config = dfc2020.get_config(f"tiny,head={head}")  # S1 + S2, 10 classes
+    m = method_lib.build(config)
+    batch = _batch(m, config)
+    params, state = jax.eval_shape(m.init, jax.random.key(0), batch)
+    out = jax.eval_shape(m.predict, nn.meta.unbox(params), state, batch)
+    loss = jax.eval_shape(lambda p: m.loss_fn(p, state, batch, jax.random.key(1), True)[0], nn.meta.unbox(params))
+    assert out.shape == (2, 32, 32, 10) and loss.shape == ()
+    assert ("decoder" in params["head"]) == (head == "vitlite")
+
+
+def test_label_fraction_subset_from_the_shards_is_deterministic_and_covers_classes(sample_shards):
+  config = bigearthnet.get_config(f"tiny,shards={sample_shards},label_fraction=0.5")
+  rows = subsets.read_label_rows(config.data.train, ("s2",), "train", "ben19")
+  assert rows.shape == (14, 19)  # pairs + S2-only records: the pipeline's index space for S2 input
+  idx = subsets.training_indices(config)
+  assert len(idx) == 7 and np.array_equal(idx, subsets.training_indices(config))
+  method_lib.prepare_config(config)
+  assert np.array_equal(config.data.train.indices, idx)
+  pipe = pipeline.make_pipeline(config.data.train, modalities=("s2",), global_batch_size=4, seed=0, shuffle=False,
+                                repeat=False, drop_remainder=False)
+  assert pipe.num_records == len(idx)
+  assert sum(int(b["valid"].sum()) for b in pipe.iterator) == len(idx)  # one pass reads only the subset
+  rare = np.argsort(rows.sum(0))
+  present = [c for c in rare if rows[:, c].any()][:3]
+  assert all(rows[idx, c].any() for c in present)  # the rarest classes are in the subset
+
+
+def _resnet_encoder(tmp_path):
+  """A converted RS-BYOL-style ResNet-18 encoder that takes one band (B04)."""
+  module = resnet.ResNet("resnet18")
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)), train=False))
+  rng = np.random.default_rng(0)
+  v = jax.tree_util.tree_map_with_path(
+      lambda p, x: np.asarray((p[-1].key in ("scale", "var")) + 0.05 * rng.normal(size=x.shape), np.float32),
+      nn.meta.unbox(shapes))
+  stats = {"s2": {"bands": list(B.S2_10_20M_BANDS), "mean": [900.0] * 10, "std": [600.0] * 10}}
+  variables, meta = convert.convert({"online": {"backbone": v["params"]}}, {"batch_stats": {"backbone": v["batch_stats"]}},
+                                    trained_bands={"s2": B.S2_10_20M_BANDS}, normalization=stats, modalities="s2",
+                                    image_size=32, bands="B04")
+  out = str(tmp_path / "encoder")
+  convert.save(out, variables, meta)
+  return out, variables
+
+
+def test_frozen_finetune_run_end_to_end(sample_shards, tmp_path):
+  """launch.main's path for a finetune config: train with the loop, then evaluate and write results."""
+  from mmrs import finetune
+
+  enc_dir, pretrained = _resnet_encoder(tmp_path)
+  config = bigearthnet.get_config(f"tiny,shards={sample_shards},init_from={enc_dir},frozen=True,head=mlp")
+  workdir = str(tmp_path / "run")
+  out = finetune.run(config, workdir)
+  assert config.bands.s2 == "B04" and config.data.train.s2_bands == "B04"  # the data follow the encoder's bands
+  assert out["train"]["step"] == config.total_steps
+  state = jax.device_get(finetune_state(workdir))
+  for key, want in convert.flatten(pretrained["params"]).items():
+    np.testing.assert_array_equal(convert.flatten(state[0]["encoder"])[key], want)  # frozen: not one bit moved
+  for key, want in convert.flatten(pretrained["batch_stats"]).items():
+    np.testing.assert_array_equal(convert.flatten(state[1]["batch_stats"]["encoder"])[key], want)
+  result = json.loads(open(os.path.join(workdir, "results.json")).read())
+  assert result["num_examples"] == 14  # every S2 record once: the padded last batch is masked out
+  assert set(result["metrics"]) >= {"map_micro", "map_macro", "f1_micro", "f1_macro"}
+  assert result["scenario"] == "frozen" and result["step"] == config.total_steps
+  assert "| bigearthnet | s2 | mlp | frozen | 100% |" in open(os.path.join(workdir, "results.md")).read()
+
+
+def finetune_state(workdir):
+  params, state, _ = convert.read_checkpoint(workdir)
+  return params, state
