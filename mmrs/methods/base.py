@@ -30,6 +30,16 @@ class Task:
   param_prefixes: tuple[str, ...] | None = None  # None = all
 
 
+# Parameter conventions (the loop relies on them):
+# - `init` may return params wrapped in flax `nn.LogicallyPartitioned` boxes (from `nn.with_logical_partitioning`);
+#   the loop reads logical axis names with `nn.get_partition_spec` and unboxes (`nn.meta.unbox`) before training,
+#   so loss functions always receive plain dicts of arrays.
+# - Logical axis names used on params/activations: "batch", "length", "embed" (model width), "mlp", "heads",
+#   "head_dim", "patch" (flattened patch pixels), "channels", "classes", "conv_in", "conv_out", "norm".
+# - The top-level keys of `params` are optimizer groups (e.g. "encoder", "decoder_s2", "decoder_s1"): a task's
+#   `param_prefixes` names the groups it trains; the others must not be moved by momentum or weight decay.
+
+
 class Method(Protocol):
   name: str
   tasks: Sequence[Task]
@@ -42,3 +52,7 @@ class Method(Protocol):
 
   def flops_per_sample(self, task_name: str) -> float:
     """Analytic training FLOPs (forward + backward) of one sample of `task_name`, used for MFU."""
+
+  # Optional (reconstruction methods): normalized NHWC arrays for a PNG grid, keys "seen", "reconstruction",
+  # "target", each a dict modality -> (B, H, W, C); see mmrs/methods/visualize.py.
+  # def reconstruct(self, params, state, batch, rng) -> dict[str, dict[str, jax.Array]]

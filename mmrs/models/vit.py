@@ -1,0 +1,332 @@
+"""ViT encoder with per-modality entry layers, and the ViT-Lite decoder of the MAE family (Flax Linen).
+
+Conventions (shared with mmrs/methods and the checkpoint export):
+- Images are NHWC float32, already normalized. A patch is flattened in (row, column, channel) order by
+  `patchify`, so patch index i = row * grid_w + col and pixel index = (py * p + px) * C + c.
+- Entry layer `patch_embed_<modality>` is a Dense over flattened patches: kernel (p*p*C, D), bias (D,).
+  Exported as a strided Conv (timm `patch_embed.proj`): conv_kernel_HWIO = kernel.reshape(p, p, C, D), stride p.
+- `modality_embed_<modality>` (D,) is added to every token of that modality; `cls` (1, 1, D) is the CLS token.
+- Position embeddings are fixed 2D sin-cos (not params), computed for whatever grid the images give, so any
+  image size that is a multiple of the patch size works. The CLS token gets no position embedding (as in MAE).
+- Attention QKV is one fused kernel (D, 3, heads, head_dim) -> reshape (D, 3D) is timm's `qkv.weight.T`.
+- Params are float32 and boxed with logical axis names (`nn.with_logical_partitioning`); compute runs in `dtype`.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import FrozenDict
+
+Dtype = Any
+_ACT = ("batch", "length", "embed")  # logical axes of the main (B, N, D) activations
+
+
+def _init(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+def _xavier(in_axis=-2, out_axis=-1):
+  return nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=in_axis, out_axis=out_axis)
+
+
+def patch_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
+  """(H/p, W/p); a clear error when the image size is not a multiple of the patch size."""
+  if height % patch_size or width % patch_size:
+    raise ValueError(
+        f"Image size {height}x{width} is not a multiple of the patch size {patch_size}: set the dataset's "
+        f"`image_size` (config.data.<dataset>.image_size) to a multiple of config.model.patch_size.")
+  return height // patch_size, width // patch_size
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+  """(B, H, W, C) -> (B, N, p*p*C), patches in row-major order, pixels in (py, px, c) order."""
+  b, h, w, c = images.shape
+  gh, gw = patch_grid(h, w, patch_size)
+  x = images.reshape(b, gh, patch_size, gw, patch_size, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * gw, patch_size * patch_size * c)
+
+
+def unpatchify(patches: jax.Array, patch_size: int, grid: tuple[int, int]) -> jax.Array:
+  """Inverse of `patchify`: (B, N, p*p*C) with N = grid_h * grid_w -> (B, grid_h*p, grid_w*p, C)."""
+  b, n, d = patches.shape
+  gh, gw = grid
+  if n != gh * gw or d % (patch_size * patch_size):
+    raise ValueError(f"unpatchify: {n} patches of {d} values do not fit grid {grid} with patch size {patch_size}.")
+  c = d // (patch_size * patch_size)
+  x = patches.reshape(b, gh, gw, patch_size, patch_size, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * patch_size, gw * patch_size, c)
+
+
+def sincos_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
+  """Fixed 2D sin-cos position embeddings, (grid_h * grid_w, dim) float32, row-major like `patchify`.
+
+  The first dim/2 features encode the row, the last dim/2 the column, each as [sin, cos] of dim/4 frequencies.
+  """
+  if dim % 4:
+    raise ValueError(f"2D sin-cos position embeddings need a width divisible by 4, got {dim}.")
+  omega = 1.0 / temperature ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
+
+  def one_axis(pos):
+    out = pos[:, None] * omega[None, :]
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij")
+  emb = np.concatenate([one_axis(rows.reshape(-1)), one_axis(cols.reshape(-1))], axis=1)
+  return emb.astype(np.float32)
+
+
+class MlpBlock(nn.Module):
+  width: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_init(_xavier(), ("embed", "mlp")),
+                 bias_init=_init(nn.initializers.zeros, ("mlp",)), name="fc1")(x)
+    x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
+    x = nn.gelu(x, approximate=False)  # exact GELU, as timm/MAE (export-compatible)
+    return nn.Dense(self.width, dtype=self.dtype, kernel_init=_init(_xavier(), ("mlp", "embed")),
+                    bias_init=_init(nn.initializers.zeros, ("embed",)), name="fc2")(x)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto") -> jax.Array:
+  """`jax.nn.dot_product_attention` on (B, N, heads, head_dim).
+
+  implementation: "xla", "cudnn" (fused flash attention; GPU, bf16/fp16, head_dim % 8 == 0), or "auto": cuDNN on
+  a GPU when dtype and shapes qualify, else XLA (jax's own default, None, is always XLA in this version). jax
+  checks cuDNN support while tracing, so "auto" falls back to XLA when that check refuses.
+  """
+  if implementation not in ("auto", "xla", "cudnn"):
+    raise ValueError(f"Attention implementation {implementation!r}: use auto, xla or cudnn (config.model.attention).")
+  if implementation == "auto":
+    if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+      implementation = "xla"
+    else:
+      try:
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+      except (NotImplementedError, RuntimeError, ValueError):
+        implementation = "xla"
+  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+class Projection(nn.Module):
+  """Dense from the last `in_ndim` axes of x to `features` axes, with the kernel created at its full N-d shape.
+
+  (flax's DenseGeneral initializes a flattened 2-D kernel and reshapes it, which breaks logical-axis sharding
+  constraints on multi-dimensional kernels when flax logical-axis rules are active.)
+  """
+  features: tuple[int, ...]
+  in_ndim: int
+  kernel_axes: tuple[str | None, ...]
+  bias_axes: tuple[str | None, ...]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n_out = len(self.features)
+    init = _xavier(in_axis=tuple(range(self.in_ndim)), out_axis=tuple(range(self.in_ndim, self.in_ndim + n_out)))
+    kernel = self.param("kernel", _init(init, self.kernel_axes), tuple(x.shape[-self.in_ndim:]) + self.features)
+    bias = self.param("bias", _init(nn.initializers.zeros, self.bias_axes), self.features)
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.in_ndim)
+    return y + bias.astype(self.dtype)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention: fused QKV projection, `attend`, output projection.
+
+  Params: qkv/kernel (D, 3, heads, head_dim), qkv/bias (3, heads, head_dim), out/kernel (heads, head_dim, D),
+  out/bias (D,).
+  """
+  width: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  attention: str = "auto"  # see `attend()`
+
+  @nn.compact
+  def __call__(self, x):
+    if self.width % self.num_heads:
+      raise ValueError(f"Width {self.width} is not divisible by num_heads {self.num_heads} (configs/common.py).")
+    head_dim = self.width // self.num_heads
+    qkv = Projection((3, self.num_heads, head_dim), 1, ("embed", None, "heads", "head_dim"),
+                     (None, "heads", "head_dim"), self.dtype, name="qkv")(x)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim)
+    y = attend(q, k, v, self.attention)
+    y = nn.with_logical_constraint(y, ("batch", "length", "heads", "head_dim"))
+    return Projection((self.width,), 2, ("heads", "head_dim", "embed"), ("embed",), self.dtype, name="out")(y)
+
+
+def _layer_norm(dtype, name):
+  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, scale_init=_init(nn.initializers.ones, ("embed",)),
+                      bias_init=_init(nn.initializers.zeros, ("embed",)), name=name)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  width: int
+  mlp_dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  attention: str = "auto"
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    drop = nn.Dropout(self.dropout_rate, deterministic=not train or self.dropout_rate == 0.0)
+    attn = SelfAttention(self.width, self.num_heads, self.dtype, self.attention, name="attn")
+    y = attn(_layer_norm(self.dtype, "norm1")(x))
+    x = nn.with_logical_constraint(x + drop(y), _ACT)
+    y = MlpBlock(self.width, self.mlp_dim, self.dtype, name="mlp")(_layer_norm(self.dtype, "norm2")(x))
+    return nn.with_logical_constraint(x + drop(y), _ACT)
+
+
+class ViTEncoder(nn.Module):
+  """ViT encoder with one entry layer (patch embedding + modality embedding) per modality.
+
+  Sizes: `configs.common.vit_size(name)` gives width/depth/mlp_dim/num_heads. `in_channels` maps each modality
+  the encoder accepts to its channel count (e.g. {"s2": 12} for an S2-only MAE, {"s2": 13, "s1": 2} for MixMAE).
+
+  Methods (use `module.apply(variables, ..., method="embed")` etc.):
+  - `embed(images: {modality: (B, H, W, C)}) -> {modality: (B, N, D)}`: entry layer + position + modality
+    embedding; no CLS. N = (H/p) * (W/p) in `patchify` order.
+  - `encode(tokens (B, n, D), train=False) -> (B, 1 + n, D)`: prepends CLS (when `use_cls_token`), runs the
+    blocks, final LayerNorm. Tokens may be any subset/mix of embedded tokens (they carry their position).
+  - `__call__(s2=None, s1=None, train=False) -> (B, 1 + N, D)`: S2 only, S1 only, or both; with both, the tokens
+    of the two modalities at one position are SUMMED (one token per position): the downstream S1+S2 input.
+  Dropout (`dropout_rate` > 0 and train=True) needs a "dropout" rng.
+  To initialize every entry layer, call `init(rng, **{m: example for m in in_channels})`.
+  """
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: int = 16
+  in_channels: Mapping[str, int] = FrozenDict({"s2": 13, "s1": 2})
+  use_cls_token: bool = True
+  dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  attention: str = "auto"  # xla | cudnn | auto (cuDNN flash attention on GPU for bf16/fp16)
+
+  def setup(self):
+    # Dict attributes get names "<attr>_<key>": patch_embed_s2, patch_embed_s1, ...
+    self.patch_embed = {
+        m: nn.Dense(self.width, dtype=self.dtype, kernel_init=_init(_xavier(), ("patch", "embed")),
+                    bias_init=_init(nn.initializers.zeros, ("embed",)))
+        for m in self.in_channels}
+    self.modality_embeds = {
+        m: self.param(f"modality_embed_{m}", _init(nn.initializers.normal(0.02), ("embed",)), (self.width,))
+        for m in self.in_channels}
+    if self.use_cls_token:
+      self.cls = self.param("cls", _init(nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, self.width))
+    self.blocks = [EncoderBlock(self.width, self.mlp_dim, self.num_heads, self.dtype, self.dropout_rate,
+                                self.attention) for _ in range(self.depth)]
+    self.norm = _layer_norm(self.dtype, None)
+
+  def embed(self, images: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    out = {}
+    for m, x in images.items():
+      if m not in self.in_channels:
+        raise ValueError(f"ViTEncoder has no entry layer for modality {m!r}; it accepts {sorted(self.in_channels)} "
+                         "(set by the method from config.bands).")
+      if x.ndim != 4 or x.shape[-1] != self.in_channels[m]:
+        raise ValueError(f"ViTEncoder: {m!r} images must be (B, H, W, {self.in_channels[m]}), got {x.shape}; "
+                         "check config.bands against the bands of the data.")
+      gh, gw = patch_grid(x.shape[1], x.shape[2], self.patch_size)
+      tokens = self.patch_embed[m](patchify(x.astype(self.dtype), self.patch_size))
+      pos = jnp.asarray(sincos_2d(gh, gw, self.width), self.dtype)
+      tokens = tokens + pos[None] + self.modality_embeds[m].astype(self.dtype)
+      out[m] = nn.with_logical_constraint(tokens, _ACT)
+    return out
+
+  def encode(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+    x = tokens.astype(self.dtype)
+    if self.use_cls_token:
+      cls = jnp.broadcast_to(self.cls.astype(self.dtype), (x.shape[0], 1, self.width))
+      x = jnp.concatenate([cls, x], axis=1)
+    x = nn.with_logical_constraint(x, _ACT)
+    for block in self.blocks:
+      x = block(x, train)
+    return nn.with_logical_constraint(self.norm(x), _ACT)
+
+  def __call__(self, s2: jax.Array | None = None, s1: jax.Array | None = None, train: bool = False) -> jax.Array:
+    images = {m: x for m, x in (("s2", s2), ("s1", s1)) if x is not None}
+    if not images:
+      raise ValueError("ViTEncoder needs at least one of s2=..., s1=... images.")
+    shapes = {m: x.shape[:3] for m, x in images.items()}
+    if len(set(shapes.values())) > 1:
+      raise ValueError(f"ViTEncoder: S1 and S2 images must have the same batch and spatial size, got {shapes}.")
+    tokens = sum(self.embed(images).values())
+    return self.encode(tokens, train)
+
+
+class ViTLiteDecoder(nn.Module):
+  """The MAE-style decoder (ViT-Lite: width 512, depth 8, 16 heads in the papers' setting).
+
+  Output "slots": S = G * L where L = grid_h * grid_w positions and G = number of output groups (1 when `out_dim`
+  is an int; len(out_dim) when it is a tuple, e.g. one group per modality for JointMAE). Slot s is position
+  s % L of group s // L.
+
+  `__call__(tokens, grid, ids=None, has_cls=True, train=False)`:
+  - tokens: (B, [1 +] n, D_enc) encoder output; when `has_cls` the first token is the CLS token, which joins the
+    decoder blocks (as in MAE) but is not predicted.
+  - grid: (grid_h, grid_w) of the images (static Python ints).
+  - ids: (B, n) int slot indices in [0, S) of the n non-CLS tokens (e.g. MAE's visible ids, or JointMAE's
+    position + L * modality). Slots not listed get the learned `mask_token`. None = the tokens already fill all
+    S slots in order (AuxMAE's full S2 -> S1, MixMAE's full mixed sequence).
+  Each slot gets the fixed 2D sin-cos embedding of its position, plus a learned `group_embed[g]` when G > 1.
+  Returns (B, L, out_dim) float32 when `out_dim` is an int, else a tuple of G arrays (B, L, out_dim[g]),
+  one head per group (`head` / `head_<g>`). Per-patch pixel order is `patchify`'s.
+  """
+  width: int = 512
+  depth: int = 8
+  mlp_dim: int = 2048
+  num_heads: int = 16
+  out_dim: int | Sequence[int] = 16 * 16 * 13
+  dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  attention: str = "auto"
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, grid: tuple[int, int], ids: jax.Array | None = None,
+               has_cls: bool = True, train: bool = False):
+    out_dims = (self.out_dim,) if isinstance(self.out_dim, int) else tuple(self.out_dim)
+    groups = len(out_dims)
+    length = grid[0] * grid[1]
+    slots = groups * length
+    x = nn.Dense(self.width, dtype=self.dtype, kernel_init=_init(_xavier(), (None, "embed")),
+                 bias_init=_init(nn.initializers.zeros, ("embed",)), name="input_proj")(tokens.astype(self.dtype))
+    cls, x = (x[:, :1], x[:, 1:]) if has_cls else (None, x)
+    mask_token = self.param("mask_token", _init(nn.initializers.normal(0.02), ("embed",)), (self.width,))
+    if ids is None:
+      if x.shape[1] != slots:
+        raise ValueError(f"ViTLiteDecoder: without ids the decoder needs all {slots} slot tokens, got {x.shape[1]}.")
+    else:
+      full = jnp.broadcast_to(mask_token.astype(self.dtype), (x.shape[0], slots, self.width))
+      x = jax.vmap(lambda f, i, v: f.at[i].set(v))(full, ids, x)
+    pos = jnp.asarray(np.tile(sincos_2d(grid[0], grid[1], self.width), (groups, 1)), self.dtype)
+    x = x + pos[None]
+    if groups > 1:
+      group_embed = self.param("group_embed", _init(nn.initializers.normal(0.02), (None, "embed")),
+                               (groups, self.width))
+      x = x + jnp.repeat(group_embed.astype(self.dtype), length, axis=0)[None]
+    if has_cls:
+      x = jnp.concatenate([cls, x], axis=1)
+    x = nn.with_logical_constraint(x, _ACT)
+    for i in range(self.depth):
+      x = EncoderBlock(self.width, self.mlp_dim, self.num_heads, self.dtype, self.dropout_rate, self.attention,
+                       name=f"blocks_{i}")(x, train)
+    x = _layer_norm(self.dtype, "norm")(x)
+    if has_cls:
+      x = x[:, 1:]
+    outs = []
+    for g, dim in enumerate(out_dims):
+      head = nn.Dense(dim, dtype=self.dtype, kernel_init=_init(_xavier(), ("embed", "patch")),
+                      bias_init=_init(nn.initializers.zeros, ("patch",)),
+                      name="head" if isinstance(self.out_dim, int) else f"head_{g}")
+      outs.append(head(x[:, g * length:(g + 1) * length]).astype(jnp.float32))
+    return outs[0] if isinstance(self.out_dim, int) else tuple(outs)

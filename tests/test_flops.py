@@ -1,0 +1,43 @@
+"""Analytic FLOP counts of the MAE family agree with XLA's count of the compiled train step (value_and_grad)."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import common, mae_s2, mixmae
+from mmrs import methods
+from mmrs.methods import flops
+
+B, SIZE = 2, 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_size():
+  # A small but not microscopic ViT: matmuls dominate as they do at real sizes (norms/softmax are not counted).
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setitem(common.VIT_SIZES, "test128", (128, 1, 512, 4))
+    yield
+
+
+@pytest.mark.parametrize("config_module,task_name", [
+    (mae_s2, "s2_mae"), (mixmae, "mixmae")])
+def test_flops_analytic_within_10_percent_of_xla(config_module, task_name):
+  config = config_module.get_config("tiny")
+  config.model.update(encoder="test128", decoder="test128", decoder_depth=1, patch_size=8)
+  for name in config.data:
+    config.data[name].image_size = SIZE
+  method = methods.build(config)
+  batch = {"s2": jnp.ones((B, SIZE, SIZE, 12)), "s1": jnp.ones((B, SIZE, SIZE, 2))}
+  # Shapes are all XLA's count needs: abstract params, no initialization.
+  params, state = nn.meta.unbox(jax.eval_shape(method.init, jax.random.key(0), batch))
+  task = {t.name: t for t in method.tasks}[task_name]
+  step = lambda p, b, rng: jax.value_and_grad(task.loss_fn, has_aux=True)(p, state, b, rng, True)
+  measured = flops.xla_flops(step, params, batch, jax.random.key(1))
+  analytic = B * method.flops_per_sample(task_name)
+  assert analytic == pytest.approx(measured, rel=0.10)
+
+
+def test_flops_blocks_count_matches_hand_count():
+  # One block, 10 tokens, width 8, mlp 16: QKV 2*10*8*24 + scores/AV 2*2*10*10*8 + out 2*10*8*8 + MLP 2*2*10*8*16.
+  assert flops.blocks_flops(10, 8, 1, 16) == 3840 + 3200 + 1280 + 5120
+  assert flops.train_flops(100.0, entry=10.0) == 320.0
