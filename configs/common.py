@@ -64,8 +64,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adafactor", learning_rate=1e-3, warmup_steps=10, schedule="cosine", end_lr_fraction=0.0,
       weight_decay=0.0, clip_norm=1.0, momentum=0.9, b1=0.9, b2=0.95,
-      restart_period_steps=0, restart_mult=2, min_learning_rate=0.0,
+      restart_period_steps=0, restart_mult=2, min_learning_rate=0.0, eps=1e-8, nesterov=False,
+      # Adafactor (see mmrs/train/optimizers.py for why these defaults).
+      adafactor_momentum=0.0, adafactor_decay_rate=0.8, adafactor_min_dim_to_factor=128, adafactor_clipping=1.0,
   ))
+  c.xla_compiler_options = ml_collections.ConfigDict()  # passed to jit(...).lower().compile(compiler_options=)
   c.task_lr_multipliers = ml_collections.ConfigDict()  # task name -> float
   return c
 

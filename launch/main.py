@@ -1,0 +1,89 @@
+"""Entry point: `python -m launch.main --config=configs/mixmae.py:vit_b --workdir=DIR [--config.key=value ...]`.
+
+Pretraining configs go to `mmrs.train.loop.train`; configs with a truthy `finetune` key go to `mmrs.finetune.run`.
+The same command resumes: if DIR holds checkpoints, the run continues from the latest good one. Multi-host: run the
+same command on every host, with --multihost on TPU VM slices (launch/tpu_vm.sh does); SLURM jobs are detected;
+otherwise pass --coordinator_address, --num_processes and --process_id, or set MMRS_COORDINATOR_ADDRESS /
+MMRS_NUM_PROCESSES / MMRS_PROCESS_ID (launch/gpu_slurm.sh does).
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant,key=value'.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (local or gs://): checkpoints, config.json, metrics.")
+flags.DEFINE_string("logdir", None, "Where metrics.jsonl / TensorBoard go (default: the workdir when local).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with cluster auto-detection (TPU VM slices: "
+                  "launch/tpu_vm.sh sets it; SLURM and GKE are detected without it).")
+flags.DEFINE_bool("allow_config_change", False,
+                  "Resume even though config keys that change data order / model / optimizer layout differ.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+EXIT_CONFIG_ERROR = 2  # a config / resume problem, found before training (or on resume)
+EXIT_NONFINITE = 3  # training stopped on a NaN/inf (config.on_nonfinite="stop")
+
+
+def _default_logdir(workdir: str) -> str:
+  if "://" not in workdir:
+    return workdir
+  # Appending to files on object stores is not supported; write metrics locally (launch/tpu_vm.sh syncs them).
+  import os  # pylint: disable=g-import-not-at-top
+  local = os.path.join(os.path.expanduser("~/mmrs_logs"), workdir.rstrip("/").rsplit("/", 1)[-1])
+  logging.warning("--workdir is remote: metrics.jsonl and TensorBoard events go to %s (set --logdir to change).",
+                  local)
+  return local
+
+
+class _QuietLibraries:
+  """Drops INFO chatter of orbax/grain/absl-internal modules so the progress lines stay readable."""
+  NOISY = ("/orbax/", "/grain/", "/jax/_src/")
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
+
+
+def main(argv, *, method=None, task_data=None):
+  """absl main. `method` / `task_data` are for scripts that bring their own (tests/train_toy_method.py)."""
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from mmrs.train import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
+                         auto=flags.FLAGS.multihost)
+  config = flags.FLAGS.config
+  workdir = flags.FLAGS.workdir
+  kwargs = dict(logdir=flags.FLAGS.logdir or _default_logdir(workdir),
+                allow_config_change=flags.FLAGS.allow_config_change)
+  from mmrs.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from mmrs.train import config_check  # pylint: disable=g-import-not-at-top
+  from mmrs.train import loop  # pylint: disable=g-import-not-at-top
+  try:
+    if config.get("finetune"):
+      from mmrs import finetune  # pylint: disable=g-import-not-at-top
+      out = finetune.run(config, workdir, **kwargs)
+      summary = out["train"]
+    else:
+      summary = loop.train(config, workdir, method=method, task_data=task_data, **kwargs)
+  except (config_check.ConfigError, ckpt_lib.CheckpointMismatch) as e:
+    logging.error("%s", e)
+    print(f"\nERROR: {e}", file=sys.stderr)
+    sys.exit(EXIT_CONFIG_ERROR)
+  except loop.NonFiniteError as e:
+    logging.error("%s", e)
+    print(f"\nERROR: {e}", file=sys.stderr)
+    sys.exit(EXIT_NONFINITE)
+  logging.info("Done: %s", {k: v for k, v in summary.items() if k != "state"})
+  print(f"done step={summary['step']} preempted={summary['preempted']}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,267 @@
+"""Checkpoints: Orbax `CheckpointManager` with three items per step, atomic commits, fallback on a bad latest.
+
+  state/  the train state (params, per-group optimizer state, method state), sharded arrays (async save)
+  data/   every task's data-iterator state, one `process_{i}-of-{n}.json` per process (grain's layout)
+  meta/   JSON: step, seed, the resolved config, band names and normalization stats per task, process count,
+          worker counts (written by the primary process)
+
+Orbax writes a step into a temporary directory and renames it (or writes a commit marker on GCS) when every item is
+done, so an interrupted save never looks like a checkpoint. `restore_latest` tries the newest step first; a step
+that fails to restore (corrupted or truncated files) is moved aside to `corrupt_step_<N>_<time>` with a warning,
+and the next older one is tried. A checkpoint that cannot match this run (another process count, another optimizer
+layout) raises `CheckpointMismatch`: every checkpoint of the run would fail the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+FORMAT_VERSION = 1
+
+
+class CheckpointMismatch(RuntimeError):
+  """The checkpoint is intact but cannot be resumed by this run; the message says what differs and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The data-iterator item: per-process JSON, any iterator whose get_state() is JSON-able (or bytes).
+
+
+class IteratorStatesHandler(ocp.CheckpointHandler):
+  """Saves {task: iterator state} of this process to `process_{i}-of-{n}.json` (synchronously: the iterators move on
+  right after the save call)."""
+
+  def save(self, directory: epath.Path, args: "IteratorStatesSave"):
+    i, n = jax.process_index(), jax.process_count()
+    states = {k: _encode_state(v) for k, v in args.states.items()}
+    payload = {"process_index": i, "process_count": n, "states": states}
+    (directory / f"process_{i}-of-{n}.json").write_text(json.dumps(payload, indent=1))
+
+  def restore(self, directory: epath.Path, args: "IteratorStatesRestore" = None) -> dict[str, Any]:
+    i, n = jax.process_index(), jax.process_count()
+    path = directory / f"process_{i}-of-{n}.json"
+    if not path.exists():
+      found = sorted(p.name for p in directory.glob("process_*.json"))
+      if found and not any(f.endswith(f"-of-{n}.json") for f in found):
+        raise CheckpointMismatch(
+            f"{directory} holds data-iterator states written by another number of processes ({found[0]}, ...) "
+            f"but this run has {n}. Each process's grain iterator state covers its own part of the data and cannot "
+            "be re-split: resume with the original process count, or start a fresh run in a new --workdir.")
+      raise FileNotFoundError(f"{path} is missing (found {found}).")
+    payload = json.loads(path.read_text())
+    return {k: _decode_state(v) for k, v in payload["states"].items()}
+
+  def metadata(self, directory: epath.Path):
+    return None
+
+  def finalize(self, directory: epath.Path):
+    pass
+
+  def close(self):
+    pass
+
+
+@ocp.args.register_with_handler(IteratorStatesHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorStatesSave(ocp.args.CheckpointArgs):
+  states: Mapping[str, Any]
+
+
+@ocp.args.register_with_handler(IteratorStatesHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorStatesRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+def _encode_state(state):
+  if isinstance(state, bytes):  # grain DataLoaderIterator states are bytes
+    return {"__bytes__": state.decode()}
+  return state
+
+
+def _decode_state(state):
+  if isinstance(state, dict) and set(state) == {"__bytes__"}:
+    return state["__bytes__"].encode()
+  return state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Restored:
+  step: int
+  state: Any
+  data_states: dict[str, Any]
+  meta: dict[str, Any]
+
+
+class Checkpointer:
+  """Saves/restores (state, data-iterator states, meta) under `directory`."""
+
+  def __init__(self, directory: str | epath.Path, keep: int, async_save: bool = True):
+    self.directory = epath.Path(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+                                           enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(
+        self.directory, item_names=("state", "data", "meta"), options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": IteratorStatesHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_states: Mapping[str, Any], meta: Mapping[str, Any]) -> bool:
+    """Starts an async save (arrays are copied to host before this returns, so the state may be donated next)."""
+    if step in self._manager.all_steps():
+      return False
+    meta = {**meta, "step": int(step), "format_version": FORMAT_VERSION, "process_count": jax.process_count(),
+            "saved_at": time.time()}
+    return self._manager.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=IteratorStatesSave(dict(data_states)),
+        meta=ocp.args.JsonSave(meta)))
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore_latest(self, abstract_state: Any, check_meta: Callable[[dict], None] | None = None
+                     ) -> Restored | None:
+    """The newest checkpoint that restores cleanly (older ones on failure), or None when there is none.
+
+    `check_meta(meta)` may raise `CheckpointMismatch` (e.g. an incompatible config): that stops the search, since
+    it is not damage. A state whose saved tree differs from `abstract_state` also raises `CheckpointMismatch`.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      restored, error = None, None
+      try:
+        meta = self.read_meta(step)
+        saved_count = meta.get("process_count", jax.process_count())
+        if saved_count != jax.process_count():
+          raise CheckpointMismatch(
+              f"Checkpoint step {step} in {self.directory} was written by {saved_count} processes but this run has "
+              f"{jax.process_count()}: each process's data-iterator state covers its own part of the data and "
+              "cannot be re-split. Resume with the original process count, or start a fresh --workdir.")
+        if check_meta is not None:
+          check_meta(meta)
+        _check_tree(self._manager.item_metadata(step)["state"], abstract_state, step)
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=IteratorStatesRestore(),
+            meta=ocp.args.JsonRestore()))
+        restored = Restored(step=step, state=out["state"], data_states=dict(out["data"]), meta=dict(out["meta"]))
+        if restored.meta.get("step") != step:
+          raise ValueError(f"meta says step {restored.meta.get('step')}")
+        _check_finite(restored.state)
+      except CheckpointMismatch:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (any unreadable checkpoint: fall back)
+        error = e
+      if _all_processes_ok(error is None):
+        return restored
+      self._quarantine(step, error)
+    return None
+
+  def _quarantine(self, step: int, error: Exception | None) -> None:
+    logging.warning("Checkpoint step %d in %s cannot be restored (%s); moving it aside and falling back to the "
+                    "previous checkpoint.", step, self.directory,
+                    f"{type(error).__name__}: {error}" if error else "failed on another process")
+    if jax.process_index() == 0:
+      src = self.directory / str(step)
+      if src.exists():
+        src.rename(self.directory / f"corrupt_step_{step}_{int(time.time())}")
+    _barrier(f"mmrs_quarantine_{step}")
+    self._manager.reload()
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def _signature(tree) -> dict[str, tuple[int, ...]]:
+  """{'params/encoder/kernel': shape} with namedtuple fields and list indices spelled alike for both trees."""
+  def key(k):
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return {"/".join(key(k) for k in path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def _check_tree(saved_metadata, abstract_state, step: int) -> None:
+  saved = _signature(getattr(saved_metadata, "tree", saved_metadata))
+  want = _signature(abstract_state)
+  if saved == want:
+    return
+  missing = sorted(set(want) - set(saved))[:5]
+  extra = sorted(set(saved) - set(want))[:5]
+  reshaped = sorted(k for k in set(saved) & set(want) if saved[k] != want[k])[:5]
+  raise CheckpointMismatch(
+      f"Checkpoint step {step} holds a train state that does not match this run's model/optimizer "
+      f"(missing in checkpoint: {missing}; only in checkpoint: {extra}; other shapes: "
+      f"{[(k, saved[k], want[k]) for k in reshaped]}). Was config.model / config.optimizer.name or the method code "
+      "changed? Resume with the original settings, or start a fresh --workdir.")
+
+
+def _check_finite(state) -> None:
+  """One jitted reduction over the whole tree (per-leaf eager checks would compile once per shape)."""
+  floats = [x for x in jax.tree.leaves(state) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+  if floats and not bool(jax.jit(lambda xs: jax.numpy.all(jax.numpy.stack(
+      [jax.numpy.isfinite(x).all() for x in xs])))(floats)):
+    raise ValueError("the restored state has NaN/inf values")
+
+
+def _all_processes_ok(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+class PreemptionWatcher:
+  """Tells the loop to checkpoint and exit on a preemption notice (SIGTERM).
+
+  Several processes: JAX's preemption sync point (its coordination service catches SIGTERM on any host and all hosts
+  agree on the step). One process: a SIGTERM handler that sets a flag.
+  """
+
+  def __init__(self):
+    self._flag = False
+    self._previous = None
+    self._multi = jax.process_count() > 1
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM received: will save a checkpoint after the current step and exit.")
+    self._flag = True
+
+  def reached(self, step: int) -> bool:
+    if not self._multi:
+      return self._flag
+    try:
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    except RuntimeError:  # preemption service disabled
+      return False
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None

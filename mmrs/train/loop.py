@@ -1,0 +1,336 @@
+"""The train loop: validate, build, restore or init, compile once per task, then step, log, checkpoint.
+
+The loop does not know the method: it runs `method.tasks`, one per step, chosen by `TaskSchedule` (a pure function of
+the step). The host never waits on the device between steps: a step's metrics stay on device until the log step,
+and they are fetched after the next step has been dispatched. Before a checkpoint every pending metric is fetched,
+so a state is saved only when all steps since the last check are known to be finite.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+
+from mmrs.train import checkpoint as ckpt_lib
+from mmrs.train import config_check
+from mmrs.train import data as data_lib
+from mmrs.train import mesh as mesh_lib
+from mmrs.train import metrics as metrics_lib
+from mmrs.train import optimizers
+from mmrs.train import schedule as schedule_lib
+from mmrs.train import state as state_lib
+from mmrs.train import step as step_lib
+
+
+class NonFiniteError(FloatingPointError):
+  """A step produced NaN/inf with config.on_nonfinite='stop'."""
+
+
+def build_method(config):
+  """`config.method` is a registry name (mmrs.methods) or 'package.module:function' for out-of-tree methods."""
+  if ":" in config.method:
+    module, _, fn = config.method.partition(":")
+    return getattr(importlib.import_module(module), fn)(config)
+  from mmrs import methods  # pylint: disable=g-import-not-at-top
+  return methods.build(config)
+
+
+def train(config, workdir: str, *, method=None, task_data: Mapping[str, data_lib.TaskData] | Callable | None = None,
+          logdir: str | None = None, allow_config_change: bool = False,
+          devices: list[jax.Device] | None = None) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint). Returns a small summary dict.
+
+  `method` / `task_data` may be passed in (tests, notebooks); by default they are built from the config.
+  `task_data` may be a factory `(config, method, process_index, process_count) -> {task: TaskData}`.
+  `devices` restricts the mesh to some devices (default: all).
+  """
+  devices = list(devices) if devices is not None else jax.devices()
+  config_check.validate(config, None, device_count=len(devices), process_count=jax.process_count())
+  method = method if method is not None else build_method(config)
+  config_check.validate(config, method, device_count=len(devices), process_count=jax.process_count(),
+                        check_data=task_data is None)
+  with contextlib.ExitStack() as cleanup:  # closes in reverse: trainer, data pipelines, checkpointer (waits)
+    checkpointer = ckpt_lib.Checkpointer(epath.Path(workdir) / "checkpoints", keep=config.get("keep_checkpoints", 3))
+    cleanup.callback(checkpointer.close)
+    _check_resume_early(checkpointer, config, allow_config_change)
+    if task_data is None:
+      task_data = data_lib.build_task_data(config, method, jax.process_index(), jax.process_count())
+    elif callable(task_data):
+      task_data = task_data(config, method, jax.process_index(), jax.process_count())
+    for td in task_data.values():
+      if td.close is not None:
+        cleanup.callback(td.close)
+    missing = [t.name for t in method.tasks if t.name not in task_data]
+    if missing:
+      raise ValueError(f"No data for task(s) {missing}.")
+    peak_flops, peak_source = metrics_lib.total_peak_flops()  # before set_mesh: the CPU benchmark uses one device
+    logging.info("Peak %.3g FLOP/s for MFU (%s).", peak_flops, peak_source)
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    with jax.set_mesh(mesh):
+      trainer = Trainer(config, epath.Path(workdir), method, dict(task_data), mesh, checkpointer,
+                        epath.Path(logdir) if logdir else None, allow_config_change, peak_flops)
+      cleanup.callback(trainer.close)
+      return trainer.run()
+
+
+def _check_resume_early(checkpointer: ckpt_lib.Checkpointer, config, allow_change: bool) -> None:
+  """Compares the config with the latest checkpoint's before data workers start or anything compiles."""
+  step = checkpointer.latest_step()
+  if step is None:
+    return
+  try:
+    meta = checkpointer.read_meta(step)
+  except Exception:  # pylint: disable=broad-except  (a damaged checkpoint: restore_latest falls back past it)
+    return
+  try:
+    config_check.check_resume(meta.get("config", {}), config_check.to_dict(config), allow_change, log=False)
+  except config_check.ConfigError as e:
+    raise ckpt_lib.CheckpointMismatch(str(e)) from None
+
+
+@dataclasses.dataclass
+class _Pending:
+  step: int  # completed steps after this one (1-based), as logged
+  task: str
+  metrics: dict[str, jax.Array]
+
+
+class Trainer:
+
+  def __init__(self, config, workdir: epath.Path, method, task_data: dict[str, data_lib.TaskData],
+               mesh: jax.sharding.Mesh, checkpointer: ckpt_lib.Checkpointer, logdir: epath.Path | None,
+               allow_config_change: bool, peak_flops: float):
+    self.config, self.workdir, self.method, self.mesh = config, workdir, method, mesh
+    self.tasks = {t.name: t for t in method.tasks}
+    self.task_index = {t.name: i for i, t in enumerate(method.tasks)}
+    self.data = task_data
+    self.iters = {name: data_lib.PeekableIterator(td.iterator) for name, td in task_data.items()}
+    self.schedule = schedule_lib.TaskSchedule(list(self.tasks), config.get("task_schedule", "alternate"),
+                                              config_check.to_dict(config.get("task_weights")))
+    self.batch_size = config.batch_size
+    self.total_steps = config.total_steps
+    self.allow_config_change = allow_config_change
+    self.peak_flops = peak_flops
+    self.compiler_options = config_check.to_dict(config.get("xla_compiler_options"))  # optional key
+    self.logdir = logdir or workdir
+    self.pending: list[_Pending] = []
+    self.skipped = 0
+    self.preemption = ckpt_lib.PreemptionWatcher()
+    self.checkpointer = checkpointer
+    self.writer = None
+    self._visualize_fns: dict[str, Any] = {}
+    self._visualize_broken = False
+
+  # ---------------------------------------------------------------------------------------------------- setup
+
+  def _setup(self) -> None:
+    local = {n: data_lib.numeric_arrays(it.peek()) for n, it in self.iters.items()}
+    self.local_abstract = {n: {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.items()}
+                           for n, b in local.items()}
+    normalized = {n: jax.eval_shape(self.data[n].normalize, self.local_abstract[n]) if self.data[n].normalize
+                  else self.local_abstract[n] for n in self.tasks}
+    example = state_lib.example_batch(normalized)
+    groups = state_lib.param_groups(self.method, example)
+    self.optimizer = optimizers.make_optimizer(self.config.optimizer, groups, self.total_steps)
+    self.layout = state_lib.layout(self.method, self.optimizer, example, self.mesh, self.config.fsdp_min_size)
+    restored = self.checkpointer.restore_latest(self.layout.abstract, check_meta=self._check_meta)
+    if restored is None:
+      self.step = 0
+      self.state = state_lib.create(self.method, self.optimizer, example, self.layout,
+                                    jax.random.key(self.config.seed), self.compiler_options)
+      logging.info("Initialized a new run in %s (%s parameters).", self.workdir,
+                   f"{state_lib.count_params(self.state['params']):,}")
+    else:
+      self.step, self.state = restored.step, restored.state
+      for name, st in restored.data_states.items():
+        if name in self.iters:
+          self.iters[name].set_state(st)
+      logging.info("Resumed %s at step %d.", self.workdir, self.step)
+    if jax.process_index() == 0:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2, sort_keys=True))
+    self.writer = metrics_lib.MetricsWriter(self.logdir, resume_step=self.step)
+    self._compile()
+
+  def _check_meta(self, meta: dict) -> None:
+    try:
+      config_check.check_resume(meta.get("config", {}), config_check.to_dict(self.config), self.allow_config_change)
+    except config_check.ConfigError as e:
+      raise ckpt_lib.CheckpointMismatch(str(e)) from None
+    workers = {n: td.workers for n, td in self.data.items()}
+    saved = meta.get("workers", workers)
+    if saved != workers:
+      raise ckpt_lib.CheckpointMismatch(
+          f"The checkpoint's data pipelines ran with {saved} worker(s) per task but this run has {workers}: grain "
+          "would silently yield other data. Set config.data.<dataset>.workers back to the saved values.")
+
+  def _compile(self) -> None:
+    self.compiled = {}
+    mults = config_check.to_dict(self.config.get("task_lr_multipliers"))
+    for name, task in self.tasks.items():
+      fn = step_lib.make_step_fn(self.method, task, self.task_index[name], self.optimizer, self.data[name].normalize,
+                                 self.config.seed, float(mults.get(name, 1.0)))
+      t0 = time.perf_counter()
+      self.compiled[name] = step_lib.compile_step(
+          fn, self.layout, step_lib.abstract_batch(self.local_abstract[name], self.batch_size), self.mesh,
+          self.compiler_options)
+      mem = step_lib.memory_summary(self.compiled[name])
+      logging.info("Compiled task %r in %.1fs; per-device memory (MiB): %s", name, time.perf_counter() - t0,
+                   ", ".join(f"{k}={v:,.1f}" for k, v in mem.items()) or "not reported by this backend")
+
+  # ----------------------------------------------------------------------------------------------------- loop
+
+  def run(self) -> dict[str, Any]:
+    self._setup()
+    cfg = self.config
+    log_every = cfg.log_every_steps
+    ckpt_every = cfg.get("checkpoint_every_steps", 0)
+    vis_every = cfg.get("visualize_every_steps", 0)
+    sharding = mesh_lib.batch_sharding(self.mesh)
+    self._window_start, self._paused = (self.step, time.perf_counter()), 0.0
+    self.last_losses: dict[str, float] = {}
+    log_due = None
+    preempted = False
+    while self.step < self.total_steps:
+      if self.preemption.reached(self.step):
+        logging.warning("Preemption: saving step %d and exiting.", self.step)
+        self._save()
+        preempted = True
+        break
+      name = self.schedule.task_name(self.step)
+      batch = data_lib.global_batch(self.iters[name].next(), sharding, self.batch_size, name)
+      self.state, metrics = self.compiled[name](self.state, batch, np.int32(self.step))
+      self.step += 1
+      self.pending.append(_Pending(self.step, name, metrics))
+      if log_due is not None:  # the next step is already queued: fetching now costs the device nothing
+        self._flush(upto=log_due)
+        log_due = None
+      if self.step % log_every == 0:
+        log_due = self.step
+      if vis_every and self.step % vis_every == 0:
+        self._visualize(name, batch)
+      if ckpt_every and self.step % ckpt_every == 0:
+        self._save()
+    if not preempted and self.checkpointer.latest_step() != self.step:
+      self._save()
+    self._flush(upto=self.step)
+    self.checkpointer.wait()
+    return {"step": self.step, "losses": dict(self.last_losses), "skipped_steps": self.skipped,
+            "preempted": preempted, "state": self.state}
+
+  def _save(self) -> None:
+    self._flush(upto=self.step)  # raises before saving if a step since the last check was not finite
+    t0 = time.perf_counter()
+    meta = {"seed": self.config.seed, "config": config_check.to_dict(self.config), "tasks": list(self.tasks),
+            "bands": {n: _jsonable(td.bands) for n, td in self.data.items()},
+            "stats": {n: _jsonable(td.stats) for n, td in self.data.items()},
+            "workers": {n: td.workers for n, td in self.data.items()}, "mesh": self.config.mesh}
+    states = {n: it.get_state() for n, it in self.iters.items()}
+    if self.checkpointer.save(self.step, self.state, states, meta):
+      logging.info("Saving checkpoint %d (async).", self.step)
+    self._paused += time.perf_counter() - t0  # not training time: keep it out of images/s and the ETA
+
+  def _flush(self, upto: int) -> None:
+    """Fetches pending metrics of steps <= upto, checks finiteness, writes one record per task."""
+    ready = [p for p in self.pending if p.step <= upto]
+    if not ready:
+      return
+    self.pending = [p for p in self.pending if p.step > upto]
+    values = jax.device_get([p.metrics for p in ready])
+    now = time.perf_counter()
+    per_task: dict[str, list[dict]] = {}
+    for p, m in zip(ready, values):
+      if not bool(m["finite"]):
+        self._nonfinite(p, m)
+        continue
+      per_task.setdefault(p.task, []).append(m)
+    start_step, start_time = self._window_start
+    steps = upto - start_step
+    elapsed = max(now - start_time - self._paused, 1e-9)
+    self._window_start, self._paused = (upto, now), 0.0
+    images_per_s = steps * self.batch_size / elapsed
+    flops = sum(self._flops(p.task) * self.batch_size for p in ready)
+    mfu = flops / elapsed / self.peak_flops if flops and self.peak_flops else float("nan")
+    for task, ms in per_task.items():
+      mean = {k: float(np.mean([metrics_lib.to_python(m[k]) for m in ms])) for k in ms[0] if k != "finite"}
+      self.last_losses[task] = mean["loss"]
+      record = {"step": upto, "task": task, **mean, "steps_in_window": len(ms), "images_per_s": images_per_s,
+                "mfu": mfu, "skipped_steps": self.skipped}
+      if self.data[task].skipped is not None:
+        record["skipped_records"] = int(self.data[task].skipped())
+      self.writer.write(record)
+    if jax.process_index() == 0:
+      logging.info(metrics_lib.progress_line(upto, self.total_steps, self.last_losses, images_per_s, mfu,
+                                             elapsed / max(steps, 1)))
+
+  def _flops(self, task: str) -> float:
+    try:
+      return float(self.method.flops_per_sample(task))
+    except Exception:  # pylint: disable=broad-except  (MFU is informative; never stop training for it)
+      return 0.0
+
+  def _nonfinite(self, p: _Pending, m: Mapping[str, Any]) -> None:
+    detail = f"loss={metrics_lib.to_python(m['loss'])}, grad_norm={metrics_lib.to_python(m['grad_norm'])}"
+    if self.config.get("on_nonfinite", "stop") == "skip":
+      self.skipped += 1
+      logging.warning("Skipped step %d (task %r): non-finite %s; the state was left unchanged (%d skipped so far).",
+                      p.step, p.task, detail, self.skipped)
+      return
+    raise NonFiniteError(
+        f"Step {p.step} (task {p.task!r}) produced a non-finite value ({detail}). Training stopped without saving; "
+        f"the last good checkpoint is step {self.checkpointer.latest_step()} in {self.workdir / 'checkpoints'}. "
+        "Check the data of that step, lower config.optimizer.learning_rate or raise clip_norm, or set "
+        "config.on_nonfinite='skip' to skip such steps.")
+
+  def _visualize(self, name: str, batch) -> None:
+    """Reconstruction PNGs (methods with `reconstruct`); a failure here is logged, never fatal."""
+    if self._visualize_broken or not hasattr(self.method, "reconstruct"):
+      return
+    if self.tasks[name].batch_kind != "images":
+      return
+    jax.block_until_ready(self.state)  # queued training steps finish first: that time is training, not pause
+    t0 = time.perf_counter()
+    try:
+      from mmrs.methods import visualize  # pylint: disable=g-import-not-at-top
+      if name not in self._visualize_fns:
+        normalize = self.data[name].normalize
+        idx = self.task_index[name]
+
+        def fn(params, method_state, batch, step):
+          batch = jax.tree.map(lambda x: x[:4], normalize(batch) if normalize else batch)
+          return self.method.reconstruct(params, method_state, batch, step_lib.step_rng(self.config.seed, step, idx))
+        self._visualize_fns[name] = jax.jit(fn, out_shardings=mesh_lib.replicated(self.mesh))
+      out = jax.device_get(self._visualize_fns[name](self.state["params"], self.state["method_state"], batch,
+                                                     np.int32(self.step)))
+      if jax.process_index() == 0:
+        path = self.logdir / "reconstructions" / f"step_{self.step:08d}_{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        visualize.save_reconstruction_png(out, self.data[name].bands, str(path))
+    except Exception as e:  # pylint: disable=broad-except
+      self._visualize_broken = True
+      logging.warning("Reconstruction PNGs are off for this run: %s: %s", type(e).__name__, e)
+    self._paused += time.perf_counter() - t0
+
+  def close(self) -> None:
+    self.preemption.close()
+    if self.writer is not None:
+      self.writer.close()
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, Mapping):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  return x

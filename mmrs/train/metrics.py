@@ -1,0 +1,155 @@
+"""Observability: metrics.jsonl, TensorBoard (tensorboardX, no TensorFlow), a progress line, and MFU.
+
+MFU = method FLOPs per sample x samples/s / (devices x peak FLOP/s per device). The peak is the dense bf16 number
+of the accelerator from `PEAK_TFLOPS` (matched on `device.device_kind`); on CPU (and unknown devices) it is measured
+once at start-up with a float32 matmul on one device, taken as the host's peak (fake CPU devices share its cores).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+
+# Dense bf16 peak TFLOP/s per chip (vendor specs). Longest match on device_kind wins ("tpu v5 lite" before "tpu v5").
+PEAK_TFLOPS = {
+    "tpu v4": 275.0,
+    "tpu v5 lite": 197.0,  # v5e
+    "tpu v5e": 197.0,
+    "tpu v5p": 459.0,
+    "tpu v5": 459.0,  # v5p reports "TPU v5"
+    "tpu v6 lite": 918.0,  # v6e (Trillium)
+    "tpu v6e": 918.0,
+    "a100": 312.0,
+    "h100 pcie": 756.0,
+    "h100": 989.0,  # SXM / HBM3
+    "h200": 989.0,
+}
+_measured_cpu_peak: float | None = None
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> tuple[float, str]:
+  """(FLOP/s, where the number comes from)."""
+  device = device or jax.devices()[0]
+  kind = device.device_kind.lower()
+  for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+    if key in kind:
+      return PEAK_TFLOPS[key] * 1e12, f"spec sheet ({key}, bf16 dense)"
+  return measure_matmul_flops(device), f"measured float32 matmul on {device.device_kind}"
+
+
+def measure_matmul_flops(device: jax.Device, n: int = 512, iters: int = 8) -> float:
+  """A short matmul benchmark (once per process; ~0.1 s on a laptop CPU)."""
+  global _measured_cpu_peak
+  if _measured_cpu_peak is not None:
+    return _measured_cpu_peak
+  x = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  best = math.inf
+  for _ in range(3):
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      y = f(x)
+    y.block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  _measured_cpu_peak = 2 * n**3 * iters / best
+  return _measured_cpu_peak
+
+
+def total_peak_flops() -> tuple[float, str]:
+  """Peak FLOP/s of the whole run (all processes)."""
+  dev = jax.devices()[0]
+  per, source = peak_flops_per_device(dev)
+  if dev.platform == "cpu":  # fake CPU devices share the host's cores: count hosts, not devices
+    return per * jax.process_count(), source
+  return per * jax.device_count(), source
+
+
+def to_python(x: Any) -> Any:
+  x = np.asarray(x)
+  if x.size == 1:
+    v = x.item()
+    return bool(v) if x.dtype == bool else v
+  return x.tolist()
+
+
+class MetricsWriter:
+  """Writes on process 0 only: `<logdir>/metrics.jsonl` (one JSON object per line) and TensorBoard events."""
+
+  def __init__(self, logdir: str | epath.Path, resume_step: int = 0, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.logdir = epath.Path(logdir)
+    self._tb = None
+    if not self.enabled:
+      return
+    self.logdir.mkdir(parents=True, exist_ok=True)
+    self.path = self.logdir / "metrics.jsonl"
+    self._drop_after(resume_step)  # lines from steps a resumed run will redo
+    self._file = self.path.open("a")
+    try:
+      self._tb = _summary_writer(str(self.logdir / "tensorboard"))
+    except Exception as e:  # pylint: disable=broad-except  (TensorBoard is optional; jsonl is the record)
+      logging.warning("TensorBoard logging is off: %s", e)
+
+  def _drop_after(self, step: int) -> None:
+    if not self.path.exists():
+      return
+    keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+    self.path.write_text("".join(l + "\n" for l in keep))
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    self._file.write(json.dumps(record, sort_keys=True, allow_nan=True) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      prefix = f"{record['task']}/" if record.get("task") else ""
+      for k, v in record.items():
+        if k not in ("step", "task") and isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(prefix + k, v, record["step"])
+
+  def close(self) -> None:
+    if self.enabled:
+      self._file.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+def _summary_writer(logdir: str):
+  """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch (2+ s) when it is installed,
+  only to accept torch tensors; we log Python floats."""
+  import sys  # pylint: disable=g-import-not-at-top
+  blocked = "torch" not in sys.modules
+  if blocked:
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    if blocked:
+      del sys.modules["torch"]
+  return SummaryWriter(logdir, flush_secs=30)
+
+
+def progress_line(step: int, total: int, losses: Mapping[str, float], images_per_s: float, mfu_value: float,
+                  seconds_per_step: float) -> str:
+  eta = (total - step) * seconds_per_step if seconds_per_step > 0 else float("nan")
+  loss_txt = " ".join(f"{k} {v:.4g}" for k, v in losses.items())
+  mfu_txt = f"{100 * mfu_value:.1f}%" if math.isfinite(mfu_value) else "n/a"
+  return (f"step {step}/{total} | {loss_txt} | {images_per_s:,.0f} img/s | MFU {mfu_txt} | "
+          f"ETA {format_duration(eta)}")
+
+
+def format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
