@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# The test command: sets up .venv (first run) and runs the whole suite on all cores. Extra args go to pytest.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
+exec python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
