@@ -43,7 +43,8 @@ def synthetic_batch(config, task, local_batch: int, s2_channels: int, view_chann
   size = d.image_size
   rng = np.random.default_rng(0)
   shape = lambda c: (local_batch, size, size, c)
-  if task.batch_kind == "byol_views":
+  if task.batch_kind == "byol_views":  # the view sampler crops (data.image_size is 0: whole records reach it)
+    shape = lambda c: (local_batch, config.views.image_size, config.views.image_size, c)
     return {f"view{i + 1}": rng.standard_normal(shape(c), np.float32) for i, c in enumerate(view_channels)}
   channels = {"s2": len(d.s2_bands.split(",")) if d.get("s2_bands") else s2_channels, "s1": 2}
   return {m: rng.standard_normal(shape(channels[m]), np.float32) for m in task.modalities}
