@@ -1,0 +1,23 @@
+"""The real bundled sample end to end: every pretraining method's `tiny` config trains through the train loop."""
+import json
+import math
+import os
+
+import pytest
+
+from mmrs.train import loop
+from sample_data import shards, tiny_config  # pylint: disable=unused-import  (shards is a fixture)
+
+
+@pytest.mark.parametrize("module,extra", [("mae_s2", ""), ("auxmae", ""), ("mixmae", ""), ("jointmae", ""),
+                                          ("jointmae", ",plain=True"), ("rsbyol", "")])
+def test_every_method_tiny_trains_on_the_real_sample(shards, tmp_path, module, extra):
+  workdir = str(tmp_path / "run")
+  summary = loop.train(tiny_config(module, shards, extra), workdir)
+  assert summary["step"] == 3 and summary["skipped_steps"] == 0
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert {r["step"] for r in records} == {1, 2, 3}
+  assert all(math.isfinite(r["loss"]) for r in records)
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
+  if module != "rsbyol":  # reconstruction methods leave a PNG
+    assert os.listdir(os.path.join(workdir, "reconstructions"))
