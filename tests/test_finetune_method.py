@@ -116,6 +116,7 @@ def test_frozen_finetune_run_end_to_end(sample_shards, tmp_path):
 
   enc_dir, pretrained = _resnet_encoder(tmp_path)
   config = bigearthnet.get_config(f"tiny,shards={sample_shards},init_from={enc_dir},frozen=True,head=mlp")
+  config.xla_compiler_options = {"xla_backend_optimization_level": 0}  # halves CPU compile time
   workdir = str(tmp_path / "run")
   out = finetune.run(config, workdir)
   assert config.bands.s2 == "B04" and config.data.train.s2_bands == "B04"  # the data follow the encoder's bands
