@@ -8,10 +8,11 @@ from mmrs.train import loop
 from sample_data import shards, tiny_config  # pylint: disable=unused-import  (shards is a fixture)
 
 
-def test_pretrain_convert_probe_writes_map(shards, tmp_path):
-  pre = str(tmp_path / "mixmae")
+def test_pretrain_convert_probe_writes_map(shards, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  pre = "mixmae"  # relative paths, as in the README's commands
   loop.train(tiny_config("mixmae", shards), pre)
-  encoder = str(tmp_path / "encoder")
+  encoder = "encoder"
   meta = convert.convert_checkpoint(pre, encoder, modalities="s2", image_size=32)
   assert meta["bands"]["s2"][-1] == "B12" and "B10" not in meta["bands"]["s2"]  # L2A sample: 12 bands
   from configs.finetune import bigearthnet

@@ -11,8 +11,9 @@ from sample_data import shards, tiny_config  # pylint: disable=unused-import  (s
 
 @pytest.mark.parametrize("module,extra", [("mae_s2", ""), ("auxmae", ""), ("mixmae", ""), ("jointmae", ""),
                                           ("jointmae", ",plain=True"), ("rsbyol", "")])
-def test_every_method_tiny_trains_on_the_real_sample(shards, tmp_path, module, extra):
-  workdir = str(tmp_path / "run")
+def test_every_method_tiny_trains_on_the_real_sample(shards, tmp_path, monkeypatch, module, extra):
+  monkeypatch.chdir(tmp_path)
+  workdir = "run"  # relative, as in the README's commands
   summary = loop.train(tiny_config(module, shards, extra), workdir)
   assert summary["step"] == 3 and summary["skipped_steps"] == 0
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mmrs import bands as bands_lib
+from mmrs.train import checkpoint as ckpt_lib
 
 FORMAT = "mmrs-encoder-v1"
 WEIGHTS_FILE = "encoder.safetensors"
@@ -385,7 +386,7 @@ def read_checkpoint(path: str) -> tuple[dict, dict, dict]:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
 
-  step_dir = epath.Path(find_step_dir(path))
+  step_dir = ckpt_lib.absolute(find_step_dir(path))
   meta = json.loads((step_dir / "meta" / "metadata").read_text())
   ckptr = ocp.PyTreeCheckpointer()
   md = ckptr.metadata(step_dir / "state")

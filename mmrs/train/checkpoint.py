@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import threading
 import time
@@ -107,11 +108,17 @@ class Restored:
   meta: dict[str, Any]
 
 
+def absolute(path: str | epath.Path) -> epath.Path:
+  """Orbax needs absolute paths: local paths (e.g. --workdir=runs/x) are made absolute, gs:// ones kept."""
+  text = os.fspath(path)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 class Checkpointer:
   """Saves/restores (state, data-iterator states, meta) under `directory`."""
 
   def __init__(self, directory: str | epath.Path, keep: int, async_save: bool = True):
-    self.directory = epath.Path(directory)
+    self.directory = absolute(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(
