@@ -111,10 +111,11 @@ def restore_state(workdir, step):
 
 
 def test_reconstruction_pngs(runs):
-  # Every 4 steps, from that step's batch (steps 4 and 8 are 'cross' steps), via mmrs.methods.visualize.
+  # Every 4 steps, each task's first step in the interval (steps 4 and 8 are 'cross' steps, 5 is 'recon'), via
+  # mmrs.methods.visualize: alternating tasks both get pictures.
   from PIL import Image  # pylint: disable=g-import-not-at-top
   pngs = sorted((runs["data8"]["workdir"] / "reconstructions").glob("*.png"))
-  assert [p.name for p in pngs] == ["step_00000004_cross.png", "step_00000008_cross.png"]
+  assert [p.name for p in pngs] == ["step_00000004_cross.png", "step_00000005_recon.png", "step_00000008_cross.png"]
   for p in pngs:
     with Image.open(p) as im:
       assert im.width > 0 and im.height > 0

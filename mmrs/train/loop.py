@@ -198,6 +198,7 @@ class Trainer:
     self.last_losses: dict[str, float] = {}
     log_due = None
     preempted = False
+    start_interval, vis_done = (self.step // vis_every if vis_every else 0), {}
     while self.step < self.total_steps:
       if self.preemption.reached(self.step):
         logging.warning("Preemption: saving step %d and exiting.", self.step)
@@ -214,7 +215,10 @@ class Trainer:
         log_due = None
       if self.step % log_every == 0:
         log_due = self.step
-      if vis_every and self.step % vis_every == 0:
+      # Every task gets a PNG in each interval (with alternating tasks, a plain `step % every` would always hit
+      # the same task): the first step of each task once the interval is reached.
+      if vis_every and self.step // vis_every > vis_done.get(name, start_interval):
+        vis_done[name] = self.step // vis_every
         self._visualize(name, batch)
       if ckpt_every and self.step % ckpt_every == 0:
         self._save()
