@@ -22,3 +22,17 @@ def test_every_method_tiny_trains_on_the_real_sample(shards, tmp_path, monkeypat
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
   if module != "rsbyol":  # reconstruction methods leave a PNG
     assert os.listdir(os.path.join(workdir, "reconstructions"))
+
+
+def test_mixmae_fsdp_matches_data_parallel(shards, tmp_path):
+  """A real ViT method with every param split over fsdp (and the activation constraints active) follows the same
+  loss trajectory as pure data parallelism."""
+  losses = {}
+  for mesh in ("data=8,fsdp=1", "data=4,fsdp=2"):
+    config = tiny_config("mixmae", shards)
+    config.mesh, config.fsdp_min_size, config.visualize_every_steps = mesh, 0, 0
+    workdir = tmp_path / mesh
+    loop.train(config, str(workdir))
+    losses[mesh] = [json.loads(line)["loss"] for line in open(workdir / "metrics.jsonl")]
+  assert len(losses["data=8,fsdp=1"]) == 3
+  assert losses["data=8,fsdp=1"] == pytest.approx(losses["data=4,fsdp=2"], rel=1e-5)

@@ -6,10 +6,10 @@ of its logical "embed"/"mlp" dimensions when it has at least `fsdp_min_size` ele
 the fsdp axis size; everything else is replicated. Unannotated leaves (plain arrays, optimizer statistics that do
 not mirror a param) fall back to "the largest divisible dimension" with the same size threshold.
 
-Activations are placed by XLA's sharding propagation from the batch-split inputs and the param shardings. No flax
-logical-axis rules are activated while tracing: with rules, flax's `DenseGeneral` applies a sharding constraint to
-its logically-boxed kernel *before* reshaping it (also in `apply`, which re-runs the initializer abstractly to check
-shapes), which fails for multi-dimensional kernels; so models' `nn.with_logical_constraint` calls are no-ops here.
+Activations: the train step is traced under `ACTIVATION_RULES`, so the models' `nn.with_logical_constraint` calls
+keep the "batch" dimension split over ("data", "fsdp"); every other logical activation axis is replicated and XLA's
+propagation does the rest. (Models must not use flax's `DenseGeneral` with multi-dimensional logically-boxed kernels:
+under rules it constrains the kernel before reshaping it, which fails; vit.py uses its own projection for that.)
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
+# flax logical-axis rules active while the train step is traced (activation sharding constraints).
+ACTIVATION_RULES = (("batch", BATCH_AXES),)
 # Logical parameter axes that may be split over "fsdp" (the big matmul dims of a ViT / MLP).
 FSDP_LOGICAL_AXES = ("embed", "mlp")
 

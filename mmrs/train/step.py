@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 import optax
 
 from mmrs.train import mesh as mesh_lib
@@ -80,7 +81,8 @@ def compile_step(step_fn, state_layout: state_lib.StateLayout, batch_abstract: d
   jitted = jax.jit(step_fn, in_shardings=(state_layout.shardings, batch_sh, rep),
                    out_shardings=(state_layout.shardings, rep), donate_argnums=(0,))
   batch_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in batch_abstract.items()}
-  lowered = jitted.lower(state_layout.abstract, batch_abstract, jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
+  with nn.logical_axis_rules(mesh_lib.ACTIVATION_RULES):  # activation constraints: batch over (data, fsdp)
+    lowered = jitted.lower(state_layout.abstract, batch_abstract, jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
   return lowered.compile(compiler_options=compiler_options or None)
 
 
