@@ -320,8 +320,9 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments {argv[1:]}; use --src=DIR --out=DIR.")
-  convert_dataset(FLAGS.src, FLAGS.out, num_shards=FLAGS.num_shards, on_bad=FLAGS.on_bad, workers=FLAGS.workers,
-                  split=FLAGS.split, splits_dir=FLAGS.splits_dir, unlisted_split=FLAGS.unlisted_split)
+  convert.run_cli("bigearthnet_mm", "convert_dataset", src=FLAGS.src, out=FLAGS.out, num_shards=FLAGS.num_shards,
+                  on_bad=FLAGS.on_bad, workers=FLAGS.workers, split=FLAGS.split, splits_dir=FLAGS.splits_dir,
+                  unlisted_split=FLAGS.unlisted_split)
 
 
 if __name__ == "__main__":

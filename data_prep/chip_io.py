@@ -69,6 +69,17 @@ def clean_s1(s1_db: np.ndarray, path: str) -> tuple[np.ndarray | None, np.ndarra
   return s1, valid, ""
 
 
+def attach_s1(record: dict, s1: np.ndarray | None, valid: np.ndarray | None, dropped: str) -> None:
+  """Adds `clean_s1`'s result to a record: the S1 array (+ `s1_valid` when pixels were filled), or, when S1 was
+  dropped for too much no-data, the reason in `meta.s1_dropped` (the record stays S2-only)."""
+  if s1 is None:
+    record["meta"]["s1_dropped"] = dropped
+    return
+  record.update(s1=s1, s1_bands=bands_lib.S1_BANDS)
+  if valid is not None:
+    record["s1_valid"] = valid
+
+
 def read_s1_db(path: str, size: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
   """A 2-band (VV, VH) S1 GeoTIFF in dB -> (float32 (H, W, 2), NaN/inf kept; info). Clean with `clean_s1`."""
   arr, info = geotiff.read(path)

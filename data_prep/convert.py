@@ -6,6 +6,7 @@ implement the shared `--split=train | hash:0.8,0.1,0.1` option (stable hash of t
 from __future__ import annotations
 
 import hashlib
+import importlib
 import multiprocessing
 import os
 import sys
@@ -33,6 +34,17 @@ def define_common_flags():
   flags.DEFINE_enum("on_bad", "fail", ["fail", "skip"], "Bad input: stop with an error, or skip and count it.")
   flags.DEFINE_integer("workers", min(8, os.cpu_count() or 1), "Parallel reader processes (0 = in-process).")
   flags.mark_flag_as_required("out")
+
+
+def run_cli(module: str, function: str, **kwargs):
+  """A converter's `main`: calls `data_prep.<module>.<function>(**kwargs)` through the package module (so spawned
+  workers unpickle `data_prep.<module>.build`, not `__main__.build`) and turns a data or usage error into a one-line
+  message and a non-zero exit instead of a traceback."""
+  mod = importlib.import_module(f"data_prep.{module}")
+  try:
+    return getattr(mod, function)(**kwargs)
+  except (ValueError, FileNotFoundError, FileExistsError, ConversionError) as e:
+    sys.exit(f"data_prep.{module}: {e}")
 
 
 def _safe_build(args):

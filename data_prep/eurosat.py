@@ -21,9 +21,7 @@ Bad input (wrong band count, grid other than --image_size, all-zero image, unrea
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
-import sys
 
 from absl import app, flags
 
@@ -153,12 +151,8 @@ def _define_flags():
 def main(argv):
   del argv
   f = flags.FLAGS
-  mod = importlib.import_module("data_prep.eurosat")  # workers unpickle data_prep.eurosat.build
-  try:
-    mod.convert(f.src, f.out, splits_dir=f.splits_dir, split=f.split, image_size=f.image_size,
-                num_shards=f.num_shards, on_bad=f.on_bad, workers=f.workers)
-  except (ValueError, FileExistsError, convert_lib.ConversionError) as e:
-    sys.exit(f"data_prep.eurosat: {e}")
+  convert_lib.run_cli("eurosat", "convert", src=f.src, out=f.out, splits_dir=f.splits_dir, split=f.split,
+                      image_size=f.image_size, num_shards=f.num_shards, on_bad=f.on_bad, workers=f.workers)
 
 
 if __name__ == "__main__":

@@ -496,10 +496,10 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments {argv[1:]}; use --catalog=FILE --out=DIR.")
-  convert_catalog(FLAGS.catalog, FLAGS.out, max_days=FLAGS.max_days, place_tol_m=FLAGS.place_tol_m,
-                  exclusive_s1=FLAGS.exclusive_s1, write_s1_only=FLAGS.write_s1_only, split=FLAGS.split,
-                  num_shards=FLAGS.num_shards, on_bad=FLAGS.on_bad, workers=FLAGS.workers, source=FLAGS.source,
-                  licence=FLAGS.licence)
+  convert.run_cli("pair_catalog", "convert_catalog", catalog=FLAGS.catalog, out=FLAGS.out,
+                  max_days=FLAGS.max_days, place_tol_m=FLAGS.place_tol_m, exclusive_s1=FLAGS.exclusive_s1,
+                  write_s1_only=FLAGS.write_s1_only, split=FLAGS.split, num_shards=FLAGS.num_shards,
+                  on_bad=FLAGS.on_bad, workers=FLAGS.workers, source=FLAGS.source, licence=FLAGS.licence)
 
 
 if __name__ == "__main__":

@@ -32,10 +32,8 @@ no-data is dropped from its record (kept S2-only, meta.s1_dropped); S1 NaN/inf a
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import re
-import sys
 
 import numpy as np
 from absl import app, flags
@@ -186,12 +184,7 @@ def build(item: Item) -> list[tuple[str, dict]]:
   else:
     mask = label_sets.dfc_to_index(lc)
   record = dict(id=item.name, s2=s2, s2_bands=bands_lib.S2_L1C_BANDS, mask=mask, labels=labels, meta=meta)
-  if s1 is None:
-    meta["s1_dropped"] = dropped
-  else:
-    record.update(s1=s1, s1_bands=bands_lib.S1_BANDS)
-    if valid is not None:
-      record["s1_valid"] = valid
+  chip_io.attach_s1(record, s1, valid, dropped)
   return [(split, record) for split in item.splits]
 
 
@@ -230,12 +223,9 @@ def _define_flags():
 def main(argv):
   del argv
   f = flags.FLAGS
-  mod = importlib.import_module("data_prep.sen12ms")  # workers unpickle data_prep.sen12ms.build
-  try:
-    mod.convert(f.src, f.out, dataset=f.dataset, splits_dir=f.splits_dir, split=f.split,
-                min_fraction=f.multi_label_min_fraction, num_shards=f.num_shards, on_bad=f.on_bad, workers=f.workers)
-  except (ValueError, FileExistsError, convert_lib.ConversionError) as e:
-    sys.exit(f"data_prep.sen12ms: {e}")
+  convert_lib.run_cli("sen12ms", "convert", src=f.src, out=f.out, dataset=f.dataset, splits_dir=f.splits_dir,
+                      split=f.split, min_fraction=f.multi_label_min_fraction, num_shards=f.num_shards,
+                      on_bad=f.on_bad, workers=f.workers)
 
 
 if __name__ == "__main__":

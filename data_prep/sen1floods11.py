@@ -33,9 +33,7 @@ is a pipeline choice: read the s2 modality of these records.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
-import sys
 
 import numpy as np
 from absl import app, flags
@@ -192,12 +190,8 @@ def _define_flags():
 def main(argv):
   del argv
   f = flags.FLAGS
-  mod = importlib.import_module("data_prep.sen1floods11")  # workers unpickle data_prep.sen1floods11.build
-  try:
-    mod.convert(f.src, f.out, tile=f.tile, splits_dir=f.splits_dir, split=f.split, num_shards=f.num_shards,
-                on_bad=f.on_bad, workers=f.workers)
-  except (ValueError, FileExistsError, convert_lib.ConversionError) as e:
-    sys.exit(f"data_prep.sen1floods11: {e}")
+  convert_lib.run_cli("sen1floods11", "convert", src=f.src, out=f.out, tile=f.tile, splits_dir=f.splits_dir,
+                      split=f.split, num_shards=f.num_shards, on_bad=f.on_bad, workers=f.workers)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import importlib
 import os
 import re
-import sys
 
 import numpy as np
 from absl import app, flags
@@ -157,12 +155,7 @@ def build(item: Item) -> list[tuple[str, dict]]:
       layers.append(arr.astype(np.float32))
     s1, valid, dropped = chip_io.clean_s1(np.stack(layers, axis=-1), item.s1_dir)
     meta.update(s1_product=os.path.basename(item.s1_dir), s1_time=_iso(item.s1_dir), pair_gap_days=item.gap_days)
-    if s1 is None:
-      meta["s1_dropped"] = dropped
-    else:
-      record.update(s1=s1, s1_bands=bands_lib.S1_BANDS)
-      if valid is not None:
-        record["s1_valid"] = valid
+    chip_io.attach_s1(record, s1, valid, dropped)
   return [(item.split, record)]
 
 
@@ -199,13 +192,8 @@ def _define_flags():
 def main(argv):
   del argv
   f = flags.FLAGS
-  # Through the package module, so worker processes unpickle `data_prep.ssl4eo.build`, not `__main__.build`.
-  mod = importlib.import_module("data_prep.ssl4eo")
-  try:
-    mod.convert(f.src, f.out, s2_level=f.s2_level, max_days=f.max_days, split=f.split, num_shards=f.num_shards,
-                on_bad=f.on_bad, workers=f.workers)
-  except (ValueError, FileExistsError, convert_lib.ConversionError) as e:
-    sys.exit(f"data_prep.ssl4eo: {e}")
+  convert_lib.run_cli("ssl4eo", "convert", src=f.src, out=f.out, s2_level=f.s2_level, max_days=f.max_days,
+                      split=f.split, num_shards=f.num_shards, on_bad=f.on_bad, workers=f.workers)
 
 
 if __name__ == "__main__":
