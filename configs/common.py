@@ -1,4 +1,4 @@
-"""Shared config pieces: the ViT size table, `parse_arg`, and the training keys every method uses.
+"""Shared config pieces: the ViT size table (from mmrs.models.sizes), `parse_arg`, and the training keys every method uses.
 
 Every method config (`configs/<method>.py`) starts from `base_config()` and adds its `model`, `method`, `data`
 and `optimizer` sections. `get_config(arg)` takes a variant name (`tiny`, `demo`, `vit_b`, ...) optionally followed
@@ -6,23 +6,7 @@ by `,key=value` pairs (big_vision style), parsed by `parse_arg`.
 """
 import ml_collections
 
-# name: (width, depth, mlp_dim, num_heads). ViT-Lite is the ~21M-parameter decoder of the MixMAE paper.
-VIT_SIZES = {
-    "mu": (32, 2, 64, 2),  # test-only micro size: compiles in seconds on a CPU
-    "tiny": (192, 12, 768, 3),
-    "lite": (512, 8, 2048, 16),  # ViT-Lite decoder: 8 blocks x 512 wide = 25.2M params incl. norms
-    "S": (384, 12, 1536, 6),
-    "B": (768, 12, 3072, 12),
-    "L": (1024, 24, 4096, 16),
-    "H": (1280, 32, 5120, 16),
-}
-
-
-def vit_size(name: str) -> dict:
-  if name not in VIT_SIZES:
-    raise ValueError(f"Unknown ViT size {name!r}; choose one of {sorted(VIT_SIZES)} (configs/common.py VIT_SIZES).")
-  width, depth, mlp_dim, heads = VIT_SIZES[name]
-  return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads)
+from mmrs.models.sizes import VIT_SIZES, vit_size  # noqa: F401  (the table lives in the library)
 
 
 def parse_arg(arg: str | None, **defaults):

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 from absl import flags, logging
 
-from data_prep.shards import DatasetWriter
+from mmrs.data.writer import DatasetWriter
 from mmrs.data import records
 
 

@@ -27,7 +27,7 @@ from absl import app, flags
 
 from data_prep import chip_io, splitting
 from data_prep import convert as convert_lib
-from data_prep.shards import DatasetWriter
+from mmrs.data.writer import DatasetWriter
 from mmrs import bands as bands_lib
 from mmrs.data import label_sets
 

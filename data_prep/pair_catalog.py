@@ -45,7 +45,7 @@ from absl import app, flags, logging
 
 from data_prep import convert, geotiff
 from data_prep.convert import BadInput
-from data_prep.shards import DatasetWriter
+from mmrs.data.writer import DatasetWriter
 from mmrs import bands as bands_lib
 from mmrs.data import records
 

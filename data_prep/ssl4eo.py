@@ -39,7 +39,7 @@ from absl import app, flags
 from data_prep import convert as convert_lib
 from data_prep import chip_io, geotiff
 from data_prep.convert import BadInput
-from data_prep.shards import DatasetWriter
+from mmrs.data.writer import DatasetWriter
 from mmrs import bands as bands_lib
 
 SOURCE = "SSL4EO-S12 (Wang et al. 2022), https://mediatum.ub.tum.de/1660427"

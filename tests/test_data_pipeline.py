@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs.common import dataset_config
-from data_prep.shards import DatasetWriter
+from mmrs.data.writer import DatasetWriter
 from mmrs import bands as bands_lib
 from mmrs.data import normalize as normalize_lib
 from mmrs.data import pipeline as pipeline_lib

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from data_prep import inspect
-from data_prep.shards import DatasetWriter
+from mmrs.data.writer import DatasetWriter
 from mmrs import bands
 from mmrs.data import records
 

@@ -10,7 +10,7 @@ from array_record.python import array_record_module
 
 from data_prep import convert
 from data_prep.convert import BadInput, ConversionError
-from data_prep.shards import DatasetWriter
+from mmrs.data.writer import DatasetWriter
 from mmrs import bands
 from mmrs.data import records
 

@@ -27,7 +27,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
 from data_prep.convert import BadInput
-from data_prep.stats import BandStats
+from mmrs.data.band_stats import BandStats
 from mmrs import bands as bands_lib
 from mmrs.data import records
 

@@ -124,12 +124,12 @@ def write_synthetic_dataset(out_dir: str, n_pairs: int, n_s2_only: int = 0, size
                             seed: int = 0, *, n_s1_only: int = 0, n_val: int = 0,
                             s2_bands: Sequence[str] = bands_lib.S2_L1C_BANDS, labels: bool = True,
                             mask: bool = True) -> dict:
-  """Writes a synthetic dataset directory (shards + manifest.json + stats.json) with data_prep's DatasetWriter.
+  """Writes a synthetic dataset directory (shards + manifest.json + stats.json) with mmrs.data.writer.DatasetWriter.
 
   `n_pairs` S1+S2, `n_s2_only`, `n_s1_only` records in split "train", plus `n_val` pairs in split "val".
   Deterministic in `seed`. Returns the manifest.
   """
-  from data_prep.shards import DatasetWriter  # pylint: disable=g-import-not-at-top  (data_prep imports mmrs)
+  from mmrs.data.writer import DatasetWriter  # pylint: disable=g-import-not-at-top  (array_record: only when writing)
 
   rng = np.random.default_rng(seed)
   plan = ([("train", True, True)] * n_pairs + [("train", False, True)] * n_s2_only

@@ -26,13 +26,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from configs import common
 from mmrs import bands as bands_lib
 from mmrs.finetune import convert
 from mmrs.finetune import encoder_api
 from mmrs.finetune import heads as heads_lib
 from mmrs.methods import flops as flops_lib
 from mmrs.methods.base import Task
+from mmrs.models import sizes
 
 TASKS = ("multilabel", "class", "segmentation")
 
@@ -81,7 +81,7 @@ def prepare_config(config) -> None:
   train = config.data.train
   if fraction < 1.0 and not train.get("indices"):
     from mmrs.finetune import subsets  # pylint: disable=g-import-not-at-top
-    train.indices = tuple(int(i) for i in subsets.training_indices(config))
+    train.indices = tuple(int(i) for i in subsets.training_indices(config, mods))
 
 
 class Finetune:
@@ -130,14 +130,14 @@ class Finetune:
         raise ValueError(f"config.bands.{m} is empty: name the bands of the data (init_from='' builds the encoder "
                          "from config.model and config.bands).")
       in_channels[m] = len(names)
-    return vit.ViTEncoder(**common.vit_size(config.model.encoder), patch_size=config.model.patch_size,
+    return vit.ViTEncoder(**sizes.vit_size(config.model.encoder), patch_size=config.model.patch_size,
                           in_channels=in_channels, use_cls_token=config.model.use_cls_token, dtype=self.dtype,
                           dropout_rate=config.model.get("dropout_rate", 0.0))
 
   def _head(self, config):
     ft = config.finetune
     if self.task == "segmentation":
-      size = common.vit_size(ft.get("decoder", "lite"))
+      size = sizes.vit_size(ft.get("decoder", "lite"))
       if ft.get("decoder_depth", 0):
         size["depth"] = ft.decoder_depth
       return heads_lib.SegmentationHead(self.num_classes, self.encoder.patch_size, ft.head, self.has_cls, size,

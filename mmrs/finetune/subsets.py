@@ -124,13 +124,12 @@ def read_label_rows(data_cfg, modalities, split: str, label_set: str) -> np.ndar
   return labels_to_multihot(values, spec.num_classes)
 
 
-def training_indices(config) -> np.ndarray:
-  """The label-fraction subset of config.data.train for config.finetune (label_fraction, subset_seed, subset_mode)."""
-  from mmrs.finetune.method import parse_modalities  # pylint: disable=g-import-not-at-top
-
+def training_indices(config, modalities) -> np.ndarray:
+  """The label-fraction subset of config.data.train for config.finetune (label_fraction, subset_seed, subset_mode),
+  over the records that a pipeline reading `modalities` sees."""
   ft = config.finetune
   data_cfg = config.data.train
-  rows = read_label_rows(data_cfg, parse_modalities(ft.modalities), data_cfg.get("split", "train"), ft.label_set)
+  rows = read_label_rows(data_cfg, modalities, data_cfg.get("split", "train"), ft.label_set)
   return subset_indices(rows, float(ft.label_fraction), int(ft.get("subset_seed", 0)),
                         ft.get("subset_mode", "balanced"))
 

@@ -27,11 +27,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from configs import common
 from mmrs.data import byol_views
 from mmrs.methods import flops
 from mmrs.methods.base import Task
-from mmrs.models import resnet, vit
+from mmrs.models import resnet, sizes, vit
 
 
 class MLP(nn.Module):
@@ -67,7 +66,7 @@ class ViTBackbone(nn.Module):
     use_cls = v.pool == "cls"
     if v.pool not in ("cls", "mean"):
       raise ValueError(f"config.model.vit.pool={v.pool!r} is unknown; use 'cls' or 'mean'.")
-    encoder = vit.ViTEncoder(**common.vit_size(v.size), patch_size=v.patch_size,
+    encoder = vit.ViTEncoder(**sizes.vit_size(v.size), patch_size=v.patch_size,
                              in_channels={"view": self.in_channels}, use_cls_token=use_cls, dtype=self.dtype,
                              name="vit")
     tokens = encoder.encode(encoder.embed({"view": x})["view"], train)
@@ -80,7 +79,7 @@ def backbone_flops(model, image_size: int, in_channels: int) -> tuple[float, flo
   embedding) needs no input gradient, so training counts it 2x instead of 3x (see mmrs/methods/flops.py)."""
   if model.backbone == "vit":
     v = model.vit
-    size = common.vit_size(v.size)
+    size = sizes.vit_size(v.size)
     length = (image_size // v.patch_size) ** 2
     entry = flops.patch_embed_flops(length, v.patch_size, in_channels, size["width"])
     return entry, flops.encoder_flops(length + (1 if v.pool == "cls" else 0), size)
@@ -92,7 +91,7 @@ def backbone_flops(model, image_size: int, in_channels: int) -> tuple[float, flo
 
 def backbone_features(model) -> int:
   if model.backbone == "vit":
-    return common.vit_size(model.vit.size)["width"]
+    return sizes.vit_size(model.vit.size)["width"]
   return resnet.ResNet(model.backbone).num_features
 
 

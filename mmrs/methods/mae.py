@@ -15,11 +15,11 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from configs import common
 from mmrs import bands as bands_lib
 from mmrs.methods import flops as flops_lib
 from mmrs.methods import masking
 from mmrs.methods.base import Task
+from mmrs.models import sizes
 from mmrs.models import vit
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -39,11 +39,11 @@ def band_names(config, modality: str) -> tuple[str, ...]:
 
 
 def encoder_size(config) -> dict:
-  return common.vit_size(config.model.encoder)
+  return sizes.vit_size(config.model.encoder)
 
 
 def decoder_size(config) -> dict:
-  size = common.vit_size(config.model.decoder)
+  size = sizes.vit_size(config.model.decoder)
   if config.model.get("decoder_depth", 0):
     size["depth"] = config.model.decoder_depth
   return size

@@ -19,7 +19,7 @@ import uuid
 
 from array_record.python import array_record_module
 
-from data_prep.stats import BandStats
+from mmrs.data.band_stats import BandStats
 from mmrs.data import records
 
 FORMAT = "mmrs-records-v1"
