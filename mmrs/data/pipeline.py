@@ -47,6 +47,7 @@ import numpy as np
 from mmrs import bands as bands_lib
 from mmrs.data import normalize as normalize_lib
 from mmrs.data import sources
+from mmrs.data import staging
 from mmrs.data import transforms
 
 NORMALIZE = ("device", "host", "none")
@@ -77,7 +78,8 @@ def describe(data_cfg, modalities: Sequence[str], split: str | None = None) -> D
   modalities = tuple(modalities)
   split = split or data_cfg.get("split", "train")
   groups = tuple(data_cfg.get("groups", None) or sources.default_groups(modalities))
-  info = sources.open_source(data_cfg.shards, split, groups)
+  # A remote URL (gs://...) is copied to local disk first (ArrayRecord reads local files): mmrs.data.staging.
+  info = sources.open_source(staging.resolve(data_cfg, split, groups), split, groups)
   where = f"{data_cfg.shards}/manifest.json" if not data_cfg.shards.startswith("tfds:") else data_cfg.shards
   bands = {}
   for m in modalities:
