@@ -1,5 +1,6 @@
 """Data pipeline behaviour: shapes/dtypes, band selection, one geometry for all modalities and the mask, labels,
-per-process sharding, evaluation passes, bad records and damaged shards, normalization modes, TFDS sources."""
+the global sample order (the same global batches for any process/worker count), evaluation passes, bad records and
+damaged shards, normalization modes, TFDS sources."""
 import json
 import shutil
 
