@@ -216,7 +216,7 @@ class GlobalBatches(grain.MapDataset):
     return self._len
 
   def _rng(self, position: int, attempt: int) -> np.random.Generator:
-    return np.random.Generator(np.random.Philox(key=[self._aug_seed, (position << 16) + attempt]))
+    return np.random.default_rng([self._aug_seed, position, attempt])  # PCG64 via SeedSequence (~2x Philox's speed)
 
   def _row(self, position: int):
     """(decoded record or None for padding, [bad records replaced on the way], "shard:index" or "")."""
@@ -419,7 +419,7 @@ def make_pipeline(data_cfg, *, modalities: tuple[str, ...], global_batch_size: i
       random_resized_crop=data_cfg.random_resized_crop, flips=data_cfg.flips, rot90=data_cfg.rot90,
       augment=augment, rrc_scale=tuple(data_cfg.get("rrc_scale", (0.2, 1.0))), labels=info.labels,
       on_bad=data_cfg.on_bad, default_bands=info.stored_bands, record_transform=record_transform)
-  # Per-record RNG: Philox keyed by (seed, global position); never by process or worker.
+  # Per-record RNG keyed by (seed, global position); never by process or worker.
   aug_seed = int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1)[0])
   read_threads = int(data_cfg.get("read_threads", 2))
   host_normalize = HostNormalize(info.normalizer) if normalize == "host" else None
