@@ -76,7 +76,9 @@ V2_SPLITS = {"train": "train", "validation": "val", "test": "test"}
 # v1's official exclusion lists (bigearth.net "patches_with_cloud_and_shadow.csv" / "patches_with_seasonal_snow.csv").
 V1_EXCLUDE_FILES = {"cloud_or_shadow": "patches_with_cloud_and_shadow.csv",
                     "seasonal_snow": "patches_with_seasonal_snow.csv"}
-MAX_INVALID_S1_FRACTION = 0.5  # more S1 no-data than this makes the patch bad input
+# More S1 no-data than this and the patch counts as S1-missing: a pair keeps its S2 (meta.s1_dropped, counted in
+# counts.s1_dropped), an S1-only patch is bad input.
+MAX_INVALID_S1_FRACTION = records.MAX_S1_NODATA_FRACTION
 GRID_TOLERANCE_M = 10.0  # S1 and S2 bounds of a pair may differ by at most one 10 m pixel
 SPLIT_FILES = ("train", "val", "test")
 
@@ -464,9 +466,24 @@ def _read_s1(patch_dir: str) -> tuple[np.ndarray, np.ndarray | None, dict]:
     info = info or band_info
   s1, valid = records.clean_s1(np.stack(arrs, axis=-1))
   if valid is not None and 1.0 - valid.mean() > MAX_INVALID_S1_FRACTION:
-    raise BadInput(f"{patch_dir}: {100 * (1 - valid.mean()):.0f}% of the S1 pixels are no-data (NaN/inf) in "
-                   f"{name}_VV.tif/{name}_VH.tif")
-  return s1, valid, info
+    return None, None, info, (f"{patch_dir}: {100 * (1 - valid.mean()):.0f}% of the S1 pixels are no-data "
+                              f"(NaN/inf) in {name}_VV.tif/{name}_VH.tif")
+  return s1, valid, info, ""
+
+
+def _attach_s1(item: Item, record: dict, meta: dict) -> dict | None:
+  """Reads the item's S1 into the record; returns its GeoTIFF info, or None when the S1 was dropped as mostly
+  no-data (the pair stays S2-only; an S1-only patch is bad input)."""
+  s1, valid, info, dropped = _read_s1(item.s1_dir)
+  if s1 is None:
+    if not item.s2_dir:
+      raise BadInput(dropped)
+    meta["s1_dropped"] = dropped
+    return None
+  record["s1"], record["s1_bands"] = s1, bands_lib.S1_BANDS
+  if valid is not None:
+    record["s1_valid"] = valid
+  return info
 
 
 def _epsg(wkt: str, path: str) -> int:
@@ -522,10 +539,7 @@ def build(item: Item) -> list[tuple[str, dict]]:
     s1_meta = read_metadata(item.s1_dir)
     if geo_meta is None:
       geo_meta, geo_path = s1_meta, _metadata_path(item.s1_dir)
-    record["s1"], valid, s1_info = _read_s1(item.s1_dir)
-    if valid is not None:
-      record["s1_valid"] = valid
-    record["s1_bands"] = bands_lib.S1_BANDS
+    s1_info = _attach_s1(item, record, meta)
     meta["s1_id"] = os.path.basename(item.s1_dir)
     meta["s1_time"] = _iso_utc(s1_meta.get("acquisition_time"))
     if item.s2_ref and not item.s2_dir:
@@ -544,7 +558,7 @@ def build(item: Item) -> list[tuple[str, dict]]:
 
 
 def _check_pair(item: Item, record: dict, s1_info: dict | None, s2_info: dict | None) -> None:
-  if not (item.s1_dir and item.s2_dir):
+  if "s1" not in record or "s2" not in record:
     return
   if record["s1"].shape[:2] != record["s2"].shape[:2]:
     raise BadInput(f"{item.s1_dir}: S1 grid {record['s1'].shape[:2]} differs from the S2 grid "
@@ -569,10 +583,7 @@ def _build_v2(item: Item) -> list[tuple[str, dict]]:
     meta["s2_id"] = os.path.basename(item.s2_dir)
     meta["s2_time"] = _time_from_name(meta["s2_id"])
   if item.s1_dir:
-    record["s1"], valid, s1_info = _read_s1(item.s1_dir)
-    if valid is not None:
-      record["s1_valid"] = valid
-    record["s1_bands"] = bands_lib.S1_BANDS
+    s1_info = _attach_s1(item, record, meta)
     meta["s1_id"] = os.path.basename(item.s1_dir)
     meta["s1_time"] = _time_from_name(meta["s1_id"])
     if item.s2_ref and not item.s2_dir:
@@ -598,9 +609,12 @@ def convert_dataset(src: str, out: str, *, num_shards: int = 4, on_bad: str = "f
   extra_counts = {"no_ben19_labels": 0, **{k: exclusion[k] for k in ("excluded", "excluded_cloud_or_shadow",
                                                                       "excluded_seasonal_snow", "kept_flagged")}}
 
+  extra_counts["s1_dropped"] = 0
+
   def count(_, record):
     if not record["labels"]["ben19"]:
       extra_counts["no_ben19_labels"] += 1
+    extra_counts["s1_dropped"] += "s1_dropped" in record["meta"]
 
   args = dict(src=os.path.abspath(src), split=split, splits_dir=splits_dir and os.path.abspath(splits_dir),
               unlisted_split=unlisted_split, num_shards=num_shards, on_bad=on_bad, keep_cloudy=keep_cloudy,

@@ -85,7 +85,8 @@ def normalize_batch(batch: Mapping[str, Any], normalizer: Normalizer) -> dict[st
   """(x - mean) / std in float32 for every modality the normalizer knows; other keys pass through unchanged.
 
   Works on numpy arrays and on jax arrays (inside jit the constants are folded in). S1 is clipped to
-  `bands.S1_DB_CLIP` first (idempotent: the host transforms already clip).
+  `bands.S1_DB_CLIP` first (idempotent: the host transforms already clip). Pixels flagged 0 in `<modality>_valid`
+  (S1 no-data) are set to 0 after standardization, so the filled -50 dB (about -7 sigma) never reaches a model.
   """
   out = dict(batch)
   for m, mean in normalizer.mean.items():
@@ -96,15 +97,19 @@ def normalize_batch(batch: Mapping[str, Any], normalizer: Normalizer) -> dict[st
       raise ValueError(f"Batch {m!r} has {x.shape[-1]} channels but the normalizer has {mean.shape[0]} bands "
                        f"{list(normalizer.bands[m])} (from {normalizer.source}).")
     inv_std = np.float32(1.0) / normalizer.std[m]
+    valid = batch.get(f"{m}_valid")  # (..., H, W) 1 = measured; no-data pixels become 0 (the band mean)
     if isinstance(x, np.ndarray):  # host: two passes, no temporaries (this runs per batch in the data workers)
       y = np.clip(x, *bands_lib.S1_DB_CLIP, dtype=np.float32) if m == "s1" else x
       y = np.subtract(y, mean, dtype=np.float32, out=y if y is not x else None)
       out[m] = np.multiply(y, inv_std, out=y)
+      if valid is not None:
+        np.multiply(y, np.asarray(valid)[..., None], out=y)
       continue
     x = x.astype(np.float32)
     if m == "s1":
       x = x.clip(*bands_lib.S1_DB_CLIP)
-    out[m] = (x - mean) * inv_std
+    y = (x - mean) * inv_std
+    out[m] = y if valid is None else y * valid[..., None].astype(np.float32)
   return out
 
 
