@@ -57,15 +57,30 @@ class Normalizer:
     return cls({m: tuple(b) for m, b in bands.items()}, mean, std, source)
 
   @classmethod
-  def from_published(cls, bands: Mapping[str, Sequence[str]]) -> "Normalizer":
-    """Published constants from `mmrs.bands` (SSL4EO-S12, else BigEarthNet), for data without a stats.json."""
+  def from_published(cls, bands: Mapping[str, Sequence[str]], *, s2_level: str | None = None,
+                     family: str = "ssl4eo") -> "Normalizer":
+    """Published constants from `mmrs.bands.PUBLISHED`, for data without a stats.json.
+
+    S2 statistics depend on the processing level: top-of-atmosphere L1C and surface-reflectance L2A differ by
+    hundreds of DN in the visible bands, so `s2_level` ("L1C" | "L2A") picks the set; without it the level is
+    read from the selected bands (B10 means L1C, else L2A; pass the level when selecting a subset of L1C bands).
+    `family`: "ssl4eo" (global, default), "bigearthnet" (v1) or "bigearthnet_v2" (reBEN; L2A only).
+    """
     stats, sources = {}, []
     for m, names in bands.items():
-      candidates = ([bands_lib.SSL4EO_S2_L1C, bands_lib.BIGEARTHNET_S2_L2A] if m == "s2"
-                    else [bands_lib.SSL4EO_S1, bands_lib.BIGEARTHNET_S1])
-      st = next((s for s in candidates if set(names) <= set(s.bands)), None)
+      level = None
+      if m == "s2":
+        level = (s2_level or bands_lib.s2_level_of(names)).upper()
+        if level not in ("L1C", "L2A"):
+          raise ValueError(f"s2_level={s2_level!r}: use 'L1C' or 'L2A'.")
+      st = bands_lib.PUBLISHED.get((family, m, level))
       if st is None:
-        raise ValueError(f"No published statistics cover {m} bands {list(names)}; give the dataset a stats.json.")
+        have = sorted({k for k in bands_lib.PUBLISHED if k[1] == m})
+        raise ValueError(f"No published {m} statistics for family {family!r}" + (f" at level {level}" if level else "")
+                         + f" (published: {have}); give the dataset a stats.json.")
+      if not set(names) <= set(st.bands):
+        raise ValueError(f"{st.source} covers {m} bands {list(st.bands)}, not {list(names)}; give the dataset a "
+                         "stats.json.")
       stats[m] = {"bands": list(st.bands), "mean": list(st.mean), "std": list(st.std)}
       sources.append(st.source)
     return cls.from_stats(stats, bands, source="published: " + "; ".join(sources))

@@ -70,7 +70,8 @@ def describe(data_cfg, modalities: Sequence[str], split: str | None = None) -> D
     bands[m] = tuple(wanted)
   if info.stats is None:
     logging.warning("%s not found: normalizing with published statistics from mmrs.bands.", info.stats_file)
-    normalizer = normalize_lib.Normalizer.from_published(bands)
+    normalizer = normalize_lib.Normalizer.from_published(
+        bands, s2_level=bands_lib.s2_level_of(info.bands["s2"]) if "s2" in bands else None)
   else:
     normalizer = normalize_lib.Normalizer.from_stats(info.stats, bands, source=info.stats_file)
   labels = []
