@@ -34,6 +34,9 @@ class MmrsBigearthnetMm(common.ConverterBuilder):
 
   def list_kwargs(self, config):
     import os  # pylint: disable=g-import-not-at-top
+    if bigearthnet_mm.detect(str(self._manual_dir)).version != "v1":
+      raise ValueError(f"{self._manual_dir} holds BigEarthNet v2.0 (reBEN); this TFDS builder has the v1 features "
+                       "(43 + 19 classes). Convert v2.0 with `python -m data_prep.bigearthnet_mm --src=...`.")
     splits = os.path.join(str(self._manual_dir), "splits")
     lists = os.path.join(str(self._manual_dir), "exclude_lists")
     kwargs = {"splits_dir": splits} if os.path.isdir(splits) else {}
