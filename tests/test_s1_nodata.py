@@ -139,3 +139,26 @@ def test_shards_carry_the_mask_to_normalized_batches(tmp_path):
   assert v.shape == (4, 32, 32) and 0 < (v == 0).sum() < v.size
   y = normalize.normalize_batch(batch, pipe.normalizer)["s1"][batch["valid"]]
   assert (y[v == 0] == 0).all() and np.abs(y).max() < 6
+
+
+def test_s2_only_fallback_fills_an_all_invalid_s1_that_normalizes_to_zero(tmp_path):
+  out = str(tmp_path / "ds")
+  w = DatasetWriter(out, num_shards=1, source="test")
+  w.add(record(0), "test")
+  s2_only = record(1)
+  for k in ("s1", "s1_bands", "s1_valid"):
+    s2_only.pop(k)
+  w.add(s2_only, "test")
+  w.close()
+  d = cfg_common.dataset_config(out, image_size=32, groups=("paired", "s2_only"), missing_s1="fill")
+  pipe = pipeline.make_pipeline(d, modalities=("s1", "s2"), global_batch_size=2, seed=0, shuffle=False,
+                                repeat=False, drop_remainder=False, split="test", augment=False)
+  batch = next(pipe.iterator)
+  pipe.close()
+  assert batch["valid"].sum() == 2 and batch["s1"].shape == (2, 32, 32, 2)
+  empty = [i for i in range(2) if not batch["s1_valid"][i].any()]
+  assert len(empty) == 1  # the S2-only record, evaluated with its S1 masked out
+  y = normalize.normalize_batch(batch, pipe.normalizer)["s1"]
+  assert (y[empty[0]] == 0).all()
+  with pytest.raises(ValueError, match="missing_s1"):
+    transforms.DecodeAugment(modalities=("s1",), bands={"s1": bands.S1_BANDS}, image_size=8, missing_s1="zero")

@@ -291,7 +291,8 @@ def make_pipeline(data_cfg, *, modalities: tuple[str, ...], global_batch_size: i
       modalities=modalities, bands=info.bands, image_size=data_cfg.image_size,
       random_resized_crop=data_cfg.random_resized_crop, flips=data_cfg.flips, rot90=data_cfg.rot90,
       augment=augment, rrc_scale=tuple(data_cfg.get("rrc_scale", (0.2, 1.0))), labels=info.labels,
-      on_bad=data_cfg.on_bad, default_bands=info.stored_bands, record_transform=record_transform)
+      on_bad=data_cfg.on_bad, default_bands=info.stored_bands, record_transform=record_transform,
+      missing_s1=data_cfg.get("missing_s1", "error"))  # 'fill' + groups=(paired, s2_only): S2-only fallback
   # Per-record RNG: Philox keyed by (seed, index); the process index is folded in so processes differ.
   aug_seed = int(np.random.SeedSequence([seed, process_index, 0x5EED]).generate_state(1)[0])
   ds = ds.random_map(decode, seed=aug_seed)

@@ -149,7 +149,8 @@ class DecodeAugment:
 
   Output: the selected modalities (`s2` uint16 (S, S, C), `s1` float32 dB clipped to `bands.S1_DB_CLIP`, with
   `s1_valid` (S, S) uint8, 1 = a measured pixel, cropped/flipped/rotated like the pixels; a record whose S1 is
-  mostly no-data (`records.MAX_S1_NODATA_FRACTION`) counts as S1-missing),
+  mostly no-data (`records.MAX_S1_NODATA_FRACTION`) counts as S1-missing; with missing_s1='fill' an S2 record
+  without (usable) S1 gets an all-invalid S1 instead: the S2-only fallback for S1+S2 models),
   `label_<set>` per label spec (multi-hot float32 (K,), int32 class id, or int32 (S, S) mask with -1 = ignore),
   then `record_transform(record, rng)` if given (its record also carries `id` and `<modality>_bands`, the
   names of the channels it holds; it must return arrays only). image_size=0 keeps whole records. Bad records
@@ -160,9 +161,13 @@ class DecodeAugment:
                random_resized_crop: bool = False, flips: bool = True, rot90: bool = True, augment: bool = True,
                rrc_scale: tuple[float, float] = (0.2, 1.0), labels: Sequence[LabelSpec] = (),
                on_bad: str = "fail", default_bands: dict[str, Sequence[str]] | None = None,
-               record_transform: Callable[[dict, np.random.Generator], dict] | None = None):
+               record_transform: Callable[[dict, np.random.Generator], dict] | None = None,
+               missing_s1: str = "error"):
     if on_bad not in ON_BAD:
       raise ValueError(f"data.on_bad={on_bad!r}: use one of {ON_BAD}.")
+    if missing_s1 not in ("error", "fill"):
+      raise ValueError(f"data.missing_s1={missing_s1!r}: use 'error' or 'fill'.")
+    self.missing_s1 = missing_s1
     self.modalities = tuple(modalities)
     self.bands = {m: tuple(bands[m]) for m in self.modalities}
     self.default_bands = {m: tuple(v) for m, v in (default_bands or {}).items()}
@@ -202,7 +207,11 @@ class DecodeAugment:
   def _transform(self, rec: dict, rng: np.random.Generator) -> dict:
     rid = rec.get("id", "?")
     arrays = {}
+    fill_s1 = (self.missing_s1 == "fill" and "s1" in self.modalities and rec.get("s2") is not None
+               and (rec.get("s1") is None or records.s1_nodata_fraction(rec) > records.MAX_S1_NODATA_FRACTION))
     for m in self.modalities:
+      if m == "s1" and fill_s1:
+        continue
       a = rec.get(m)
       if a is None:
         raise records.RecordError(f"record {rid!r} has no {m.upper()} but the task needs {list(self.modalities)}")
@@ -237,6 +246,13 @@ class DecodeAugment:
       out[m] = _apply_to_pixels(crop, in_place, self.size)
     if "s1" in arrays:
       out["s1_valid"] = self._s1_valid(rec, g, (h, w))
+    elif fill_s1:  # S2-only fallback: an all-invalid S1 (0 after normalization, left out of every loss)
+      shape = (self.size, self.size) if self.size else (g.height, g.width)
+      key = ("fill", shape, len(self.bands["s1"]))
+      if key not in self._ones:
+        self._ones[key] = (np.full((*shape, len(self.bands["s1"])), bands_lib.S1_NODATA_FILL_DB, np.float32),
+                           np.zeros(shape, np.uint8))
+      out["s1"], out["s1_valid"] = self._ones[key]
     for spec in self.labels:
       out[f"label_{spec.name}"] = self._label(rec, spec, g, (h, w))
     return out
