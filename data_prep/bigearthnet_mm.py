@@ -329,6 +329,9 @@ def _tree(root: str | None, nested: bool) -> dict[str, str]:
 
 def _list_v2(layout: Layout, split_for: _Splitter, keep_cloudy: bool) -> tuple[list[Item], dict]:
   rows = read_v2_metadata(layout.metadata)
+  if keep_cloudy and os.path.join(os.path.dirname(layout.metadata[0]), V2_METADATA_FLAGGED) not in layout.metadata:
+    logging.warning("BigEarthNet v2.0: --keep_cloudy without %s: the cloudy/snowy patches have no metadata row and "
+                    "cannot be kept; download that file next to %s.", V2_METADATA_FLAGGED, V2_METADATA)
   s1, s2 = _tree(layout.s1_root, True), _tree(layout.s2_root, True)
   logging.info("BigEarthNet v2.0: %d metadata rows, %d S1 and %d S2 patch folders", len(rows), len(s1), len(s2))
   flagged = {"cloud_or_shadow": {r["patch_id"] for r in rows if r["contains_cloud_or_shadow"]},
@@ -347,7 +350,7 @@ def _list_v2(layout: Layout, split_for: _Splitter, keep_cloudy: bool) -> tuple[l
     official = V2_SPLITS.get(r["split"])
     if split_for.official and official is None:
       raise ValueError(f"{layout.metadata[0]}: patch {pid} has split {r['split']!r}, not one of {sorted(V2_SPLITS)}.")
-    split = split_for(pid, s1_name, block=pid, official=official)
+    split = split_for(pid, s1_name, r["s2v1_name"], block=pid, official=official)  # v1 lists name s2v1_name
     if split is None:
       continue
     meta = (("country", r["country"]), ("s2v1_id", r["s2v1_name"]))

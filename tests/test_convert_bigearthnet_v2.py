@@ -239,3 +239,13 @@ def test_tfds_builder_drops_listed_patches_and_rejects_foreign_lists(tmp_path):
   (manual / "exclude_lists" / "patches_with_cloud_and_shadow.csv").write_text("S2X_other_1_1\n")
   with pytest.raises(ValueError, match="name none of the"):
     common.prepare(MmrsBigearthnetMm, str(manual), str(tmp_path / "tfds2"))
+
+
+def test_v2_with_v1_split_lists_matches_through_s2v1_name(v2_src, tmp_path):
+  d = tmp_path / "splits"
+  d.mkdir()
+  (d / "train.csv").write_text(f"{V2_ROWS[0][1]}\n")
+  (d / "test.csv").write_text(f"{V2_ROWS[3][1]}\n")
+  items, report = bigearthnet_mm.list_items(v2_src, splits_dir=str(d))
+  assert {i.name: i.split for i in items} == {pid_of(0): "train", pid_of(3): "test"}
+  assert report["warnings"]["not_in_splits"] == 2
