@@ -96,7 +96,8 @@ def describe(data_cfg, modalities: Sequence[str], split: str | None = None) -> D
     bands[m] = tuple(wanted)
   if info.stats is None:
     logging.warning("%s not found: normalizing with published statistics from mmrs.bands.", info.stats_file)
-    normalizer = normalize_lib.Normalizer.from_published(bands)
+    normalizer = normalize_lib.Normalizer.from_published(
+        bands, s2_level=bands_lib.s2_level_of(info.bands["s2"]) if "s2" in bands else None)
   else:
     normalizer = normalize_lib.Normalizer.from_stats(info.stats, bands, source=info.stats_file)
   labels = []
@@ -418,7 +419,8 @@ def make_pipeline(data_cfg, *, modalities: tuple[str, ...], global_batch_size: i
       modalities=modalities, bands=info.bands, image_size=data_cfg.image_size,
       random_resized_crop=data_cfg.random_resized_crop, flips=data_cfg.flips, rot90=data_cfg.rot90,
       augment=augment, rrc_scale=tuple(data_cfg.get("rrc_scale", (0.2, 1.0))), labels=info.labels,
-      on_bad=data_cfg.on_bad, default_bands=info.stored_bands, record_transform=record_transform)
+      on_bad=data_cfg.on_bad, default_bands=info.stored_bands, record_transform=record_transform,
+      missing_s1=data_cfg.get("missing_s1", "error"))  # 'fill' + groups=(paired, s2_only): S2-only fallback
   # Per-record RNG keyed by (seed, global position); never by process or worker.
   aug_seed = int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1)[0])
   read_threads = int(data_cfg.get("read_threads", 2))
