@@ -34,7 +34,10 @@ def mae_family_config(arg, method: str, datasets: tuple[str, ...], vit_b_steps: 
   c.method = method
   c.model = ml_collections.ConfigDict(dict(
       encoder="B", decoder="lite", decoder_depth=0, patch_size=16, use_cls_token=True, dropout_rate=0.0,
-      attention="auto"))
+      attention="auto",
+      scan_layers=False,  # nn.scan over the encoder/decoder blocks (stacked params; compiles one block, not depth)
+      remat_policy="none",  # none | full | dots_saveable | dots_with_no_batch_dims_saveable | save_qkv_proj
+  ))
   c.mask_ratio = 0.75
   c.norm_pix_loss = False
   c.bands = ml_collections.ConfigDict(dict(s2=",".join(bands_lib.S2_L1C_BANDS), s1=",".join(bands_lib.S1_BANDS)))
