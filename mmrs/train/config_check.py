@@ -21,10 +21,12 @@ class ConfigError(ValueError):
 
 # Resuming with a different value of these is fine (they do not change the state, the data order or the math).
 RESUME_SAFE = ("total_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-               "visualize_every_steps", "on_nonfinite", "mesh", "fsdp_min_size")
+               "visualize_every_steps", "on_nonfinite", "mesh", "fsdp_min_size", "peak_flops_per_device",
+               "compilation_cache_dir", "profile_steps", "model.remat_policy")
 # Allowed on resume with a warning (the run continues, but its curve is no longer one uninterrupted run). `on_bad`
 # is here so that a run stopped by a bad record can be resumed with on_bad="skip".
-RESUME_WARN_PREFIXES = ("optimizer.", "task_lr_multipliers", "compute_dtype", "xla_compiler_options")
+RESUME_WARN_PREFIXES = ("optimizer.", "task_lr_multipliers", "compute_dtype", "xla_compiler_options",
+                        "grad_accum_steps")  # accumulation: same math, other mask draws
 RESUME_WARN_SUFFIXES = (".on_bad",)
 # ... except these, which change the optimizer state's layout.
 RESUME_BREAKING_OVERRIDES = ("optimizer.name", "optimizer.adafactor_momentum", "optimizer.adafactor_min_dim_to_factor")
