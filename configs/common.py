@@ -41,19 +41,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.visualize_every_steps = 0  # reconstruction PNGs; 0 = off
   c.mesh = "data=-1,fsdp=1"  # -1 fills with the remaining devices
   c.fsdp_min_size = 2**18  # parameters with fewer elements stay replicated
-  c.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
+  c.compute_dtype = "float32"  # float32 | bfloat16 | auto (bf16 on GPU/TPU, f32 on CPU); params stay float32
+  c.peak_flops_per_device = 0.0  # FLOP/s for MFU when the device kind is not in mmrs/train/metrics.py (0: n/a)
+  c.compilation_cache_dir = "auto"  # persistent XLA cache: auto = <workdir>/compilation_cache when local; "" = off
+  c.profile_steps = ""  # "START:END": a jax.profiler trace of steps [START, END) under <logdir>/profile
   c.on_nonfinite = "stop"  # stop | skip: what a NaN/inf loss does
   c.task_schedule = "alternate"  # alternate | weighted (see task_weights)
   c.task_weights = ml_collections.ConfigDict()  # task name -> integer weight, for `weighted`
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adafactor", learning_rate=1e-3, warmup_steps=10, schedule="cosine", end_lr_fraction=0.0,
       weight_decay=0.0, clip_norm=1.0, momentum=0.9, b1=0.9, b2=0.95,
+      decay_steps=0,  # LR schedule length; 0 = the first run's total_steps (kept on resume, see mmrs/train/loop.py)
       restart_period_steps=0, restart_mult=2, min_learning_rate=0.0, eps=1e-8, nesterov=False,
       # Adafactor (see mmrs/train/optimizers.py for why these defaults).
       adafactor_momentum=0.0, adafactor_decay_rate=0.8, adafactor_min_dim_to_factor=128, adafactor_clipping=1.0,
   ))
   c.xla_compiler_options = ml_collections.ConfigDict()  # passed to jit(...).lower().compile(compiler_options=)
   c.task_lr_multipliers = ml_collections.ConfigDict()  # task name -> float
+  c.grad_accum_steps = 1  # micro-batches per step (lax.scan in the step; batch_size stays the global batch)
   return c
 
 

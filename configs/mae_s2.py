@@ -13,7 +13,7 @@ Arguments: `shards=PATH` (overrides every dataset's shards).
 Keys read by mmrs/methods/mae.py (and auxmae.py / mixmae.py, which build on `mae_family_config`):
   model.encoder / model.decoder: size names of configs/common.py VIT_SIZES; model.decoder_depth (0 = the size's);
   model.patch_size, model.use_cls_token, model.dropout_rate, model.attention (auto | xla | cudnn: auto = cuDNN
-  flash attention on GPU for bfloat16); compute_dtype (float32 | bfloat16; params float32);
+  flash attention on GPU for bfloat16); compute_dtype (float32 | bfloat16 | auto; params float32);
   bands.s2 / bands.s1: the bands the model expects, in order (the data pipelines select them: data.*.s2_bands
   follows bands.s2); mask_ratio; norm_pix_loss (per-patch normalized pixel targets, MAE's option; off = the
   papers' plain MSE); data.<dataset>.image_size (crop size, a multiple of the patch size; also the FLOP count's).
@@ -34,7 +34,10 @@ def mae_family_config(arg, method: str, datasets: tuple[str, ...], vit_b_steps: 
   c.method = method
   c.model = ml_collections.ConfigDict(dict(
       encoder="B", decoder="lite", decoder_depth=0, patch_size=16, use_cls_token=True, dropout_rate=0.0,
-      attention="auto"))
+      attention="auto",
+      scan_layers=False,  # nn.scan over the encoder/decoder blocks (stacked params; compiles one block, not depth)
+      remat_policy="none",  # none | full | dots_saveable | dots_with_no_batch_dims_saveable | save_qkv_proj
+  ))
   c.mask_ratio = 0.75
   c.norm_pix_loss = False
   c.bands = ml_collections.ConfigDict(dict(s2=",".join(bands_lib.S2_L1C_BANDS), s1=",".join(bands_lib.S1_BANDS)))
@@ -43,7 +46,7 @@ def mae_family_config(arg, method: str, datasets: tuple[str, ...], vit_b_steps: 
   if variant == "vit_b":
     image_size, shards = 128, PRETRAIN_SHARDS
     c.batch_size, c.total_steps = 4096, vit_b_steps
-    c.compute_dtype = "bfloat16"
+    c.compute_dtype = "auto"  # bfloat16 on GPU/TPU (float32 params/optimizer), float32 on a CPU
     c.log_every_steps, c.checkpoint_every_steps, c.visualize_every_steps = 100, 5000, 10000
     # Adafactor as in the paper (no lr/schedule given there: big_vision's MAE-style absolute lr and warmup).
     c.optimizer.update(dict(name="adafactor", learning_rate=1e-3, warmup_steps=10_000, schedule="cosine",

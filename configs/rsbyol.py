@@ -35,6 +35,7 @@ def get_config(arg=None):
   variant = arg.variant
   if variant in ("resnet50", "resnet18", "vit"):
     c.model.backbone = variant
+    c.compute_dtype = "auto"  # the paper variants: bfloat16 on GPU/TPU (float32 params/optimizer), float32 on CPU
     image_size, batch, steps_per_epoch, epochs = 224, 32, 2813, 400
     shards = "runs/data/sen12ms"  # the paper pretrains on SEN12MS (its 10/20 m bands); set shards=...
   elif variant == "demo":

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mmrs import bands as bands_lib
+from mmrs.models import layout
 from mmrs.train import checkpoint as ckpt_lib
 
 FORMAT = "mmrs-encoder-v1"
@@ -95,7 +96,7 @@ def extract_encoder(params: Mapping[str, Any], state: Mapping[str, Any] | None) 
   kind "resnet": RS-BYOL's params["online"]["backbone"] with state["batch_stats"]["backbone"] (the online network:
   the EMA target is not what the paper finetunes).
   """
-  params = _plain(params)
+  params = layout.unstack_blocks(_plain(params))  # scan_layers checkpoints stack the blocks
   state = _plain(state or {})
   if "encoder" in params:
     enc = params["encoder"]
@@ -359,7 +360,7 @@ def load(path: str) -> tuple[dict, dict]:
     meta = json.load(f)
   if meta.get("format") != FORMAT:
     raise ValueError(f"{mpath} has format {meta.get('format')!r}, expected {FORMAT!r}.")
-  return unflatten(load_file(wpath)), meta
+  return layout.unstack_blocks(unflatten(load_file(wpath))), meta  # either block layout (mmrs/models/layout.py)
 
 
 # --- reading a pretraining checkpoint (mmrs/train/checkpoint.py layout) -------------------------------------------

@@ -133,7 +133,8 @@ class JointMAE:
       out_dim = tuple(p2 * self.channels[m] for m in MODALITIES)
     self.decoder = vit.ViTLiteDecoder(**mae_lib.decoder_size(config), out_dim=out_dim,
                                       dtype=jnp.dtype(config.compute_dtype),
-                                      dropout_rate=config.model.get("dropout_rate", 0.0))
+                                      dropout_rate=config.model.get("dropout_rate", 0.0),
+                                      **vit.stack_options(config.model))
     self.tasks = (Task(self.name, "paired", ("s1", "s2"), self.loss, param_prefixes=_PARAMS),)
 
   # --- shapes and masks ---------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ rng); the encoder sees only the visible tokens; the decoder gets them back at th
 token elsewhere and predicts every patch's pixels; the loss is the MSE over the masked patches only
 (per-patch normalized targets with `norm_pix_loss`). Params: {"encoder", "decoder"}.
 
-Config keys read here: model.{encoder, decoder, decoder_depth, patch_size, use_cls_token, dropout_rate, attention},
+Config keys read here: model.{encoder, decoder, decoder_depth, patch_size, use_cls_token, dropout_rate, attention,
+scan_layers, remat_policy},
 compute_dtype, bands.s2, mask_ratio, norm_pix_loss, data.s2_only.image_size (FLOP count); see configs/mae_s2.py.
 """
 from __future__ import annotations
@@ -55,7 +56,8 @@ def build_encoder(config, modalities) -> vit.ViTEncoder:
       **encoder_size(config), patch_size=config.model.patch_size,
       in_channels={m: len(band_names(config, m)) for m in modalities},
       use_cls_token=config.model.use_cls_token, dtype=jnp.dtype(config.compute_dtype),
-      dropout_rate=config.model.get("dropout_rate", 0.0), attention=config.model.get("attention", "auto"))
+      dropout_rate=config.model.get("dropout_rate", 0.0), attention=config.model.get("attention", "auto"),
+      **vit.stack_options(config.model))
 
 
 def build_decoder(config, modality: str) -> vit.ViTLiteDecoder:
@@ -63,7 +65,7 @@ def build_decoder(config, modality: str) -> vit.ViTLiteDecoder:
   p = config.model.patch_size
   return vit.ViTLiteDecoder(**decoder_size(config), out_dim=p * p * len(band_names(config, modality)),
                             dtype=jnp.dtype(config.compute_dtype), dropout_rate=config.model.get("dropout_rate", 0.0),
-                            attention=config.model.get("attention", "auto"))
+                            attention=config.model.get("attention", "auto"), **vit.stack_options(config.model))
 
 
 def normalize_patches(target: jax.Array, eps: float = 1e-6) -> tuple[jax.Array, jax.Array, jax.Array]:

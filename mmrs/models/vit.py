@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 _ACT = ("batch", "length", "embed")  # logical axes of the main (B, N, D) activations
@@ -155,6 +156,7 @@ class SelfAttention(nn.Module):
     head_dim = self.width // self.num_heads
     qkv = Projection((3, self.num_heads, head_dim), 1, ("embed", None, "heads", "head_dim"),
                      (None, "heads", "head_dim"), self.dtype, name="qkv")(x)
+    qkv = checkpoint_name(qkv, "qkv_proj")  # what remat_policy="save_qkv_proj" keeps for the backward pass
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim)
     y = attend(q, k, v, self.attention)
     y = nn.with_logical_constraint(y, ("batch", "length", "heads", "head_dim"))
@@ -185,6 +187,67 @@ class EncoderBlock(nn.Module):
     return nn.with_logical_constraint(x + drop(y), _ACT)
 
 
+# --- a stack of blocks: unrolled or scanned, with or without rematerialization ---------------------------------------
+# config.model.remat_policy -> what the backward pass keeps of each block's forward (the rest is recomputed).
+# "none": no remat (keep everything); "full": keep only the block inputs; "dots_saveable": keep every matmul output;
+# "dots_with_no_batch_dims_saveable": keep the weight matmuls (not attention's batched QK^T / AV);
+# "save_qkv_proj": keep only the fused QKV projection (checkpoint_name "qkv_proj" in SelfAttention).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj"),
+}
+
+
+def stack_options(model_config: Mapping[str, Any]) -> dict:
+  """ViTEncoder / ViTLiteDecoder kwargs from config.model.{scan_layers, remat_policy} (absent keys: defaults)."""
+  get = model_config.get
+  return dict(scan_layers=bool(get("scan_layers", False)), remat_policy=str(get("remat_policy", "none")))
+
+
+class _ScanBlock(EncoderBlock):
+  """EncoderBlock as an `nn.scan` body: (x, train) -> (x, None)."""
+
+  def __call__(self, x, train: bool = False):  # pylint: disable=useless-parent-delegation
+    return EncoderBlock.__call__(self, x, train), None
+
+
+def block_stack(depth: int, block_kwargs: Mapping[str, Any], scan: bool, remat_policy: str,
+                name: str | None = None):
+  """The modules of `depth` EncoderBlocks (call `run_blocks` on the result).
+
+  Unrolled (scan=False): a list of blocks whose params are `blocks_0 ... blocks_{depth-1}` (names given by the
+  parent's setup attribute, or `{name}_{i}` in a compact method). Scanned: one `nn.scan` module whose params are
+  `blocks/...` with a leading axis of size depth, logical name "layers" (mesh.py never shards it): XLA compiles one
+  block instead of depth copies. mmrs/models/layout.py converts between the two layouts. Every block gets the same
+  `block_kwargs` (a per-layer setting would have to become a scanned input). `remat_policy` (REMAT_POLICIES)
+  wraps each block in `nn.remat`.
+  """
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat_policy={remat_policy!r}: choose one of {sorted(REMAT_POLICIES)}.")
+  remat = remat_policy != "none"
+  if not scan:
+    cls = nn.remat(EncoderBlock, static_argnums=(2,), policy=REMAT_POLICIES[remat_policy]) if remat else EncoderBlock
+    return [cls(**block_kwargs, **({"name": f"{name}_{i}"} if name else {})) for i in range(depth)]
+  cls = _ScanBlock
+  if remat:  # prevent_cse=False: scan already keeps XLA from merging the recomputation with the forward pass
+    cls = nn.remat(cls, static_argnums=(2,), policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+  scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast,), length=depth, metadata_params={nn.PARTITION_NAME: "layers"})
+  return scanned(**block_kwargs, **({"name": name} if name else {}))
+
+
+def run_blocks(blocks, x: jax.Array, train: bool) -> jax.Array:
+  """Runs what `block_stack` made."""
+  if isinstance(blocks, (list, tuple)):
+    for block in blocks:
+      x = block(x, train)
+    return x
+  return blocks(x, train)[0]
+
+
 class ViTEncoder(nn.Module):
   """ViT encoder with one entry layer (patch embedding + modality embedding) per modality.
 
@@ -211,6 +274,8 @@ class ViTEncoder(nn.Module):
   dtype: Dtype = jnp.float32
   dropout_rate: float = 0.0
   attention: str = "auto"  # xla | cudnn | auto (cuDNN flash attention on GPU for bf16/fp16)
+  scan_layers: bool = False  # see `block_stack`
+  remat_policy: str = "none"  # see REMAT_POLICIES
 
   def setup(self):
     # Dict attributes get names "<attr>_<key>": patch_embed_s2, patch_embed_s1, ...
@@ -223,8 +288,9 @@ class ViTEncoder(nn.Module):
         for m in self.in_channels}
     if self.use_cls_token:
       self.cls = self.param("cls", _init(nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, self.width))
-    self.blocks = [EncoderBlock(self.width, self.mlp_dim, self.num_heads, self.dtype, self.dropout_rate,
-                                self.attention) for _ in range(self.depth)]
+    self.blocks = block_stack(self.depth, dict(width=self.width, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                                               dtype=self.dtype, dropout_rate=self.dropout_rate,
+                                               attention=self.attention), self.scan_layers, self.remat_policy)
     self.norm = _layer_norm(self.dtype, None)
 
   def embed(self, images: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -249,8 +315,7 @@ class ViTEncoder(nn.Module):
       cls = jnp.broadcast_to(self.cls.astype(self.dtype), (x.shape[0], 1, self.width))
       x = jnp.concatenate([cls, x], axis=1)
     x = nn.with_logical_constraint(x, _ACT)
-    for block in self.blocks:
-      x = block(x, train)
+    x = run_blocks(self.blocks, x, train)
     return nn.with_logical_constraint(self.norm(x), _ACT)
 
   def __call__(self, s2: jax.Array | None = None, s1: jax.Array | None = None, train: bool = False) -> jax.Array:
@@ -290,6 +355,8 @@ class ViTLiteDecoder(nn.Module):
   dtype: Dtype = jnp.float32
   dropout_rate: float = 0.0
   attention: str = "auto"
+  scan_layers: bool = False  # see `block_stack`
+  remat_policy: str = "none"  # see REMAT_POLICIES
 
   @nn.compact
   def __call__(self, tokens: jax.Array, grid: tuple[int, int], ids: jax.Array | None = None,
@@ -317,9 +384,10 @@ class ViTLiteDecoder(nn.Module):
     if has_cls:
       x = jnp.concatenate([cls, x], axis=1)
     x = nn.with_logical_constraint(x, _ACT)
-    for i in range(self.depth):
-      x = EncoderBlock(self.width, self.mlp_dim, self.num_heads, self.dtype, self.dropout_rate, self.attention,
-                       name=f"blocks_{i}")(x, train)
+    blocks = block_stack(self.depth, dict(width=self.width, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                                          dtype=self.dtype, dropout_rate=self.dropout_rate, attention=self.attention),
+                         self.scan_layers, self.remat_policy, name="blocks")
+    x = run_blocks(blocks, x, train)
     x = _layer_norm(self.dtype, "norm")(x)
     if has_cls:
       x = x[:, 1:]

@@ -21,10 +21,12 @@ class ConfigError(ValueError):
 
 # Resuming with a different value of these is fine (they do not change the state, the data order or the math).
 RESUME_SAFE = ("total_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-               "visualize_every_steps", "on_nonfinite", "mesh", "fsdp_min_size")
+               "visualize_every_steps", "on_nonfinite", "mesh", "fsdp_min_size", "peak_flops_per_device",
+               "compilation_cache_dir", "profile_steps", "model.remat_policy")
 # Allowed on resume with a warning (the run continues, but its curve is no longer one uninterrupted run). `on_bad`
 # is here so that a run stopped by a bad record can be resumed with on_bad="skip".
-RESUME_WARN_PREFIXES = ("optimizer.", "task_lr_multipliers", "compute_dtype", "xla_compiler_options")
+RESUME_WARN_PREFIXES = ("optimizer.", "task_lr_multipliers", "compute_dtype", "xla_compiler_options",
+                        "grad_accum_steps")  # accumulation: same math, other mask draws
 RESUME_WARN_SUFFIXES = (".on_bad",)
 # ... except these, which change the optimizer state's layout.
 RESUME_BREAKING_OVERRIDES = ("optimizer.name", "optimizer.adafactor_momentum", "optimizer.adafactor_min_dim_to_factor")
@@ -40,7 +42,7 @@ def validate(config, method=None, *, device_count: int, process_count: int, chec
   if config.get("keep_checkpoints", 1) < 1:
     raise ConfigError("config.keep_checkpoints must be >= 1 (2+ lets a resume fall back past a damaged checkpoint).")
   _choice(config, "on_nonfinite", ("stop", "skip"))
-  _choice(config, "compute_dtype", ("float32", "bfloat16"))
+  _choice(config, "compute_dtype", ("float32", "bfloat16", "auto"))
   try:
     sizes = mesh_lib.parse_mesh_spec(config.mesh, device_count)
   except ValueError as e:
@@ -53,6 +55,24 @@ def validate(config, method=None, *, device_count: int, process_count: int, chec
   if bs % shards:
     raise ConfigError(f"config.batch_size={bs} does not divide by the {shards} batch shards of config.mesh="
                       f"{config.mesh!r} (data x fsdp over {device_count} devices). Use a multiple of {shards}.")
+  accum = config.get("grad_accum_steps", 1)
+  if not isinstance(accum, int) or accum < 1:
+    raise ConfigError(f"config.grad_accum_steps={accum!r} must be a positive integer (1 = no accumulation).")
+  if (bs // shards) % accum:
+    raise ConfigError(f"config.grad_accum_steps={accum} does not divide the {bs // shards} rows per batch shard "
+                      f"(config.batch_size={bs} over {shards} data x fsdp shards): every micro-batch must keep "
+                      "rows on every device. Use a divisor of that, or change batch_size.")
+  try:
+    from mmrs.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+    metrics_lib.parse_profile_steps(config.get("profile_steps", ""))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  model = config.get("model")
+  if model is not None and hasattr(model, "get") and "remat_policy" in model:
+    from mmrs.models import vit  # pylint: disable=g-import-not-at-top
+    if model.remat_policy not in vit.REMAT_POLICIES:
+      raise ConfigError(f"config.model.remat_policy={model.remat_policy!r}: choose one of "
+                        f"{sorted(vit.REMAT_POLICIES)}.")
   _check_optimizer(config)
   if method is None:
     return
@@ -66,6 +86,15 @@ def validate(config, method=None, *, device_count: int, process_count: int, chec
     raise ConfigError(f"config.task_lr_multipliers names unknown task(s) {unknown}; the tasks are {names}.")
   for task in method.tasks:
     _check_dataset(config, task, check_data)
+
+
+def resolve_compute_dtype(config, platform: str) -> str:
+  """config.compute_dtype "auto" -> "bfloat16" on GPU/TPU (float32 params and optimizer state stay float32),
+  "float32" on CPU (XLA:CPU runs bf16 matmuls slowly and tests compare float32 numbers). Sets the key in place, so
+  the saved config and the resume check see the resolved value. Returns it."""
+  if config.get("compute_dtype", "float32") == "auto":
+    config.compute_dtype = "float32" if platform == "cpu" else "bfloat16"
+  return config.get("compute_dtype", "float32")
 
 
 def _check_optimizer(config) -> None:

@@ -19,6 +19,7 @@ from absl import logging
 from etils import epath
 
 from mmrs.train import checkpoint as ckpt_lib
+from mmrs.train import compile_cache
 from mmrs.train import config_check
 from mmrs.train import data as data_lib
 from mmrs.train import mesh as mesh_lib
@@ -52,6 +53,7 @@ def train(config, workdir: str, *, method=None, task_data: Mapping[str, data_lib
   `devices` restricts the mesh to some devices (default: all).
   """
   devices = list(devices) if devices is not None else jax.devices()
+  config_check.resolve_compute_dtype(config, devices[0].platform)
   config_check.validate(config, None, device_count=len(devices), process_count=jax.process_count())
   method = method if method is not None else build_method(config)
   config_check.validate(config, method, device_count=len(devices), process_count=jax.process_count(),
@@ -70,9 +72,11 @@ def train(config, workdir: str, *, method=None, task_data: Mapping[str, data_lib
     missing = [t.name for t in method.tasks if t.name not in task_data]
     if missing:
       raise ValueError(f"No data for task(s) {missing}.")
-    peak_flops, peak_source = metrics_lib.total_peak_flops()  # before set_mesh: the CPU benchmark uses one device
-    logging.info("Peak %.3g FLOP/s for MFU (%s).", peak_flops, peak_source)
+    compile_cache.configure(config.get("compilation_cache_dir", ""), workdir)
     mesh = mesh_lib.make_mesh(config.mesh, devices)
+    peak_flops, peak_source = metrics_lib.total_peak_flops(list(mesh.devices.flat),
+                                                           float(config.get("peak_flops_per_device", 0.0)))
+    logging.info("Peak %.3g FLOP/s for MFU (%s).", peak_flops, peak_source)
     with jax.set_mesh(mesh):
       trainer = Trainer(config, epath.Path(workdir), method, dict(task_data), mesh, checkpointer,
                         epath.Path(logdir) if logdir else None, allow_config_change, peak_flops)
@@ -137,9 +141,8 @@ class Trainer:
     normalized = {n: jax.eval_shape(self.data[n].normalize, self.local_abstract[n]) if self.data[n].normalize
                   else self.local_abstract[n] for n in self.tasks}
     example = state_lib.example_batch(normalized)
-    groups = state_lib.param_groups(self.method, example)
-    self.optimizer = optimizers.make_optimizer(self.config.optimizer, groups, self.total_steps)
-    self.layout = state_lib.layout(self.method, self.optimizer, example, self.mesh, self.config.fsdp_min_size)
+    self.decay_steps = self._decay_steps()
+    self.optimizer, self.layout = step_lib.plan_state(self.config, self.method, example, self.mesh, self.decay_steps)
     restored = self.checkpointer.restore_latest(self.layout.abstract, check_meta=self._check_meta)
     if restored is None:
       self.step = 0
@@ -159,6 +162,35 @@ class Trainer:
     self.writer = metrics_lib.MetricsWriter(self.logdir, resume_step=self.step)
     self._compile()
 
+  def _decay_steps(self) -> int:
+    """The LR schedule's length: config.optimizer.decay_steps if set, else the first run's total_steps.
+
+    The first run saves it in the checkpoint metadata, so a resume with a larger (or smaller) config.total_steps
+    continues the same schedule instead of jumping to another point of a stretched one; set
+    config.optimizer.decay_steps to stretch it on purpose.
+    """
+    explicit = int(self.config.optimizer.get("decay_steps", 0) or 0)
+    saved = None
+    step = self.checkpointer.latest_step()
+    if step is not None:
+      try:
+        meta = self.checkpointer.read_meta(step)
+      except Exception:  # pylint: disable=broad-except  (a damaged checkpoint: restore falls back past it)
+        meta = {}
+      saved = meta.get("decay_steps") or meta.get("config", {}).get("total_steps")
+    if explicit:
+      if saved and int(saved) != explicit:
+        logging.warning("config.optimizer.decay_steps=%d differs from the checkpoint's schedule length %d: the "
+                        "learning rate changes at this resume.", explicit, int(saved))
+      return explicit
+    if saved:
+      if int(saved) != self.total_steps:
+        logging.warning("config.total_steps=%d differs from the first run's %d; the learning-rate schedule keeps its "
+                        "length of %d steps (set config.optimizer.decay_steps to change it).", self.total_steps,
+                        int(saved), int(saved))
+      return int(saved)
+    return self.total_steps
+
   def _check_meta(self, meta: dict) -> None:
     try:
       config_check.check_resume(meta.get("config", {}), config_check.to_dict(self.config), self.allow_config_change)
@@ -172,18 +204,18 @@ class Trainer:
           "would silently yield other data. Set config.data.<dataset>.workers back to the saved values.")
 
   def _compile(self) -> None:
-    self.compiled = {}
-    mults = config_check.to_dict(self.config.get("task_lr_multipliers"))
-    for name, task in self.tasks.items():
-      fn = step_lib.make_step_fn(self.method, task, self.task_index[name], self.optimizer, self.data[name].normalize,
-                                 self.config.seed, float(mults.get(name, 1.0)))
-      t0 = time.perf_counter()
-      self.compiled[name] = step_lib.compile_step(
-          fn, self.layout, step_lib.abstract_batch(self.local_abstract[name], self.batch_size), self.mesh,
-          self.compiler_options)
-      mem = step_lib.memory_summary(self.compiled[name])
-      logging.info("Compiled task %r in %.1fs; per-device memory (MiB): %s", name, time.perf_counter() - t0,
-                   ", ".join(f"{k}={v:,.1f}" for k, v in mem.items()) or "not reported by this backend")
+    hits = [compile_cache.hits()]
+
+    def log(name, step):
+      cached = " (loaded from the persistent compilation cache)" if compile_cache.hits() > hits[0] else ""
+      hits[0] = compile_cache.hits()
+      logging.info("Compiled task %r in %.1fs%s; per-device memory (MiB): %s", name, step.seconds, cached,
+                   ", ".join(f"{k}={v:,.1f}" for k, v in step.memory.items()) or "not reported by this backend")
+
+    batches = {n: step_lib.abstract_batch(self.local_abstract[n], self.batch_size) for n in self.tasks}
+    steps = step_lib.compile_tasks(self.config, self.method, self.optimizer, self.layout, self.mesh, batches,
+                                   {n: self.data[n].normalize for n in self.tasks}, on_compiled=log)
+    self.compiled = {n: s.compiled for n, s in steps.items()}
 
   # ----------------------------------------------------------------------------------------------------- loop
 
@@ -199,6 +231,7 @@ class Trainer:
     log_due = None
     preempted = False
     start_interval, vis_done = (self.step // vis_every if vis_every else 0), {}
+    profiler = metrics_lib.StepProfiler(cfg.get("profile_steps", ""), self.logdir / "tensorboard")
     while self.step < self.total_steps:
       if self.preemption.reached(self.step):
         logging.warning("Preemption: saving step %d and exiting.", self.step)
@@ -207,8 +240,10 @@ class Trainer:
         break
       name = self.schedule.task_name(self.step)
       batch = data_lib.global_batch(self.iters[name].next(), sharding, self.batch_size, name)
+      profiler.before_step(self.step)
       self.state, metrics = self.compiled[name](self.state, batch, np.int32(self.step))
       self.step += 1
+      profiler.after_step(self.step, self.state)
       self.pending.append(_Pending(self.step, name, metrics))
       if log_due is not None:  # the next step is already queued: fetching now costs the device nothing
         self._flush(upto=log_due)
@@ -222,6 +257,7 @@ class Trainer:
         self._visualize(name, batch)
       if ckpt_every and self.step % ckpt_every == 0:
         self._save()
+    profiler.stop()
     if not preempted and self.checkpointer.latest_step() != self.step:
       self._save()
     self._flush(upto=self.step)
@@ -235,7 +271,8 @@ class Trainer:
     meta = {"seed": self.config.seed, "config": config_check.to_dict(self.config), "tasks": list(self.tasks),
             "bands": {n: _jsonable(td.bands) for n, td in self.data.items()},
             "stats": {n: _jsonable(td.stats) for n, td in self.data.items()},
-            "workers": {n: td.workers for n, td in self.data.items()}, "mesh": self.config.mesh}
+            "workers": {n: td.workers for n, td in self.data.items()}, "mesh": self.config.mesh,
+            "decay_steps": self.decay_steps}
     states = {n: it.get_state() for n, it in self.iters.items()}
     if self.checkpointer.save(self.step, self.state, states, meta):
       logging.info("Saving checkpoint %d (async).", self.step)
@@ -261,7 +298,7 @@ class Trainer:
     self._window_start, self._paused = (upto, now), 0.0
     images_per_s = steps * self.batch_size / elapsed
     flops = sum(self._flops(p.task) * self.batch_size for p in ready)
-    mfu = flops / elapsed / self.peak_flops if flops and self.peak_flops else float("nan")
+    mfu = flops / elapsed / self.peak_flops if flops and self.peak_flops > 0 else float("nan")  # NaN peak: n/a
     for task, ms in per_task.items():
       mean = {k: float(np.mean([metrics_lib.to_python(m[k]) for m in ms])) for k in ms[0] if k != "finite"}
       self.last_losses[task] = mean["loss"]

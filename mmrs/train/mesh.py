@@ -3,7 +3,8 @@
 `config.mesh` is a string such as "data=-1,fsdp=1" (-1 takes the remaining devices). The batch is split over both
 axes (pure data parallelism when fsdp=1; ZeRO-3 style FSDP when fsdp>1). A parameter is split over "fsdp" along one
 of its logical "embed"/"mlp" dimensions when it has at least `fsdp_min_size` elements and the dimension divides by
-the fsdp axis size; everything else is replicated. Unannotated leaves (plain arrays, optimizer statistics that do
+the fsdp axis size; everything else is replicated. The leading "layers" axis of scanned block params
+(config.model.scan_layers) is never a candidate: each scan iteration needs its whole layer. Unannotated leaves (plain arrays, optimizer statistics that do
 not mirror a param) fall back to "the largest divisible dimension" with the same size threshold.
 
 Activations: the train step is traced under `ACTIVATION_RULES`, so the models' `nn.with_logical_constraint` calls

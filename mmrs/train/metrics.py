@@ -1,15 +1,16 @@
 """Observability: metrics.jsonl, TensorBoard (tensorboardX, no TensorFlow), a progress line, and MFU.
 
-MFU = method FLOPs per sample x samples/s / (devices x peak FLOP/s per device). The peak is the dense bf16 number
-of the accelerator from `PEAK_TFLOPS` (matched on `device.device_kind`); on CPU (and unknown devices) it is measured
-once at start-up with a float32 matmul on one device, taken as the host's peak (fake CPU devices share its cores).
+MFU = method FLOPs per sample x samples/s / (mesh devices x peak FLOP/s per device). The peak is the dense bf16
+number of the accelerator from `PEAK_TFLOPS` (matched on `device.device_kind`), or `config.peak_flops_per_device`
+when set. A device kind missing from the table (CPUs included) has no honest peak: MFU is reported as n/a rather
+than against a measured matmul. The devices are those of the run's mesh, not `jax.device_count()`.
 """
 from __future__ import annotations
 
 import json
 import math
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,21 +32,53 @@ PEAK_TFLOPS = {
     "h100": 989.0,  # SXM / HBM3
     "h200": 989.0,
 }
+# High-bandwidth memory per chip / GPU in bytes (vendor specs), for launch.aot's "fits" verdict; same matching.
+# Sources: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} (v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB HBM per chip);
+# NVIDIA A100/H100/H200 datasheets (A100 40/80 GB, H100 80 GB, H200 141 GB).
+DEVICE_MEMORY_BYTES = {
+    "tpu v4": 32 * 2**30,
+    "tpu v5 lite": 16 * 2**30,
+    "tpu v5e": 16 * 2**30,
+    "tpu v5p": 95 * 2**30,
+    "tpu v5": 95 * 2**30,
+    "tpu v6 lite": 32 * 2**30,
+    "tpu v6e": 32 * 2**30,
+    "a100-sxm4-40gb": 40 * 10**9,
+    "a100": 80 * 10**9,
+    "h100": 80 * 10**9,
+    "h200": 141 * 10**9,
+}
 _measured_cpu_peak: float | None = None
 
 
-def peak_flops_per_device(device: jax.Device | None = None) -> tuple[float, str]:
-  """(FLOP/s, where the number comes from)."""
-  device = device or jax.devices()[0]
-  kind = device.device_kind.lower()
-  for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+def _lookup(table: Mapping[str, float], kind: str) -> tuple[str, float] | None:
+  kind = kind.lower()
+  for key in sorted(table, key=len, reverse=True):
     if key in kind:
-      return PEAK_TFLOPS[key] * 1e12, f"spec sheet ({key}, bf16 dense)"
-  return measure_matmul_flops(device), f"measured float32 matmul on {device.device_kind}"
+      return key, table[key]
+  return None
+
+
+def peak_flops_per_device(device: jax.Device | None = None, override: float = 0.0) -> tuple[float, str]:
+  """(FLOP/s, where the number comes from); NaN for a device kind missing from PEAK_TFLOPS (MFU n/a)."""
+  if override and override > 0:
+    return float(override), "config.peak_flops_per_device"
+  device = device or jax.devices()[0]
+  found = _lookup(PEAK_TFLOPS, device.device_kind)
+  if found is None:
+    return float("nan"), (f"no peak known for {device.device_kind!r}: MFU n/a (set config.peak_flops_per_device "
+                          "to report one)")
+  return found[1] * 1e12, f"spec sheet ({found[0]}, bf16 dense)"
+
+
+def device_memory_bytes(device_kind: str) -> int | None:
+  """HBM bytes per device from DEVICE_MEMORY_BYTES, None when unknown."""
+  found = _lookup(DEVICE_MEMORY_BYTES, device_kind)
+  return None if found is None else int(found[1])
 
 
 def measure_matmul_flops(device: jax.Device, n: int = 512, iters: int = 8) -> float:
-  """A short matmul benchmark (once per process; ~0.1 s on a laptop CPU)."""
+  """A short matmul benchmark (once per process; ~0.1 s on a laptop CPU). Informative only: not used for MFU."""
   global _measured_cpu_peak
   if _measured_cpu_peak is not None:
     return _measured_cpu_peak
@@ -63,13 +96,11 @@ def measure_matmul_flops(device: jax.Device, n: int = 512, iters: int = 8) -> fl
   return _measured_cpu_peak
 
 
-def total_peak_flops() -> tuple[float, str]:
-  """Peak FLOP/s of the whole run (all processes)."""
-  dev = jax.devices()[0]
-  per, source = peak_flops_per_device(dev)
-  if dev.platform == "cpu":  # fake CPU devices share the host's cores: count hosts, not devices
-    return per * jax.process_count(), source
-  return per * jax.device_count(), source
+def total_peak_flops(devices: Sequence[jax.Device] | None = None, override: float = 0.0) -> tuple[float, str]:
+  """Peak FLOP/s of the run's devices (the mesh's; default all); NaN when the device kind has no known peak."""
+  devices = list(devices) if devices is not None else jax.devices()
+  per, source = peak_flops_per_device(devices[0], override)
+  return per * len(devices), f"{source} x {len(devices)} devices"
 
 
 def to_python(x: Any) -> Any:
@@ -153,3 +184,47 @@ def format_duration(seconds: float) -> str:
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def parse_profile_steps(spec: str) -> tuple[int, int] | None:
+  """config.profile_steps "START:END" -> (START, END), steps [START, END) counted from 0; "" -> None."""
+  spec = (spec or "").strip()
+  if not spec:
+    return None
+  start, sep, end = spec.partition(":")
+  try:
+    out = (int(start), int(end))
+  except ValueError:
+    out = None
+  if not sep or out is None or out[0] < 0 or out[1] <= out[0]:
+    raise ValueError(f"config.profile_steps={spec!r}: use 'START:END' with 0 <= START < END (e.g. '20:25'), or '' "
+                     "for no trace.")
+  return out
+
+
+class StepProfiler:
+  """A jax.profiler trace of steps [START, END) (config.profile_steps), written under `logdir` in TensorBoard's
+  profile-plugin layout (`plugins/profile/<run>/*.xplane.pb`): `tensorboard --logdir <logdir>` (with
+  tensorboard-plugin-profile) or xprof shows it. Only process 0 traces; a resumed run past END traces nothing."""
+
+  def __init__(self, spec: str, logdir: str | epath.Path):
+    self.window = parse_profile_steps(spec)
+    self.logdir = str(logdir)
+    self.active = False
+
+  def before_step(self, step: int) -> None:
+    if self.window and not self.active and self.window[0] <= step < self.window[1] and jax.process_index() == 0:
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+      logging.info("Profiling steps %d..%d into %s.", step, self.window[1] - 1, self.logdir)
+
+  def after_step(self, done: int, state: Any) -> None:
+    """`done`: steps completed; the trace stops once step END-1 has finished on the device."""
+    if self.active and done >= self.window[1]:
+      jax.block_until_ready(state)
+      self.stop()
+
+  def stop(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False

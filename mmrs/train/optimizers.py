@@ -52,7 +52,11 @@ def decay_mask(params: Any, prefix: tuple[str, ...] = ()) -> Any:
 
 
 def lr_schedule(opt: Mapping[str, Any], total_steps: int) -> Callable[[jax.Array], jax.Array]:
-  """step -> learning rate (float32), a pure jnp function (safe inside jit)."""
+  """step -> learning rate (float32), a pure jnp function (safe inside jit).
+
+  `total_steps` is the schedule's length: the train loop passes config.optimizer.decay_steps, or the first run's
+  config.total_steps (saved in the checkpoint), so a resume with another total_steps does not move the lr.
+  """
   base = float(opt["learning_rate"])
   warmup = int(opt.get("warmup_steps", 0))
   kind = opt.get("schedule", "cosine")

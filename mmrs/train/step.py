@@ -1,5 +1,16 @@
 """One compiled train step per task: normalize on device, loss + grads of the task's groups, update, EMA hook.
 
+Gradient accumulation (`grad_accum_steps` = k > 1): the global batch (batch_size rows) is split into k micro-batches
+inside the one compiled step (`lax.scan`), so activation memory is that of batch_size / k rows; gradients are summed
+in float32 and averaged, and the optimizer updates once. Micro-batch j takes every k-th row of each device's rows
+(rows j, j + k, ...), so it stays spread over all devices with no data movement. Its RNG is `fold_in(rng, j)`:
+masks are drawn per micro-batch (same distribution as k=1, not the same draws — a k=1 step draws one mask tensor for
+the whole batch). Loss and metrics are the mean over micro-batches: for the MAE family (fixed token counts per
+sample) that is exactly the full-batch mean. Method state (RS-BYOL's BatchNorm running statistics) is threaded
+through the micro-batches in order: each micro-batch normalizes with its own batch statistics and updates the
+running averages, as k data-parallel devices with batch_size / k rows each would (BatchNorm statistics are per
+device in this repo, never synchronized) and as PyTorch's accumulation does; the EMA target moves once per step.
+
 A step never writes a non-finite state: if the loss, the gradient norm or the updated params are NaN/inf, the state
 passes through unchanged and `metrics["finite"]` is False (the loop then stops or skips, as configured). The RNG of a
 step is `fold_in(fold_in(key(seed), step), task_index)`, so a step is reproducible from the step number alone.
@@ -7,7 +18,9 @@ step is `fold_in(fold_in(key(seed), step), task_index)`, so a step is reproducib
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable
+import dataclasses
+import time
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -36,10 +49,23 @@ def active_groups(task, groups: tuple[str, ...]) -> tuple[str, ...]:
   return tuple(g for g in groups if g in task.param_prefixes)
 
 
+def split_micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+  """(B, ...) -> (k, B / k, ...): micro-batch j = rows j, j + k, j + 2k, ... (see the module docstring)."""
+  def split(x):
+    if x.shape[0] % k:
+      raise ValueError(f"config.grad_accum_steps={k} does not divide the batch of {x.shape[0]} rows.")
+    x = jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+    return nn.with_logical_constraint(x, (None, "batch"))  # each micro-batch stays split over the batch axes
+  return jax.tree.map(split, batch)
+
+
 def make_step_fn(method, task, task_index: int, optimizer: optimizers.Optimizer,
-                 normalize: Callable | None, seed: int, lr_multiplier: float = 1.0):
+                 normalize: Callable | None, seed: int, lr_multiplier: float = 1.0, grad_accum_steps: int = 1):
   """(state, batch, step) -> (state, metrics). `batch` is the raw global batch; `step` an int32 scalar."""
   active = active_groups(task, optimizer.groups)
+  k = int(grad_accum_steps)
+  if k < 1:
+    raise ValueError(f"config.grad_accum_steps={grad_accum_steps} must be a positive integer.")
 
   def step_fn(state, batch, step):
     TRACE_COUNTS[task.name] += 1
@@ -49,11 +75,29 @@ def make_step_fn(method, task, task_index: int, optimizer: optimizers.Optimizer,
     params = state["params"]
     trained = {g: params[g] for g in active}
 
-    def loss_of(trained):  # differentiates the task's groups only; the others enter as constants
-      full = {g: trained[g] if g in trained else params[g] for g in params}
-      return task.loss_fn(full, state["method_state"], batch, rng, True)
+    def loss_and_grads(method_state, batch, rng):
+      def loss_of(trained):  # differentiates the task's groups only; the others enter as constants
+        full = {g: trained[g] if g in trained else params[g] for g in params}
+        return task.loss_fn(full, method_state, batch, rng, True)
+      (loss, (metrics, new_ms)), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
+      return loss, metrics, (new_ms if new_ms is not None else method_state), grads
 
-    (loss, (metrics, method_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
+    if k == 1:
+      loss, metrics, method_state, grads = loss_and_grads(state["method_state"], batch, rng)
+    else:
+      def micro_step(carry, xs):
+        acc, ms = carry
+        j, micro = xs
+        loss, metrics, ms, grads = loss_and_grads(ms, micro, jax.random.fold_in(rng, j))
+        acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+        return (acc, ms), (loss, metrics)
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
+      (acc, method_state), (losses, metrics) = jax.lax.scan(
+          micro_step, (zeros, state["method_state"]), (jnp.arange(k), split_micro_batches(batch, k)))
+      grads = jax.tree.map(lambda a, p: (a / k).astype(p.dtype), acc, trained)
+      loss = jnp.mean(losses)
+      metrics = jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32), axis=0), metrics)
     new_trained, new_opt, lr, grad_norm = optimizer.update(
         grads, {g: state["opt_state"][g] for g in active}, trained, step, lr_multiplier)
     new_params = {g: new_trained[g] if g in new_trained else params[g] for g in params}
@@ -97,7 +141,7 @@ def memory_summary(compiled) -> dict[str, float]:
   fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
             "generated_code_size_in_bytes")
   out = {f.replace("_size_in_bytes", "_mib"): getattr(m, f, 0) / 2**20 for f in fields if hasattr(m, f)}
-  if not any(out.values()):  # the CPU backend reports zeros
+  if not any(out.values()):  # a backend that reports nothing gives zeros (XLA:CPU in jax 0.10.2 does report)
     return {}
   if out:
     out["total_mib"] = (out.get("argument_mib", 0) + out.get("output_mib", 0) - out.get("alias_mib", 0)
@@ -108,3 +152,50 @@ def memory_summary(compiled) -> dict[str, float]:
 def abstract_batch(local_batch: dict[str, Any], global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
   return {k: jax.ShapeDtypeStruct((global_batch_size,) + tuple(v.shape[1:]), v.dtype) for k, v in local_batch.items()}
 
+
+
+# --- what launch.main (Trainer) and launch.aot share: the state layout and the compiled step of every task ---------
+
+def plan_state(config, method, example: Mapping[str, jax.ShapeDtypeStruct], mesh: jax.sharding.Mesh,
+               decay_steps: int) -> tuple[optimizers.Optimizer, state_lib.StateLayout]:
+  """(optimizer, state layout) of `method` on `mesh`; `example` is `state_lib.example_batch` of normalized shapes."""
+  groups = state_lib.param_groups(method, example)
+  optimizer = optimizers.make_optimizer(config.optimizer, groups, decay_steps)
+  return optimizer, state_lib.layout(method, optimizer, example, mesh, config.fsdp_min_size)
+
+
+@dataclasses.dataclass
+class CompiledStep:
+  compiled: Any  # jax.stages.Compiled: (state, batch, step) -> (state, metrics)
+  seconds: float  # lower + compile wall time
+  memory: dict[str, float]  # memory_summary (MiB; empty when the backend reports none)
+
+
+def compile_tasks(config, method, optimizer: optimizers.Optimizer, state_layout: state_lib.StateLayout,
+                  mesh: jax.sharding.Mesh, batches: Mapping[str, Mapping[str, jax.ShapeDtypeStruct]],
+                  normalizers: Mapping[str, Callable | None], on_compiled: Callable | None = None
+                  ) -> dict[str, CompiledStep]:
+  """Lowers and compiles every task's step. `batches`: task -> GLOBAL abstract batch (raw, before normalize).
+
+  Reads config.{seed, task_lr_multipliers, grad_accum_steps, xla_compiler_options}. `on_compiled(name, step)` is
+  called after each task (logging).
+  """
+  mults = _to_dict(config.get("task_lr_multipliers"))
+  options = _to_dict(config.get("xla_compiler_options")) or None
+  accum = int(config.get("grad_accum_steps", 1))
+  out = {}
+  for index, task in enumerate(method.tasks):
+    fn = make_step_fn(method, task, index, optimizer, normalizers.get(task.name), config.seed,
+                      float(mults.get(task.name, 1.0)), accum)
+    t0 = time.perf_counter()
+    compiled = compile_step(fn, state_layout, dict(batches[task.name]), mesh, options)
+    out[task.name] = CompiledStep(compiled, time.perf_counter() - t0, memory_summary(compiled))
+    if on_compiled is not None:
+      on_compiled(task.name, out[task.name])
+  return out
+
+
+def _to_dict(x) -> dict:
+  if x is None:
+    return {}
+  return x.to_dict() if hasattr(x, "to_dict") else dict(x)

@@ -1,0 +1,49 @@
+"""The launch.aot memory table of benchmarks/RESULTS.md: MixMAE ViT-B/L/H at batch 4096 on several topologies, with
+and without remat. Each row is one `python -m launch.aot` subprocess (cpu:N needs its own XLA_FLAGS); rows are
+appended to --out as JSON lines (command, exit code, the report), so an interrupted sweep keeps what it finished.
+
+  python -m benchmarks.aot_memory --topologies=v5p-128,v4-32,v5e-256,cpu:64 --sizes=B,L,H --remat=none,full
+TPU topologies need libtpu (requirements-tpu-aot.txt) importable, e.g. PYTHONPATH=<libtpu --target dir>.
+"""
+import json
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+flags.DEFINE_list("topologies", ["v5p-128", "v4-32", "cpu:64"], "launch.aot topologies.")
+flags.DEFINE_list("sizes", ["B", "L", "H"], "Encoder sizes (config.model.encoder).")
+flags.DEFINE_list("remat", ["none", "full"], "config.model.remat_policy values.")
+flags.DEFINE_string("config", "configs/mixmae.py:vit_b", "Config (batch 4096 in vit_b).")
+flags.DEFINE_list("extra", ["--config.model.scan_layers=True"], "More launch.aot flags for every row.")
+flags.DEFINE_string("out", "runs/aot_memory.jsonl", "JSON lines output (appended).")
+flags.DEFINE_integer("timeout_s", 3600, "Per-row timeout.")
+
+
+def main(argv):
+  del argv
+  F = flags.FLAGS
+  for topo in F.topologies:
+    for size in F.sizes:
+      for remat in F.remat:
+        cmd = [sys.executable, "-m", "launch.aot", f"--config={F.config}", f"--topology={topo}",
+               f"--config.model.encoder={size}", f"--config.model.remat_policy={remat}", *F.extra]
+        t0 = time.time()
+        try:
+          proc = subprocess.run(cmd, capture_output=True, text=True, timeout=F.timeout_s)
+          code, lines = proc.returncode, proc.stdout.strip().splitlines()
+          report = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {"stderr": proc.stderr[-2000:]}
+        except subprocess.TimeoutExpired:
+          code, report = "timeout", {}
+        row = {"command": "python -m launch.aot " + " ".join(cmd[3:]), "exit": code,
+               "wall_s": round(time.time() - t0, 1), "size": size, "remat": remat, "topology": topo,
+               "report": report}
+        with open(F.out, "a") as f:
+          f.write(json.dumps(row) + "\n")
+        print(json.dumps({k: v for k, v in row.items() if k != "report"}), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

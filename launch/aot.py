@@ -1,0 +1,90 @@
+"""Ahead-of-time compile for a target topology: will this config fit, before the job starts?
+
+`python -m launch.aot --config=configs/mixmae.py:vit_b --topology=TOPO [--device_memory_gb=X] [--config.key=value]`
+
+TOPO: `cpu:N` (N fake CPU devices, always available), a Cloud TPU slice (`v4-32`, `v5p-128`, `v5e-256`, `v6e-64`)
+or a libtpu topology (`v5p:4x4x4`; TPU needs `pip install -r requirements-tpu-aot.txt`). Builds the mesh from
+config.mesh over the topology's devices, lowers and compiles every task's train step with the real shardings
+(mmrs/train/aot.py: the train loop's own plan_state/compile_tasks), prints a table per task and, last, one JSON line
+{"topology", "devices", "tasks": {TASK: {per_device_peak_bytes, per_device_argument_bytes,
+per_device_param_and_opt_bytes, flops_per_step, compile_s, ...}}, "fits", "device_memory_bytes", ...}.
+Exit codes: 0 fits (or memory unknown), 1 does not fit, 2 config/mesh/topology error (in seconds, before compiling).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _prepare_environment(argv) -> None:
+  """Before jax starts: fake CPU devices for cpu:N; the host itself always compiles on CPU (libtpu only describes
+  the TPU target), so a TPU VM's chips are never grabbed."""
+  topo = next((a.split("=", 1)[1] for a in argv if a.startswith("--topology=")), "")
+  if topo.startswith("cpu:") and topo[4:].isdigit():
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+      os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={int(topo[4:])}".strip()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # quiets libtpu's host probing; the target is --topology
+
+
+if __name__ == "__main__":
+  _prepare_environment(sys.argv)
+
+import json  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+
+def _define_flags() -> None:
+  """Only when run as a script, so tests can import `run` next to launch.main's flags."""
+  config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant,key=value'.",
+                                  lock_config=True)
+  flags.DEFINE_string("topology", None, "cpu:N, v4-32, v5p-128, v5e-256, v6e-64, or a libtpu topology (v5p:4x4x4).")
+  flags.DEFINE_float("device_memory_gb", 0.0, "Per-device memory in GiB (default: the table in "
+                     "mmrs/train/metrics.py; CPU: host RAM / N).")
+  flags.mark_flags_as_required(["config", "topology"])
+
+EXIT_DOES_NOT_FIT = 1
+EXIT_CONFIG_ERROR = 2
+
+
+def run(config, topology: str, device_memory_gb: float = 0.0, out=sys.stdout) -> int:
+  """Prints the tables and the JSON line; returns the exit code."""
+  from mmrs.train import aot  # pylint: disable=g-import-not-at-top
+  from mmrs.train import config_check  # pylint: disable=g-import-not-at-top
+  override = int(device_memory_gb * 2**30) if device_memory_gb else None
+  try:
+    report = aot.compile_for(config, topology, device_memory_override=override)
+  except (config_check.ConfigError, aot.TopologyError) as e:
+    print(f"ERROR: {e}", file=sys.stderr)
+    return EXIT_CONFIG_ERROR
+  except aot.DoesNotFit as e:
+    report = e.args[0]
+    print(f"DOES NOT FIT: the sharded state alone needs {report['per_device_param_and_opt_bytes'] / 2**30:.2f} GiB "
+          f"per device but a device has {report['device_memory_bytes'] / 2**30:.2f} GiB ({report['memory_source']}); "
+          f"mesh {report['mesh']}. Shard it more (config.mesh fsdp=...) or use more devices.", file=sys.stderr)
+    print(json.dumps(report, sort_keys=True), file=out, flush=True)
+    return EXIT_DOES_NOT_FIT
+  for name, numbers in report["tasks"].items():
+    print(aot.format_table(name, numbers), file=out)
+  mem = report["device_memory_bytes"]
+  print(f"{report['devices']} x {report['device_kind']}, mesh {report['mesh']}, device memory "
+        f"{'unknown' if mem is None else f'{mem / 2**30:.1f} GiB'} ({report['memory_source']}): "
+        f"{'fits' if report['fits'] else 'unknown' if report['fits'] is None else 'DOES NOT FIT'}", file=out)
+  print(json.dumps(report, sort_keys=True), file=out, flush=True)
+  return EXIT_DOES_NOT_FIT if report["fits"] is False else 0
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  sys.exit(run(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.device_memory_gb))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,202 @@
+"""Ahead-of-time compile of every task's train step for a target topology (launch/aot.py is the CLI).
+
+Same code path as the train loop: `step.plan_state` (optimizer + sharded state layout) and `step.compile_tasks`
+(lower + compile with the real shardings), on a mesh built from `config.mesh` over the topology's devices. Batches
+are abstract shapes from the config (no data is read): per task, its modalities at `config.data.<dataset>.image_size`
+with the channel count of `config.bands.<modality>` (BYOL-style tasks: two views of `config.views.image_size`),
+already normalized float32 (normalization is elementwise and costs no memory worth counting).
+
+Topologies: `cpu:N` (N CPU devices; the process must start with XLA_FLAGS=--xla_force_host_platform_device_count>=N,
+which launch/aot.py sets); TPU slices by their Cloud name (`v4-32`, `v5p-128`, `v5e-256`, `v6e-64`: the v4/v5p
+number counts TensorCores, 2 per chip; v5e/v6e count chips) or a raw libtpu topology (`v5p:4x4x4`), compiled
+through `jax.experimental.topologies` with libtpu (requirements-tpu-aot.txt) while the host stays on CPU. GPU
+targets are not supported: a compile-only CUDA topology needs jax's CUDA plugin and a matching GPU target config,
+which this CPU-only environment cannot build or check.
+
+Numbers per task (per device): argument / output / alias / temp bytes from `compiled.memory_analysis()`;
+peak = argument + output - alias + temp (the donated state is aliased); param+opt = this device's shards of the
+params, optimizer state and method state from the layout; flops_per_step = XLA's per-device cost analysis x devices.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from mmrs.train import config_check
+from mmrs.train import mesh as mesh_lib
+from mmrs.train import metrics as metrics_lib
+from mmrs.train import state as state_lib
+from mmrs.train import step as step_lib
+
+# Cloud TPU name prefix -> (libtpu family, names count TensorCores (2 per chip)?, torus dimensions)
+TPU_FAMILIES = {"v4": ("v4", True, 3), "v5p": ("v5p", True, 3), "v5e": ("v5e", False, 2),
+                "v5litepod": ("v5e", False, 2), "v6e": ("v6e", False, 2)}
+
+
+class TopologyError(ValueError):
+  """A topology name that cannot be resolved; the message says what to do."""
+
+
+def tpu_topology_name(name: str) -> str:
+  """'v5p-128' -> 'v5p:4x4x4' (64 chips), 'v4-32' -> 'v4:2x2x4', 'v5e-256' -> 'v5e:16x16'; 'v5p:4x4x4' unchanged."""
+  if ":" in name:
+    return name
+  prefix, _, count = name.partition("-")
+  if prefix not in TPU_FAMILIES or not count.isdigit():
+    raise TopologyError(f"--topology={name!r}: use cpu:N, a Cloud TPU name ({', '.join(f'{p}-N' for p in TPU_FAMILIES)})"
+                        " or a libtpu topology such as v5p:4x4x4.")
+  family, cores, ndim = TPU_FAMILIES[prefix]
+  chips = int(count) // 2 if cores else int(count)
+  if chips < 1 or chips & (chips - 1):
+    raise TopologyError(f"--topology={name!r}: {chips} chips is not a power of two; give the shape instead, e.g. "
+                        f"{family}:2x2x1.")
+  dims = [1] * ndim
+  while math.prod(dims) < chips:
+    dims[dims.index(min(dims))] *= 2
+  return f"{family}:{'x'.join(str(d) for d in sorted(dims))}"
+
+
+def topology_devices(topology: str) -> list:
+  """The devices to compile for (real CPU devices, or libtpu's compile-only TPU devices)."""
+  if topology.startswith("cpu:"):
+    try:
+      n = int(topology[4:])
+    except ValueError:
+      raise TopologyError(f"--topology={topology!r}: use cpu:N with an integer N.") from None
+    have = jax.devices("cpu")
+    if n < 1 or n > len(have):
+      raise TopologyError(f"--topology={topology}: this process has {len(have)} CPU device(s). Start it with "
+                          f"XLA_FLAGS=--xla_force_host_platform_device_count={n} (python -m launch.aot does).")
+    return have[:n]
+  if "x" in topology.split(":")[0] and topology.split("x")[0].isdigit():
+    raise TopologyError(f"--topology={topology!r}: GPU targets are not supported (a compile-only CUDA topology needs "
+                        "jax's CUDA plugin and a GPU target description; see mmrs/train/aot.py). Use a TPU topology "
+                        "or cpu:N.")
+  name = tpu_topology_name(topology)
+  try:
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+    return list(topologies.get_topology_desc(name, "tpu").devices)
+  except Exception as e:  # pylint: disable=broad-except  (libtpu missing or refusing the name)
+    raise TopologyError(f"--topology={topology} ({name}) needs libtpu for compile-only TPU devices: pip install -r "
+                        f"requirements-tpu-aot.txt (libtpu matching jax {jax.__version__}). libtpu said: {e}") from None
+
+
+def abstract_batches(config, method, batch_size: int) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
+  """task -> global abstract batch, from the config (see the module docstring)."""
+  from mmrs.methods import mae as mae_lib  # pylint: disable=g-import-not-at-top
+  out = {}
+  for task in method.tasks:
+    if hasattr(method, "abstract_batch"):
+      out[task.name] = dict(method.abstract_batch(task, batch_size))
+      continue
+    if getattr(task, "batch_kind", "") == "byol_views":
+      size = int(config.views.image_size)
+      ch = int(method.in_channels)
+      out[task.name] = {v: jax.ShapeDtypeStruct((batch_size, size, size, ch), np.float32) for v in ("view1", "view2")}
+      continue
+    size = int(config.data[task.dataset].image_size)
+    if size <= 0:
+      raise config_check.ConfigError(f"config.data.{task.dataset}.image_size={size}: launch.aot needs a fixed image "
+                                     "size to build the abstract batch.")
+    out[task.name] = {m: jax.ShapeDtypeStruct((batch_size, size, size, len(mae_lib.band_names(config, m))),
+                                              np.float32) for m in task.modalities}
+  return out
+
+
+def state_bytes_per_device(layout: state_lib.StateLayout) -> int:
+  """Bytes of one device's shards of the state (params, optimizer state, method state)."""
+  total = 0
+  for leaf in jax.tree.leaves(layout.abstract):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shard, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def device_memory(devices, override_bytes: int | None) -> tuple[int | None, str]:
+  """(bytes per device, source): the override, the HBM table, or (CPU) host RAM shared by the fake devices."""
+  if override_bytes:
+    return int(override_bytes), "--device_memory_gb"
+  kind = devices[0].device_kind
+  found = metrics_lib.device_memory_bytes(kind)
+  if found:
+    return found, f"mmrs/train/metrics.py DEVICE_MEMORY_BYTES ({kind})"
+  if devices[0].platform == "cpu":
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // len(devices), f"host RAM / {len(devices)} fake CPU devices"
+  return None, f"unknown device kind {kind!r}"
+
+
+class DoesNotFit(RuntimeError):
+  """The state alone exceeds device memory (found before compiling)."""
+
+
+def compile_for(config, topology: str, method=None, device_memory_override: int | None = None,
+                plan_only: bool = False) -> dict[str, Any]:
+  """Compiles every task for `topology`; returns the report (the JSON line of launch.aot, plus "memory_source").
+
+  Raises config_check.ConfigError for a mesh/batch that does not divide, DoesNotFit when the sharded state alone is
+  larger than a device's memory (before any compile), TopologyError for an unknown topology. `plan_only`: stop
+  after the layout (report["per_device_param_and_opt_bytes"], no compile).
+  """
+  devices = topology_devices(topology)
+  config_check.resolve_compute_dtype(config, devices[0].platform)
+  config_check.validate(config, None, device_count=len(devices), process_count=1)
+  if method is None:
+    from mmrs.train import loop  # pylint: disable=g-import-not-at-top
+    method = loop.build_method(config)
+  mem_bytes, mem_source = device_memory(devices, device_memory_override)
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  batches = abstract_batches(config, method, config.batch_size)
+  # The plan runs outside the mesh context: its eager bits (the init rng) must not land on compile-only devices.
+  example = state_lib.example_batch(batches)
+  optimizer, layout = step_lib.plan_state(config, method, example, mesh, config.total_steps)
+  state_bytes = state_bytes_per_device(layout)
+  report = {"topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
+            "mesh": dict(mesh.shape), "tasks": {}, "fits": None, "device_memory_bytes": mem_bytes,
+            "memory_source": mem_source, "per_device_param_and_opt_bytes": state_bytes}
+  if mem_bytes is not None and state_bytes > mem_bytes:
+    report["fits"] = False
+    raise DoesNotFit(report)
+  if plan_only:
+    return report
+  with jax.set_mesh(mesh):
+    steps = step_lib.compile_tasks(config, method, optimizer, layout, mesh, batches, {})
+  for name, st in steps.items():
+    m = st.compiled.memory_analysis()
+    arg, out, alias, temp = (int(getattr(m, f"{k}_size_in_bytes", 0)) for k in ("argument", "output", "alias", "temp"))
+    cost = st.compiled.cost_analysis() or {}
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+      cost = cost[0] if cost else {}
+    report["tasks"][name] = {
+        "per_device_peak_bytes": arg + out - alias + temp, "per_device_argument_bytes": arg,
+        "per_device_output_bytes": out, "per_device_alias_bytes": alias, "per_device_temp_bytes": temp,
+        "per_device_param_and_opt_bytes": state_bytes,
+        "flops_per_step": float(cost.get("flops", float("nan"))) * len(devices),
+        "compile_s": round(st.seconds, 2)}
+  if mem_bytes is not None:
+    report["fits"] = all(t["per_device_peak_bytes"] <= mem_bytes for t in report["tasks"].values())
+  return report
+
+
+def format_bytes(n: float) -> str:
+  for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if abs(n) >= size:
+      return f"{n / size:.2f} {unit}"
+  return f"{n:.0f} B"
+
+
+def format_table(name: str, numbers: Mapping[str, Any]) -> str:
+  rows = [f"task {name}"]
+  for k, v in numbers.items():
+    if k.endswith("_bytes"):
+      rows.append(f"  {k:34s} {format_bytes(v):>14s}")
+    elif k == "flops_per_step":
+      rows.append(f"  {k:34s} {v:12.4g}")
+    else:
+      rows.append(f"  {k:34s} {v:12}")
+  return "\n".join(rows)
+

@@ -1,0 +1,83 @@
+"""launch.aot: compile every task for a topology (cpu:N here), report per-device memory, refuse what cannot fit."""
+import importlib.util
+import io
+import json
+
+import ml_collections
+import pytest
+
+import train_toy_method as toy
+from configs import mixmae
+from launch import aot as aot_cli
+from mmrs.train import aot
+
+
+def _toy_config(**overrides):
+  config = toy.get_config()
+  config.bands = ml_collections.ConfigDict(dict(s2=",".join(toy.S2_BANDS), s1=",".join(toy.S1_BANDS)))
+  config.update(overrides)
+  return config
+
+
+def _run(config, topology, **kwargs):
+  out = io.StringIO()
+  code = aot_cli.run(config, topology, out=out, **kwargs)
+  text = out.getvalue()
+  return code, text, json.loads(text.strip().splitlines()[-1])
+
+
+def test_cpu_topology_compiles_every_task_and_prints_one_json_line():
+  code, text, report = _run(_toy_config(mesh="data=4,fsdp=2"), "cpu:8")
+  assert code == 0, text
+  assert report["topology"] == "cpu:8" and report["devices"] == 8 and report["fits"] is True
+  assert report["device_memory_bytes"] > 0 and report["mesh"] == {"data": 4, "fsdp": 2}
+  assert set(report["tasks"]) == {"recon", "cross"}
+  for numbers in report["tasks"].values():
+    for key in ("per_device_peak_bytes", "per_device_argument_bytes", "per_device_param_and_opt_bytes",
+                "flops_per_step", "compile_s"):
+      assert numbers[key] > 0, key
+    assert numbers["per_device_peak_bytes"] >= numbers["per_device_argument_bytes"] - numbers["per_device_alias_bytes"]
+  assert "task recon" in text and "task cross" in text  # the tables come before the JSON line
+
+
+def test_param_and_optimizer_bytes_fall_as_one_over_fsdp():
+  per = {}
+  for n in (1, 2, 4, 8):
+    config = mixmae.get_config("tiny")
+    config.model.encoder, config.mesh, config.fsdp_min_size = "B", f"data={8 // n},fsdp={n}", 2**12
+    per[n] = aot.compile_for(config, "cpu:8", plan_only=True)["per_device_param_and_opt_bytes"]
+  for n in (2, 4, 8):  # a few small leaves (biases of non-embed axes) stay replicated: within 2% of 1/N
+    assert per[1] / n <= per[n] <= 1.02 * per[1] / n, per
+
+
+def test_does_not_fit_and_bad_mesh_fail_fast_with_numbers(capsys):
+  code, _, report = _run(_toy_config(), "cpu:8", device_memory_gb=1e-7)
+  assert code == aot_cli.EXIT_DOES_NOT_FIT and report["fits"] is False
+  assert report["per_device_param_and_opt_bytes"] > report["device_memory_bytes"]
+  assert "DOES NOT FIT" in capsys.readouterr().err
+  out = io.StringIO()
+  assert aot_cli.run(_toy_config(mesh="data=3,fsdp=1"), "cpu:8", out=out) == aot_cli.EXIT_CONFIG_ERROR
+  assert "config.mesh" in capsys.readouterr().err
+  assert aot_cli.run(_toy_config(), "cpu:999", out=out) == aot_cli.EXIT_CONFIG_ERROR
+  assert "xla_force_host_platform_device_count=999" in capsys.readouterr().err
+
+
+def test_tpu_names():
+  assert aot.tpu_topology_name("v5p-128") == "v5p:4x4x4"
+  assert aot.tpu_topology_name("v4-32") == "v4:2x2x4"
+  assert aot.tpu_topology_name("v5e-256") == "v5e:16x16"
+  assert aot.tpu_topology_name("v6e-8") == "v6e:2x4"
+  assert aot.tpu_topology_name("v5p:2x2x1") == "v5p:2x2x1"
+  with pytest.raises(aot.TopologyError, match="power of two"):
+    aot.tpu_topology_name("v5e-24")
+  with pytest.raises(aot.TopologyError, match="GPU targets"):
+    aot.topology_devices("8xH100")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu not installed (pip install -r requirements-tpu-aot.txt)")
+def test_tpu_topology_compiles_with_libtpu():
+  code, text, report = _run(_toy_config(mesh="data=-1,fsdp=1"), "v5e-4")
+  assert code == 0, text
+  assert report["devices"] == 4 and "lite" in report["device_kind"].lower()
+  assert report["device_memory_bytes"] == 16 * 2**30 and report["fits"] is True
