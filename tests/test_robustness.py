@@ -199,3 +199,39 @@ def test_robustness_end_to_end(runs, tmp_path):
   assert len(panels["missing_s2"].get_lines()) == 1
   assert panels["clouds"].get_xlabel() == "cloud cover (%)" and panels["clouds"].get_ylabel() == "map_micro"
   assert "| ft_s2 | skipped:" in open(tmp_path / "out" / "robustness.md").read()
+
+
+def test_time_gap_swaps_in_the_s1_of_another_date_of_the_same_place(tmp_path):
+  """SSL4EO-like records (two places, seasons): S1 comes from the record at least `days` away; a place with one
+  date drops out of that severity."""
+  import types  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from mmrs.data import writer  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  plan_in = [("A", "2021-01-05", "2021-01-06"), ("A", "2021-04-05", "2021-04-03"), ("A", "2021-07-05", "2021-07-05"),
+             ("B", "2021-03-01", "2021-03-02")]
+  out = str(tmp_path / "ssl")
+  with writer.DatasetWriter(out) as w:
+    for i, (loc, t2, t1) in enumerate(plan_in):
+      w.add({"id": f"{loc}_{i}", "s2": rng.integers(1, 3000, (20, 20, 12)).astype(np.uint16),
+             "s2_bands": bands_lib.S2_L2A_BANDS, "s1": np.full((20, 20, 2), -float(i), np.float32),
+             "s1_bands": bands_lib.S1_BANDS,
+             "meta": {"location": loc, "season": i, "s2_time": t2 + "T10:00:00", "s1_time": t1 + "T06:00:00"}})
+    w.close()
+  config = ml_collections.ConfigDict({"data": {"eval": common.dataset_config(out, image_size=16, split="train")}})
+  run = types.SimpleNamespace(config=config, method=types.SimpleNamespace(modalities=("s2", "s1")))
+  plan, why = robustness.time_gap_plan(run)
+  assert plan is not None and not why
+  images = {"s1": np.stack([np.full((16, 16, 2), -float(i), np.float32) for i in range(4)]),
+            "s2": np.zeros((4, 16, 16, 12), np.uint16)}
+  ids, valid = np.arange(4), np.ones(4, bool)
+  same, keep = robustness._swap_s1(plan, images, ids, valid, 0.0, 4)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(same["s1"], images["s1"])
+  assert keep.all()
+  swapped, keep = robustness._swap_s1(plan, images, ids, valid, 60.0, 4)  # pylint: disable=protected-access
+  # Record 0 (S2 on Jan 5): the nearest S1 >= 60 days away is record 1's (Apr 3); record 1 -> record 0's (Jan 6,
+  # 89 days) beats record 2's (Jul 5, 91 days); record 2 -> record 1's (Apr 3); B has one date: left out.
+  assert [float(swapped["s1"][i, 0, 0, 0]) for i in range(3)] == [-1.0, -0.0, -1.0]
+  assert keep.tolist() == [True, True, True, False]
+  np.testing.assert_array_equal(swapped["s2"], images["s2"])

@@ -568,13 +568,24 @@ def plot_examples(stress: str, run_shots: Mapping[str, Any], unit: str, path: st
   return fig
 
 
+def _strict(x):
+  """NaN/inf (a metric with nothing to average) -> null, so robustness.json is strict JSON."""
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  if isinstance(x, Mapping):
+    return {k: _strict(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_strict(v) for v in x]
+  return x
+
+
 def write_outputs(out: str, result: Mapping[str, Any], shots: Mapping[str, Any] | None = None) -> list[str]:
   """robustness.json / .md / .png and examples_<stress>.png into `out` (atomic writes); returns the paths."""
   os.makedirs(out, exist_ok=True)
   paths = []
   jpath = os.path.join(out, "robustness.json")
   with open(jpath + ".tmp", "w") as f:
-    json.dump(result, f, indent=1, allow_nan=True)
+    json.dump(_strict(result), f, indent=1, allow_nan=False)
     f.write("\n")
   os.replace(jpath + ".tmp", jpath)
   mpath = os.path.join(out, "robustness.md")
