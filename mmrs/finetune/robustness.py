@@ -167,8 +167,13 @@ class Evaluator:
 
   def stressed_images(self, name: str):
     """jit (batch, severity) -> (raw stressed images, present) for the example grids."""
-    ctx, seed = self.ctx, self.seed
-    return jax.jit(lambda batch, severity: stresses_lib.apply(name, batch, severity, seed, ctx))
+    return _stress_images_fn(name, self.ctx, self.seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _stress_images_fn(name: str, ctx: stresses_lib.Context, seed: int):
+  """One compiled program per (stress, context, seed), shared by the runs (it does not depend on the model)."""
+  return jax.jit(lambda batch, severity: stresses_lib.apply(name, batch, severity, seed, ctx))
 
 
 # --- time_gap: S1 from another acquisition of the same place -----------------------------------------------------
