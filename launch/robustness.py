@@ -1,0 +1,63 @@
+"""How finetuned models hold up under clouds, a missing modality, S1/S2 misregistration, time gaps and speckle.
+
+    python -m launch.robustness --runs=RUN_DIR[,RUN_DIR...] [--stress=clouds,missing_s2,missing_s1,shift,time_gap,speckle]
+        [--severities=clouds=0,20,50,100 --severities=shift=0,4] [--out=DIR] [--seed=0] [--metric=map_micro]
+
+Each RUN_DIR is a finetune workdir (`python -m launch.main --config=configs/finetune/...`). Writes robustness.json,
+robustness.md, robustness.png and examples_<stress>.png into --out. Severity units: clouds and missing_* in % of
+the image / of the samples, shift in pixels, time_gap in days, speckle in looks (0 = none). See
+mmrs/finetune/robustness.py and mmrs/finetune/stresses.py.
+"""
+import sys
+
+from absl import app, flags
+
+flags.DEFINE_list("runs", None, "Finetune workdirs, comma-separated.")
+flags.DEFINE_list("stress", ["clouds", "missing_s2", "missing_s1", "shift", "time_gap", "speckle"],
+                  "Stresses to apply (a stress a run cannot take is skipped with a message).")
+flags.DEFINE_multi_string("severities", [], "STRESS=v1,v2,... (repeatable); default: each stress's own list. "
+                          "Severity 0 (clean) is always included.")
+flags.DEFINE_string("out", "runs/robustness", "Output directory.")
+flags.DEFINE_integer("seed", 0, "Seed of every random stress (clouds, speckle, shift directions, missing samples).")
+flags.DEFINE_string("metric", "", "Metric to report (default: the runs' leading results metric, e.g. map_micro).")
+flags.DEFINE_integer("batch_size", 0, "Evaluation batch size (default: the run's; keep it for exact clean values).")
+flags.DEFINE_integer("examples", 3, "Samples per run in the example grids (0 = no grids).")
+flags.mark_flags_as_required(["runs"])
+FLAGS = flags.FLAGS
+
+
+def parse_severities(specs) -> dict:
+  out = {}
+  for spec in specs:
+    name, sep, values = spec.partition("=")
+    try:
+      if not sep:
+        raise ValueError
+      out[name.strip()] = [float(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+      raise ValueError(f"--severities={spec!r}: write STRESS=v1,v2,... e.g. clouds=0,50,100.") from None
+  return out
+
+
+def main(argv):
+  del argv
+  from mmrs.finetune import robustness  # pylint: disable=g-import-not-at-top
+
+  try:
+    result, shots = robustness.evaluate_runs(
+        FLAGS.runs, [s.strip() for s in FLAGS.stress if s.strip()], parse_severities(FLAGS.severities),
+        seed=FLAGS.seed, metric=FLAGS.metric, batch_size=FLAGS.batch_size, examples=FLAGS.examples)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"robustness: {e}")
+  paths = robustness.write_outputs(FLAGS.out, result, shots)
+  sys.stdout.write(robustness.markdown(result))
+  print("Wrote " + ", ".join(paths))
+
+
+def run():
+  """Console entry point (`mmrs-robustness`)."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
