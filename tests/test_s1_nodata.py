@@ -2,7 +2,6 @@
 normalization sets its pixels to 0, every reconstruction loss leaves them out, and a mostly-invalid S1 counts as
 missing."""
 import functools
-import os
 
 import flax.linen as nn
 import jax
@@ -109,12 +108,10 @@ def test_every_s1_reconstruction_loss_ignores_no_data_targets(name):
   valid = jnp.ones((b, size, size), jnp.uint8).at[:, 8:20, 4:30].set(0)
   batch = {"s2": jax.random.normal(k2, (b, size, size, 12)), "s1": jax.random.normal(k1, (b, size, size, 2)),
            "s1_valid": valid}
-  params, state = fast_jit(method.init)(jax.random.key(1), batch)
-  params = nn.meta.unbox(params)
-  for m in ("s1", "s2"):  # pixels reach the loss only as targets
-    key = f"patch_embed_{m}"
-    if key in params["encoder"]:
-      params["encoder"][key]["kernel"] = jnp.zeros_like(params["encoder"][key]["kernel"])
+  # All-zero parameters (shapes only, no init compile): the prediction is the same whatever the pixels, so the
+  # pixels reach the loss only as targets.
+  shapes = nn.meta.unbox(jax.eval_shape(method.init, jax.random.key(1), batch))
+  params, state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
   loss = fast_jit(functools.partial(method.tasks[task].loss_fn, train=True))
   rng = jax.random.key(3)
   base = float(loss(params, state, batch, rng)[0])
