@@ -80,8 +80,8 @@ def test_label_fraction_subset_from_the_shards_is_deterministic_and_covers_class
   config = bigearthnet.get_config(f"tiny,shards={sample_shards},label_fraction=0.5")
   rows = subsets.read_label_rows(config.data.train, ("s2",), "train", "ben19")
   assert rows.shape == (14, 19)  # pairs + S2-only records: the pipeline's index space for S2 input
-  idx = subsets.training_indices(config)
-  assert len(idx) == 7 and np.array_equal(idx, subsets.training_indices(config))
+  idx = subsets.training_indices(config, ("s2",))
+  assert len(idx) == 7 and np.array_equal(idx, subsets.training_indices(config, ("s2",)))
   method_lib.prepare_config(config)
   assert np.array_equal(config.data.train.indices, idx)
   pipe = pipeline.make_pipeline(config.data.train, modalities=("s2",), global_batch_size=4, seed=0, shuffle=False,
