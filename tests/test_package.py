@@ -113,3 +113,10 @@ def test_console_scripts_run(installed, tmp_path):
   assert out.returncode != 0 and "launch.convert_checkpoint" in out.stderr  # ran launch.export's main
   for name in _pyproject()["project"]["scripts"]:
     assert (bindir / name).exists(), name
+
+
+def test_tfds_source_without_tensorflow_datasets_says_how_to_install(monkeypatch):
+  from mmrs.data import sources
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # `import tensorflow_datasets` raises ImportError
+  with pytest.raises(sources.ShardError, match=r'mmrs\[tfds\]'):
+    sources.open_tfds("tfds:mmrs_eurosat:train@/nowhere", "train")
