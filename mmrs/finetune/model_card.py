@@ -50,9 +50,7 @@ def render(info: Mapping[str, Any], fmt: str) -> str:
   library = "transformers" if fmt == "hf" else "timm"
   lines = ["---", f"license: {info.get('license', 'apache-2.0')}", f"library_name: {library}",
            "pipeline_tag: image-feature-extraction", "tags:", _yaml_list(tags).rstrip("\n")]
-  data = source.get("data") or {}
-  if data:
-    lines += ["datasets:", _yaml_list(sorted(set(str(v) for v in data.values()))).rstrip("\n")]
+  data = source.get("data") or {}  # local paths, not Hub dataset ids: named in the body, not as `datasets:`
   lines.append("---")
   name = " ".join(w for w in ("mmrs", method if method != "unknown" else "", "ViT" if vit else arch.get("size", "ResNet"),
                                f"encoder ({'+'.join(m.upper() for m in mods)})") if w)
