@@ -65,10 +65,13 @@ def dataset_config(shards: str = "", **overrides) -> ml_collections.ConfigDict:
       random_resized_crop=False,
       flips=True,
       rot90=True,
-      workers=0,  # grain mp_prefetch workers; pinned so a resumed run sees the same data
+      workers=0,  # grain mp_prefetch workers (the data do not depend on the count: global sample order)
       shuffle_seed_offset=0,
       on_bad="fail",  # fail | skip: undecodable or invalid records
       s2_bands="",  # comma-separated subset/order; empty = all bands in the shards
+      # shards given as a URL (gs://...) are copied here before reading (mmrs/data/staging.py); empty =
+      # $MMRS_STAGE_DIR or ~/.cache/mmrs/staged/<url>; "none" = read the URL directly (e.g. a tfds: spec).
+      stage_dir="",
   ))
   d.update(overrides)
   return d

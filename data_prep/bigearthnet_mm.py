@@ -1,25 +1,45 @@
-"""BigEarthNet-MM (v1) -> mmrs shards: S1+S2 pairs, S1-only and S2-only leftovers, 43- and 19-class labels.
+"""BigEarthNet -> mmrs shards: v1 (BigEarthNet-MM, 2019/2021) and v2.0 (reBEN, 2024, what bigearth.net ships today).
+S1+S2 pairs, S1-only and S2-only leftovers, 19-class labels (v1 also the 43 CORINE classes).
 
     python -m data_prep.bigearthnet_mm --src=DIR --out=DIR [--num_shards=N] [--on_bad=fail|skip] [--workers=N]
-        [--split=train | --split=hash:0.8,0.1,0.1 | --splits_dir=DIR [--unlisted_split=NAME]]
+        [--split=official | --split=train | --split=hash:0.8,0.1,0.1] [--splits_dir=DIR [--unlisted_split=NAME]]
+        [--keep_cloudy] [--exclude_lists=DIR]
 
-Input layout (as distributed; see data_prep/samples/bigearthnet_mm/):
-  SRC/BigEarthNet-S1[-v1.0]/<s1 patch>/<s1 patch>_{VV,VH}.tif + <s1 patch>_labels_metadata.json
-  SRC/BigEarthNet-S2 | BigEarthNet-v1.0/<s2 patch>/<s2 patch>_B??.tif (12 L2A bands) + <s2 patch>_labels_metadata.json
-Pairing follows `corresponding_s2_patch` of the S1 metadata (never the folder names). An S1 patch whose S2 partner
-is absent is kept as S1-only and counted in the manifest's `warnings`; S2 patches nobody points to are S2-only.
+The version is detected from the layout (`detect`), never guessed from folder names alone:
+  v2.0 (reBEN; layout of bigearth.net's download, torchgeo's BigEarthNetV2 and ConfigILM's BENv2 loader):
+    SRC/metadata.parquet [+ SRC/metadata_for_patches_with_snow_cloud_or_shadow.parquet]
+    SRC/BigEarthNet-S2/<S2 product>/<patch_id>/<patch_id>_B??.tif   (12 L2A bands at 10/20/60 m)
+    SRC/BigEarthNet-S1/<S1 product>/<s1_name>/<s1_name>_{VV,VH}.tif
+    (e.g. BigEarthNet-S2/S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP/S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_26_57/)
+    metadata.parquet columns: patch_id, labels (list of 19-class names), split (train | validation | test),
+    country, s1_name, s2v1_name, contains_seasonal_snow, contains_cloud_or_shadow (bool). Pairing is the row's
+    `s1_name`; the split is the row's `split` (validation -> 'val'); labels are the 19 classes. reBEN ships the
+    cloudy/snowy patches in the second parquet file, already flagged.
+  v1 (BigEarthNet-MM; see data_prep/samples/bigearthnet_mm/):
+    SRC/BigEarthNet-S1[-v1.0]/<s1 patch>/<s1 patch>_{VV,VH}.tif + <s1 patch>_labels_metadata.json
+    SRC/BigEarthNet-S2 | BigEarthNet-v1.0/<s2 patch>/<s2 patch>_B??.tif + <s2 patch>_labels_metadata.json
+    Pairing follows `corresponding_s2_patch` of the S1 metadata (never the folder names).
+An S1 patch whose S2 partner is absent is kept as S1-only and counted in the manifest's `warnings`; S2 patches
+nobody points to are S2-only. The manifest's `bigearthnet` section says which version was read.
+
+Cloud, shadow and seasonal snow: excluded by default, as the dataset's authors do. v2: from the parquet flags
+(counts in `counts.excluded_cloud_or_shadow` / `excluded_seasonal_snow` / `excluded`); v1: from the official
+`patches_with_cloud_and_shadow.csv` and `patches_with_seasonal_snow.csv` given with `--exclude_lists=DIR` (without
+them the run keeps those patches and says so in the log and in `bigearthnet.exclusion` of the manifest).
+`--keep_cloudy` keeps them on purpose (e.g. for pretraining).
 
 Records: `s2` (H, W, 12) uint16 in `mmrs.bands.S2_L2A_BANDS` order on the 10 m grid (20/60 m bands by pixel
 replication, `geotiff.to_grid`), `s1` (H, W, 2) float32 dB VV,VH cleaned by `records.clean_s1`; labels
-{"corine43": [...], "ben19": [...]} (a pair takes the S2 patch's labels); meta: id (the S2 patch name for pairs and
-S2-only, the S1 name for S1-only), s1_id, s2_id, crs, bounds [minx, miny, maxx, maxy] in that UTM CRS, lon/lat of
-the centre, s1_time/s2_time (UTC ISO 8601), source, licence. Patches whose labels all lack a 19-class counterpart
-are kept (empty ben19) and counted (`counts.no_ben19_labels`).
+v1 {"corine43": [...], "ben19": [...]} (a pair takes the S2 patch's labels), v2 {"ben19": [...]}; meta: id (the S2
+patch name for pairs and S2-only, the S1 name for S1-only), s1_id, s2_id, crs, bounds [minx, miny, maxx, maxy]
+in that UTM CRS, lon/lat of the centre, s1_time/s2_time (UTC ISO 8601), source, licence (v2 also country,
+s2v1_id). v1 patches whose labels all lack a 19-class counterpart are kept (empty ben19) and counted.
 
-Splits: `--splits_dir` holds BigEarthNet's official `train.csv`, `val.csv`, `test.csv` (patch names, one per line;
-every field of a row is looked up, so S2,S1 two-column lists work too); patches in none of them (the official lists
-leave out cloudy and snowy patches) are dropped and counted, or written to `--unlisted_split`. Without it,
-`--split=NAME` puts everything in one split, `--split=hash:0.8,0.1,0.1` splits by a stable hash of the record id.
+Splits: v2 defaults to the official `split` column. `--splits_dir` holds BigEarthNet v1's official `train.csv`,
+`val.csv`, `test.csv` (patch names, one per line; every field of a row is looked up, so S2,S1 two-column lists work
+too); patches in none of them are dropped and counted, or written to `--unlisted_split`. `--split=NAME` puts
+everything in one split; `--split=hash:0.8,0.1,0.1` splits by a stable hash of the patch's *tile* (spatially
+blocked, so neighbouring patches never straddle train and test; see `block_key`).
 """
 from __future__ import annotations
 
@@ -41,10 +61,24 @@ from mmrs import bands as bands_lib
 from mmrs.data import bigearthnet_labels, records
 
 SOURCE = "BigEarthNet-MM v1"
+SOURCE_V2 = "BigEarthNet v2.0 (reBEN)"
 LICENCE = "CDLA-Permissive-1.0"
 S1_DIRS = ("BigEarthNet-S1", "BigEarthNet-S1-v1.0")
 S2_DIRS = ("BigEarthNet-S2", "BigEarthNet-v1.0", "BigEarthNet-S2-v1.0")
-MAX_INVALID_S1_FRACTION = 0.5  # more S1 no-data than this makes the patch bad input
+V2_METADATA = "metadata.parquet"
+V2_METADATA_FLAGGED = "metadata_for_patches_with_snow_cloud_or_shadow.parquet"
+# The columns this converter reads, as reBEN's metadata.parquet names them (checked against ConfigILM's
+# mock_data/BENv2/metadata.parquet, a row subset of the released file: patch_id, labels, split, country, s1_name,
+# s2v1_name as strings/list<string>, the two flags as bool).
+V2_COLUMNS = ("patch_id", "labels", "split", "country", "s1_name", "s2v1_name", "contains_seasonal_snow",
+              "contains_cloud_or_shadow")
+V2_SPLITS = {"train": "train", "validation": "val", "test": "test"}
+# v1's official exclusion lists (bigearth.net "patches_with_cloud_and_shadow.csv" / "patches_with_seasonal_snow.csv").
+V1_EXCLUDE_FILES = {"cloud_or_shadow": "patches_with_cloud_and_shadow.csv",
+                    "seasonal_snow": "patches_with_seasonal_snow.csv"}
+# More S1 no-data than this and the patch counts as S1-missing: a pair keeps its S2 (meta.s1_dropped, counted in
+# counts.s1_dropped), an S1-only patch is bad input.
+MAX_INVALID_S1_FRACTION = records.MAX_S1_NODATA_FRACTION
 GRID_TOLERANCE_M = 10.0  # S1 and S2 bounds of a pair may differ by at most one 10 m pixel
 SPLIT_FILES = ("train", "val", "test")
 
@@ -56,6 +90,73 @@ class Item:
   s1_dir: str | None = None
   s2_dir: str | None = None
   s2_ref: str | None = None  # S1-only: the S2 patch its metadata names (absent from the S2 folder)
+  version: str = "v1"
+  labels: tuple[str, ...] | None = None  # v2: the 19-class names from metadata.parquet
+  meta: tuple[tuple[str, str], ...] = ()  # v2: extra metadata (country, s2v1_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """What `detect` found: the version and the roots of the two modalities (either may be None)."""
+  version: str  # "v1" | "v2"
+  s1_root: str | None
+  s2_root: str | None
+  metadata: tuple[str, ...] = ()  # v2: the parquet files found
+
+
+def _has_band_files(d: str) -> bool:
+  return any(n.endswith(".tif") for n in os.listdir(d))
+
+
+def _first_subdir(root: str) -> str | None:
+  for n in sorted(os.listdir(root)):
+    if os.path.isdir(os.path.join(root, n)):
+      return os.path.join(root, n)
+  return None
+
+
+def detect(src: str) -> Layout:
+  """v1 or v2 from the layout: v2 has metadata.parquet and product/patch nesting, v1 flat patch folders with
+  `*_labels_metadata.json`. Anything else is a one-line error naming the folder."""
+  if not os.path.isdir(src):
+    raise FileNotFoundError(f"--src={src} is not a directory; point it at the extracted BigEarthNet folder.")
+  s1_root, s2_root = _find_root(src, S1_DIRS), _find_root(src, S2_DIRS)
+  parquets = tuple(os.path.join(src, n) for n in (V2_METADATA, V2_METADATA_FLAGGED)
+                   if os.path.exists(os.path.join(src, n)))
+  roots = [r for r in (s2_root, s1_root) if r]
+  if not roots:
+    raise FileNotFoundError(f"--src={src} holds neither an S1 folder {S1_DIRS} nor an S2 folder {S2_DIRS}; point "
+                            "it at the directory that contains the extracted BigEarthNet archives (v1 or v2.0).")
+  first = _first_subdir(roots[0])
+  if first is None:
+    raise FileNotFoundError(f"{roots[0]} holds no patch folders; is the BigEarthNet archive fully extracted?")
+  flat = _has_band_files(first)  # v1: <root>/<patch>/*.tif; v2: <root>/<product>/<patch>/*.tif
+  nested = not flat and (inner := _first_subdir(first)) is not None and _has_band_files(inner)
+  if flat and not parquets:
+    return Layout("v1", s1_root, s2_root)
+  if nested and parquets:
+    if os.path.join(src, V2_METADATA) not in parquets:
+      raise FileNotFoundError(f"{src} has {V2_METADATA_FLAGGED} but no {V2_METADATA}; download both parquet "
+                              "files of BigEarthNet v2.0 into that folder.")
+    return Layout("v2", s1_root, s2_root, parquets)
+  if nested:
+    raise FileNotFoundError(f"{src} has the BigEarthNet v2.0 product/patch folders but no {V2_METADATA}; download "
+                            f"it (and {V2_METADATA_FLAGGED}) from bigearth.net into {src}.")
+  raise FileNotFoundError(f"{src} is neither BigEarthNet v1 (flat patch folders like {first}) without parquet files "
+                          f"nor v2.0 (<product>/<patch>/ folders with {V2_METADATA}); fix the folder layout.")
+
+
+def block_key(name: str) -> str:
+  """The spatial block a patch belongs to, for `--split=hash:`: its Sentinel-2 tile (v2 patch ids end in
+  `_T<tile>_<row>_<col>`; S1 names in `_<tile>_<row>_<col>`); v1 S2 names carry no tile, so their block is the S2
+  product (one tile acquisition). Patches of one block always share a split."""
+  parts = name.split("_")
+  if len(parts) >= 3 and parts[-1].isdigit() and parts[-2].isdigit():
+    tile = parts[-3]
+    if re.fullmatch(r"T?\d{2}[A-Z]{3}", tile):
+      return tile.lstrip("T")
+    return "_".join(parts[:-2])
+  return name
 
 
 def _find_root(src: str, names: tuple[str, ...]) -> str | None:
@@ -116,14 +217,169 @@ def read_split_lists(splits_dir: str) -> dict[str, str]:
   return lookup
 
 
-def list_items(src: str, *, split: str = "train", splits_dir: str | None = None, unlisted_split: str = "",
-               workers: int = 0) -> tuple[list[Item], dict]:
-  """Pairs the patches of `src`; returns (items sorted by id, warning counts)."""
-  s1_root, s2_root = _find_root(src, S1_DIRS), _find_root(src, S2_DIRS)
-  if s1_root is None and s2_root is None:
-    raise FileNotFoundError(f"--src={src} holds neither an S1 folder {S1_DIRS} nor an S2 folder {S2_DIRS}; point "
-                            "it at the directory that contains the extracted BigEarthNet-MM archives.")
-  s1, s2 = _patch_dirs(s1_root), _patch_dirs(s2_root)
+def read_v2_metadata(paths: tuple[str, ...]) -> list[dict]:
+  """Rows of reBEN's parquet files (the flagged-patches file appended), checked for the expected columns."""
+  import pyarrow.parquet as pq  # lazy: only v2 needs it
+
+  rows: list[dict] = []
+  for path in paths:
+    try:
+      table = pq.read_table(path)
+    except Exception as e:
+      raise ValueError(f"cannot read {path}: {e}") from None
+    missing = [c for c in V2_COLUMNS if c not in table.column_names]
+    if missing:
+      raise ValueError(f"{path} lacks column(s) {missing} (it has {table.column_names}); expected BigEarthNet "
+                       f"v2.0's {list(V2_COLUMNS)}: download the parquet file again from bigearth.net.")
+    rows.extend(table.select(list(V2_COLUMNS)).to_pylist())
+  return rows
+
+
+def read_exclude_lists(exclude_dir: str) -> dict[str, set[str]]:
+  """v1's official lists: flag -> patch names (first field of each row; a header line names no patch)."""
+  out = {}
+  for flag, fname in V1_EXCLUDE_FILES.items():
+    path = os.path.join(exclude_dir, fname)
+    if os.path.exists(path):
+      with open(path, newline="") as f:
+        out[flag] = {row[0].strip() for row in csv.reader(f) if row and row[0].strip()}
+  if not out:
+    raise FileNotFoundError(f"--exclude_lists={exclude_dir} holds none of {sorted(V1_EXCLUDE_FILES.values())}; "
+                            "download them from bigearth.net (BigEarthNet v1 downloads).")
+  return out
+
+
+class _Splitter:
+  """The split of a patch: official (v2 column / v1 lists), one name, or a tile-blocked hash."""
+
+  def __init__(self, split: str | None, splits_dir: str | None, unlisted_split: str, version: str):
+    self.lookup = read_split_lists(splits_dir) if splits_dir else None
+    self.official = (split in (None, "", "official")) and self.lookup is None and version == "v2"
+    if split == "official" and version == "v1" and self.lookup is None:
+      raise ValueError("--split=official needs --splits_dir with v1's train.csv/val.csv/test.csv (v2 carries its "
+                       "splits in metadata.parquet).")
+    self.spec = None if (self.official or self.lookup is not None) else convert.parse_split_spec(
+        "train" if split in (None, "", "official") else split)
+    self.unlisted_split = unlisted_split
+    self.warnings: dict[str, int] = collections.Counter()
+
+  def __call__(self, *names, block: str, official: str | None = None):
+    if self.official:
+      return official
+    if self.lookup is None:
+      return convert.split_of(block_key(block), self.spec)
+    for n in names:
+      if n and n in self.lookup:
+        return self.lookup[n]
+    if self.unlisted_split:
+      return self.unlisted_split
+    self.warnings["not_in_splits"] += 1
+    return None
+
+
+def list_items(src: str, *, split: str | None = None, splits_dir: str | None = None, unlisted_split: str = "",
+               workers: int = 0, keep_cloudy: bool = False, exclude_lists: str | None = None
+               ) -> tuple[list[Item], dict]:
+  """Pairs the patches of `src`; returns (items sorted by id, report: warnings, version, exclusion counts)."""
+  layout = detect(src)
+  splitter = _Splitter(split, splits_dir, unlisted_split, layout.version)
+  if layout.version == "v2":
+    if exclude_lists:
+      raise ValueError("--exclude_lists is for BigEarthNet v1; v2.0's metadata.parquet flags cloudy and snowy "
+                       "patches itself.")
+    items, exclusion = _list_v2(layout, splitter, keep_cloudy)
+  else:
+    items, exclusion = _list_v1(layout, splitter, workers, keep_cloudy, exclude_lists)
+  items.sort(key=lambda it: it.name)
+  report = {"version": layout.version, "warnings": dict(sorted(splitter.warnings.items())), "exclusion": exclusion}
+  return items, report
+
+
+def _exclusion_report(flag_sets: dict[str, set[str]], keep_cloudy: bool, source: str):
+  """(is_excluded(names) -> bool, report dict with counts filled in as patches are checked)."""
+  report = {"applied": not keep_cloudy, "source": source, "excluded_cloud_or_shadow": 0, "excluded_seasonal_snow": 0,
+            "excluded": 0, "kept_flagged": 0}
+
+  def check(*names) -> bool:
+    hits = {flag for flag, s in flag_sets.items() for n in names if n and n in s}
+    if not hits:
+      return False
+    if keep_cloudy:
+      report["kept_flagged"] += 1
+      return False
+    for flag in hits:
+      report[f"excluded_{flag}"] += 1
+    report["excluded"] += 1
+    return True
+
+  return check, report
+
+
+def _tree(root: str | None, nested: bool) -> dict[str, str]:
+  """patch name -> folder: v1 <root>/<patch>, v2 <root>/<product>/<patch>."""
+  if root is None:
+    return {}
+  if not nested:
+    return _patch_dirs(root)
+  out = {}
+  for product in sorted(os.listdir(root)):
+    out.update(_patch_dirs(os.path.join(root, product)) if os.path.isdir(os.path.join(root, product)) else {})
+  return out
+
+
+def _list_v2(layout: Layout, split_for: _Splitter, keep_cloudy: bool) -> tuple[list[Item], dict]:
+  rows = read_v2_metadata(layout.metadata)
+  if keep_cloudy and os.path.join(os.path.dirname(layout.metadata[0]), V2_METADATA_FLAGGED) not in layout.metadata:
+    logging.warning("BigEarthNet v2.0: --keep_cloudy without %s: the cloudy/snowy patches have no metadata row and "
+                    "cannot be kept; download that file next to %s.", V2_METADATA_FLAGGED, V2_METADATA)
+  s1, s2 = _tree(layout.s1_root, True), _tree(layout.s2_root, True)
+  logging.info("BigEarthNet v2.0: %d metadata rows, %d S1 and %d S2 patch folders", len(rows), len(s1), len(s2))
+  flagged = {"cloud_or_shadow": {r["patch_id"] for r in rows if r["contains_cloud_or_shadow"]},
+             "seasonal_snow": {r["patch_id"] for r in rows if r["contains_seasonal_snow"]}}
+  excluded, exclusion = _exclusion_report(flagged, keep_cloudy, "metadata parquet flags")
+  warnings = split_for.warnings
+  items, seen = [], set()
+  for r in rows:
+    pid, s1_name = r["patch_id"], r["s1_name"]
+    if pid in seen:
+      raise ValueError(f"{layout.metadata[0]}: patch_id {pid} appears twice in the metadata; download the parquet "
+                       "files again.")
+    seen.add(pid)
+    if excluded(pid):
+      continue
+    official = V2_SPLITS.get(r["split"])
+    if split_for.official and official is None:
+      raise ValueError(f"{layout.metadata[0]}: patch {pid} has split {r['split']!r}, not one of {sorted(V2_SPLITS)}.")
+    split = split_for(pid, s1_name, r["s2v1_name"], block=pid, official=official)  # v1 lists name s2v1_name
+    if split is None:
+      continue
+    meta = (("country", r["country"]), ("s2v1_id", r["s2v1_name"]))
+    labels = tuple(r["labels"] or ())
+    s1_dir, s2_dir = s1.get(s1_name), s2.get(pid)
+    if s2_dir is None and s1_dir is None:
+      warnings["in_metadata_but_no_folder"] += 1
+      continue
+    if s2_dir is None:
+      warnings["s2_patch_missing"] += 1
+      items.append(Item(s1_name, split, s1_dir, None, pid, "v2", labels, meta))
+      continue
+    if s1_dir is None:
+      warnings["s1_partner_missing"] += 1
+    items.append(Item(pid, split, s1_dir, s2_dir, None, "v2", labels, meta))
+  listed_s1 = {r["s1_name"] for r in rows}
+  for name in s2:
+    if name not in seen:
+      warnings["s2_folder_not_in_metadata"] += 1
+  for name in s1:
+    if name not in listed_s1:
+      warnings["s1_folder_not_in_metadata"] += 1
+  exclusion["flagged_in_metadata"] = len(flagged["cloud_or_shadow"] | flagged["seasonal_snow"])
+  return items, exclusion
+
+
+def _list_v1(layout: Layout, split_for: _Splitter, workers: int, keep_cloudy: bool,
+             exclude_lists: str | None) -> tuple[list[Item], dict]:
+  s1, s2 = _patch_dirs(layout.s1_root), _patch_dirs(layout.s2_root)
   logging.info("BigEarthNet-MM: %d S1 and %d S2 patch folders; reading S1 metadata for the pairing", len(s1), len(s2))
   dirs = list(s1.values())
   if workers and len(dirs) > 256:
@@ -132,41 +388,47 @@ def list_items(src: str, *, split: str = "train", splits_dir: str | None = None,
   else:
     partners = [_partner(d) for d in dirs]
 
-  warnings: dict[str, int] = collections.Counter()
-  lookup = read_split_lists(splits_dir) if splits_dir else None
-  spec = convert.parse_split_spec(split)
+  if exclude_lists:
+    lists = read_exclude_lists(exclude_lists)
+    known = set(s1) | set(s2) | {p for p in partners if p}
+    if not any(n in known for s in lists.values() for n in s):
+      raise ValueError(f"the exclusion lists in {exclude_lists} name none of the {len(known)} patches under the "
+                       "source; are they BigEarthNet v1's lists for this data?")
+    excluded, exclusion = _exclusion_report(lists, keep_cloudy, f"official v1 lists in {exclude_lists}")
+  else:
+    excluded, exclusion = _exclusion_report({}, keep_cloudy, "none")
+    if not keep_cloudy:
+      exclusion["applied"] = False
+      exclusion["warning"] = ("BigEarthNet v1 without --exclude_lists: patches with cloud, shadow or seasonal snow "
+                              "are KEPT; pass --exclude_lists=DIR with the official patches_with_cloud_and_shadow.csv "
+                              "and patches_with_seasonal_snow.csv to drop them (or --keep_cloudy to keep them on "
+                              "purpose).")
+      logging.warning("BigEarthNet-MM: %s", exclusion["warning"])
 
-  def split_for(*names):
-    if lookup is None:
-      return convert.split_of(names[0], spec)
-    for n in names:
-      if n and n in lookup:
-        return lookup[n]
-    if unlisted_split:
-      return unlisted_split
-    warnings["not_in_splits"] += 1
-    return None
-
+  warnings = split_for.warnings
   items, claimed = [], set()
   for (s1_name, s1_dir), partner in zip(s1.items(), partners):
     if partner and partner in s2 and partner not in claimed:
       claimed.add(partner)
-      item = Item(partner, split_for(partner, s1_name), s1_dir, s2[partner])
+      if excluded(partner, s1_name):
+        continue
+      item = Item(partner, split_for(partner, s1_name, block=partner), s1_dir, s2[partner])
     else:
+      if excluded(s1_name, partner):
+        continue
       if partner in claimed:
         warnings["s2_patch_named_by_several_s1"] += 1
       elif partner:
         warnings["s1_partner_missing"] += 1
-      item = Item(s1_name, split_for(s1_name, partner), s1_dir, None, partner)
+      item = Item(s1_name, split_for(s1_name, partner, block=partner or s1_name), s1_dir, None, partner)
     if item.split is not None:
       items.append(item)
   for s2_name, s2_dir in s2.items():
-    if s2_name not in claimed:
-      item = Item(s2_name, split_for(s2_name), None, s2_dir)
+    if s2_name not in claimed and not excluded(s2_name):
+      item = Item(s2_name, split_for(s2_name, block=s2_name), None, s2_dir)
       if item.split is not None:
         items.append(item)
-  items.sort(key=lambda it: it.name)
-  return items, dict(sorted(warnings.items()))
+  return items, exclusion
 
 
 def _read_s2(patch_dir: str) -> tuple[np.ndarray, dict]:
@@ -183,7 +445,9 @@ def _read_s2(patch_dir: str) -> tuple[np.ndarray, dict]:
       raise BadInput(f"{path}: band {band} has shape {arr.shape}, expected {want} for a "
                      f"{bands_lib.BANDS[band].resolution_m} m band of a {size} patch (from its B02)")
     if arr.dtype != np.uint16:
-      raise BadInput(f"{path}: band {band} has dtype {arr.dtype}, expected uint16 (L2A reflectance x 1e4)")
+      if not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() > 65535:
+        raise BadInput(f"{path}: band {band} has dtype {arr.dtype}, expected uint16 (L2A reflectance x 1e4)")
+      arr = arr.astype(np.uint16)  # integer files (some v2 tools write int16) with reflectances in range
     out[..., c] = geotiff.to_grid(arr, size, path)
   if not out.any():
     raise BadInput(f"{patch_dir}: all 12 S2 bands are zero (no data)")
@@ -196,17 +460,33 @@ def _read_s1(patch_dir: str) -> tuple[np.ndarray, np.ndarray | None, dict]:
   for pol in bands_lib.S1_BANDS:
     path = os.path.join(patch_dir, f"{name}_{pol}.tif")
     arr, band_info = geotiff.read(path, 1)
-    if arr.dtype != np.float32:
+    if not np.issubdtype(arr.dtype, np.floating):
       raise BadInput(f"{path}: dtype {arr.dtype}, expected float32 backscatter in dB")
+    arr = arr.astype(np.float32, copy=False)
     if arrs and arr.shape != arrs[0].shape:
       raise BadInput(f"{path}: shape {arr.shape} differs from the VV band's {arrs[0].shape}")
     arrs.append(arr)
     info = info or band_info
   s1, valid = records.clean_s1(np.stack(arrs, axis=-1))
   if valid is not None and 1.0 - valid.mean() > MAX_INVALID_S1_FRACTION:
-    raise BadInput(f"{patch_dir}: {100 * (1 - valid.mean()):.0f}% of the S1 pixels are no-data (NaN/inf) in "
-                   f"{name}_VV.tif/{name}_VH.tif")
-  return s1, valid, info
+    return None, None, info, (f"{patch_dir}: {100 * (1 - valid.mean()):.0f}% of the S1 pixels are no-data "
+                              f"(NaN/inf) in {name}_VV.tif/{name}_VH.tif")
+  return s1, valid, info, ""
+
+
+def _attach_s1(item: Item, record: dict, meta: dict) -> dict | None:
+  """Reads the item's S1 into the record; returns its GeoTIFF info, or None when the S1 was dropped as mostly
+  no-data (the pair stays S2-only; an S1-only patch is bad input)."""
+  s1, valid, info, dropped = _read_s1(item.s1_dir)
+  if s1 is None:
+    if not item.s2_dir:
+      raise BadInput(dropped)
+    meta["s1_dropped"] = dropped
+    return None
+  record["s1"], record["s1_bands"] = s1, bands_lib.S1_BANDS
+  if valid is not None:
+    record["s1_valid"] = valid
+  return info
 
 
 def _epsg(wkt: str, path: str) -> int:
@@ -236,11 +516,21 @@ def _lonlat(epsg: int, bounds: list[float]) -> tuple[float, float]:
   return round(lon[0], 6), round(lat[0], 6)
 
 
+def _time_from_name(name: str | None) -> str | None:
+  """'S2A_MSIL2A_20170613T101031_...' -> '2017-06-13T10:10:31Z' (v2 has no per-patch JSON; names carry the
+  product's sensing start in UTC)."""
+  m = re.search(r"_(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})_", name or "")
+  return "{}-{}-{}T{}:{}:{}Z".format(*m.groups()) if m else None
+
+
 def build(item: Item) -> list[tuple[str, dict]]:
   """One BigEarthNet patch (or pair) -> [(split, record)]; raises BadInput naming the file on bad data."""
+  if item.version == "v2":
+    return _build_v2(item)
   record: dict = {"id": item.name}
   meta: dict = {"id": item.name, "source": SOURCE, "licence": LICENCE}
   geo_meta = geo_path = None
+  s1_info = s2_info = None
   if item.s2_dir:
     s2_meta, geo_path = read_metadata(item.s2_dir), _metadata_path(item.s2_dir)
     geo_meta = s2_meta
@@ -252,22 +542,12 @@ def build(item: Item) -> list[tuple[str, dict]]:
     s1_meta = read_metadata(item.s1_dir)
     if geo_meta is None:
       geo_meta, geo_path = s1_meta, _metadata_path(item.s1_dir)
-    record["s1"], valid, s1_info = _read_s1(item.s1_dir)
-    if valid is not None:
-      record["s1_valid"] = valid
-    record["s1_bands"] = bands_lib.S1_BANDS
+    s1_info = _attach_s1(item, record, meta)
     meta["s1_id"] = os.path.basename(item.s1_dir)
     meta["s1_time"] = _iso_utc(s1_meta.get("acquisition_time"))
     if item.s2_ref and not item.s2_dir:
       meta["s2_id_missing"] = item.s2_ref
-  if item.s1_dir and item.s2_dir:
-    if record["s1"].shape[:2] != record["s2"].shape[:2]:
-      raise BadInput(f"{item.s1_dir}: S1 grid {record['s1'].shape[:2]} differs from the S2 grid "
-                     f"{record['s2'].shape[:2]} of {item.s2_dir}")
-    if s1_info["crs"] != s2_info["crs"] or np.abs(np.subtract(s1_info["bounds"], s2_info["bounds"])).max() > \
-        GRID_TOLERANCE_M:
-      raise BadInput(f"{item.s1_dir}: S1 footprint {s1_info['crs']} {s1_info['bounds']} differs from its S2 "
-                     f"partner's {s2_info['crs']} {s2_info['bounds']} ({item.s2_dir})")
+  _check_pair(item, record, s1_info, s2_info)
   try:
     record["labels"] = bigearthnet_labels.labels_from_names(geo_meta["labels"])
   except ValueError as e:
@@ -280,25 +560,81 @@ def build(item: Item) -> list[tuple[str, dict]]:
   return [(item.split, record)]
 
 
+def _check_pair(item: Item, record: dict, s1_info: dict | None, s2_info: dict | None) -> None:
+  if "s1" not in record or "s2" not in record:
+    return
+  if record["s1"].shape[:2] != record["s2"].shape[:2]:
+    raise BadInput(f"{item.s1_dir}: S1 grid {record['s1'].shape[:2]} differs from the S2 grid "
+                   f"{record['s2'].shape[:2]} of {item.s2_dir}")
+  if s1_info["crs"] != s2_info["crs"] or np.abs(np.subtract(s1_info["bounds"], s2_info["bounds"])).max() > \
+      GRID_TOLERANCE_M:
+    raise BadInput(f"{item.s1_dir}: S1 footprint {s1_info['crs']} {s1_info['bounds']} differs from its S2 "
+                   f"partner's {s2_info['crs']} {s2_info['bounds']} ({item.s2_dir})")
+
+
+def _build_v2(item: Item) -> list[tuple[str, dict]]:
+  """A reBEN patch: pixels from the GeoTIFFs, labels/country from the metadata row, CRS and bounds from the
+  GeoTIFF (v2 ships no per-patch JSON), times from the product names."""
+  from data_prep import chip_io  # lazy: rasterio's warp only in workers
+
+  record: dict = {"id": item.name}
+  meta: dict = {"id": item.name, "source": SOURCE_V2, "licence": LICENCE, **dict(item.meta)}
+  s1_info = s2_info = None
+  if item.s2_dir:
+    record["s2"], s2_info = _read_s2(item.s2_dir)
+    record["s2_bands"] = bands_lib.S2_L2A_BANDS
+    meta["s2_id"] = os.path.basename(item.s2_dir)
+    meta["s2_time"] = _time_from_name(meta["s2_id"])
+  if item.s1_dir:
+    s1_info = _attach_s1(item, record, meta)
+    meta["s1_id"] = os.path.basename(item.s1_dir)
+    meta["s1_time"] = _time_from_name(meta["s1_id"])
+    if item.s2_ref and not item.s2_dir:
+      meta["s2_id_missing"] = item.s2_ref
+  _check_pair(item, record, s1_info, s2_info)
+  try:
+    record["labels"] = {"ben19": bigearthnet_labels.ben19_indices(item.labels or ())}
+  except ValueError as e:
+    raise BadInput(f"{V2_METADATA} row {item.s2_ref or item.name}: {e}") from None
+  meta.update(chip_io.geo_meta(s2_info or s1_info))
+  record["meta"] = meta
+  return [(item.split, record)]
+
+
 def convert_dataset(src: str, out: str, *, num_shards: int = 4, on_bad: str = "fail", workers: int = 0,
-                    split: str = "train", splits_dir: str | None = None, unlisted_split: str = "") -> dict:
-  """Converts a BigEarthNet-MM folder to a dataset directory; returns the manifest."""
-  items, warnings = list_items(src, split=split, splits_dir=splits_dir, unlisted_split=unlisted_split,
-                               workers=workers)
-  extra_counts = {"no_ben19_labels": 0}
+                    split: str | None = None, splits_dir: str | None = None, unlisted_split: str = "",
+                    keep_cloudy: bool = False, exclude_lists: str | None = None) -> dict:
+  """Converts a BigEarthNet v1 or v2.0 folder to a dataset directory; returns the manifest."""
+  items, report = list_items(src, split=split, splits_dir=splits_dir, unlisted_split=unlisted_split,
+                             workers=workers, keep_cloudy=keep_cloudy, exclude_lists=exclude_lists)
+  v2 = report["version"] == "v2"
+  exclusion = report["exclusion"]
+  extra_counts = {"no_ben19_labels": 0, **{k: exclusion[k] for k in ("excluded", "excluded_cloud_or_shadow",
+                                                                      "excluded_seasonal_snow", "kept_flagged")}}
+
+  extra_counts["s1_dropped"] = 0
 
   def count(_, record):
     if not record["labels"]["ben19"]:
       extra_counts["no_ben19_labels"] += 1
+    extra_counts["s1_dropped"] += "s1_dropped" in record["meta"]
 
   args = dict(src=os.path.abspath(src), split=split, splits_dir=splits_dir and os.path.abspath(splits_dir),
-              unlisted_split=unlisted_split, num_shards=num_shards, on_bad=on_bad)
-  writer = DatasetWriter(out, num_shards=num_shards, source=SOURCE, licence=LICENCE,
+              unlisted_split=unlisted_split, num_shards=num_shards, on_bad=on_bad, keep_cloudy=keep_cloudy,
+              exclude_lists=exclude_lists and os.path.abspath(exclude_lists))
+  info = {"version": "2.0" if v2 else "1.0", "layout": "reBEN metadata.parquet + nested product/patch folders"
+          if v2 else "BigEarthNet-MM per-patch labels_metadata.json", "splits": "official metadata.parquet split"
+          if v2 and not splits_dir and split in (None, "", "official") else "as args say",
+          "exclusion": {k: v for k, v in exclusion.items() if not k.startswith(("excluded", "kept_flagged"))}}
+  writer = DatasetWriter(out, num_shards=num_shards, source=SOURCE_V2 if v2 else SOURCE, licence=LICENCE,
                          created_by="data_prep.bigearthnet_mm", args=args,
-                         label_sets=bigearthnet_labels.LABEL_SETS, extra={"warnings": warnings},
-                         extra_counts=extra_counts)
-  for k, v in warnings.items():
-    logging.warning("BigEarthNet-MM: %s: %d patches", k, v)
+                         label_sets=bigearthnet_labels.LABEL_SETS_V2 if v2 else bigearthnet_labels.LABEL_SETS,
+                         extra={"warnings": report["warnings"], "bigearthnet": info}, extra_counts=extra_counts)
+  for k, v in report["warnings"].items():
+    logging.warning("BigEarthNet: %s: %d patches", k, v)
+  logging.info("BigEarthNet %s: %d items; excluded %d flagged patches (cloud/shadow %d, seasonal snow %d)",
+               info["version"], len(items), exclusion["excluded"], exclusion["excluded_cloud_or_shadow"],
+               exclusion["excluded_seasonal_snow"])
   return convert.run(items, build, writer, on_bad=on_bad, workers=workers, desc="bigearthnet_mm", on_record=count)
 
 
@@ -307,13 +643,18 @@ FLAGS = flags.FLAGS
 
 def _define_flags():
   convert.define_common_flags()
-  flags.DEFINE_string("src", None, "BigEarthNet-MM root holding BigEarthNet-S1[-v1.0]/ and BigEarthNet-S2/ "
-                      "(or BigEarthNet-v1.0/).")
-  flags.DEFINE_string("split", "train", "One split name, or 'hash:0.8,0.1,0.1' (train/val/test by a stable hash "
-                      "of the record id). Ignored with --splits_dir.")
-  flags.DEFINE_string("splits_dir", None, "Directory with the official train.csv, val.csv, test.csv patch lists.")
+  flags.DEFINE_string("src", None, "BigEarthNet root: v2.0 (metadata.parquet, BigEarthNet-S1/, BigEarthNet-S2/) or "
+                      "v1 (BigEarthNet-S1[-v1.0]/ and BigEarthNet-S2/ or BigEarthNet-v1.0/).")
+  flags.DEFINE_string("split", None, "'official' (default for v2: metadata.parquet's split), one split name "
+                      "(default for v1: train), or 'hash:0.8,0.1,0.1' (train/val/test by a stable hash of the tile). "
+                      "Ignored with --splits_dir.")
+  flags.DEFINE_string("splits_dir", None, "v1: directory with the official train.csv, val.csv, test.csv lists.")
   flags.DEFINE_string("unlisted_split", "", "With --splits_dir: split for patches in none of the lists "
                       "('' = drop them; they are counted in manifest warnings.not_in_splits).")
+  flags.DEFINE_bool("keep_cloudy", False, "Keep patches flagged with cloud, shadow or seasonal snow (dropped by "
+                    "default, as the dataset's authors do), e.g. for pretraining.")
+  flags.DEFINE_string("exclude_lists", None, "v1: directory with the official patches_with_cloud_and_shadow.csv and "
+                      "patches_with_seasonal_snow.csv (v2 reads its parquet flags).")
   flags.mark_flag_as_required("src")
 
 
@@ -322,7 +663,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments {argv[1:]}; use --src=DIR --out=DIR.")
   convert.run_cli("bigearthnet_mm", "convert_dataset", src=FLAGS.src, out=FLAGS.out, num_shards=FLAGS.num_shards,
                   on_bad=FLAGS.on_bad, workers=FLAGS.workers, split=FLAGS.split, splits_dir=FLAGS.splits_dir,
-                  unlisted_split=FLAGS.unlisted_split)
+                  unlisted_split=FLAGS.unlisted_split, keep_cloudy=FLAGS.keep_cloudy,
+                  exclude_lists=FLAGS.exclude_lists)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ from mmrs import bands as bands_lib
 from mmrs.data import records
 
 # A record's S1 with more than this fraction of no-data pixels is dropped (the record keeps its S2 and labels):
-# the same threshold `records.validate` enforces.
-MAX_S1_NODATA_FRACTION = 0.5
+# the same threshold `records.validate` and the pipeline enforce.
+MAX_S1_NODATA_FRACTION = records.MAX_S1_NODATA_FRACTION
 
 
 def as_uint16(arr: np.ndarray, path: str) -> tuple[np.ndarray, int]:

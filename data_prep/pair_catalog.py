@@ -28,6 +28,15 @@ revisits of one place); --exclusive_s1 instead matches one-to-one, greedily by s
 never chosen are counted (`counts.unmatched_s1`) and written as S1-only only with --write_s1_only.
 manifest.json gets `counts.unmatched_s1` and a `pairing` section (settings, why S2 chips stayed unpaired, rejected
 candidates, time differences).
+
+S2 processing baseline 04.00 (products from 25 January 2022 on, and the reprocessed Collection-1 archive) stores
+DN = 10000 * reflectance + 1000 (ESA's BOA_ADD_OFFSET / RADIO_ADD_OFFSET = -1000). Records keep the pre-04.00 scale,
+so such chips are harmonized: DN - 1000 for measured pixels (kept >= 1, so a dark pixel never turns into the
+no-data value 0), 0 stays 0. The offset is read, per S2 row, from an optional catalog column `add_offset` (e.g.
+-1000; also spelled boa_add_offset / radio_add_offset), else `processing_baseline` (e.g. 04.00, 5.09, N0400), else
+the `_N<baseline>_` field of an S2 product name in the path or id. Without any of them a chip is left as is
+(`--harmonize=date` instead assumes the offset for acquisitions from 2022-01-25); `pairing.harmonization` counts how
+each chip was decided, and `meta.s2_offset_removed` marks harmonized records.
 """
 from __future__ import annotations
 
@@ -39,6 +48,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 
 import numpy as np
 from absl import app, flags, logging
@@ -53,6 +63,10 @@ EARTH_RADIUS_M = 6_371_008.8
 METRES_PER_DEGREE = 111_320.0
 MAX_INVALID_S1_FRACTION = 0.5
 BOUNDS_KEYS = ("minx", "miny", "maxx", "maxy", "crs")
+BASELINE_04_START = dt.datetime(2022, 1, 25, tzinfo=dt.timezone.utc)  # first products with the +1000 DN offset
+S2_OFFSET_DN = 1000
+OFFSET_KEYS = ("add_offset", "boa_add_offset", "radio_add_offset")
+_PRODUCT_BASELINE = re.compile(r"_N(\d{2})(\d{2})(?=[_./]|$)")
 
 
 class CatalogError(ValueError):
@@ -71,6 +85,8 @@ class Chip:
   lat: float | None = None
   bounds: tuple[float, float, float, float] | None = None
   crs: str | None = None
+  baseline: float | None = None  # S2 processing baseline from the catalog (4.0 = 04.00)
+  add_offset: float | None = None  # S2 DN offset from the catalog (-1000 from baseline 04.00)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +108,7 @@ class Item:
   s2_probe: Probe | None = None
   s1: Chip | None = None
   s1_probe: Probe | None = None
+  s2_offset: int = 0  # DN removed from the S2 chip to harmonize baseline >= 04.00 to the old scale
 
 
 # ---------------------------------------------------------------- catalog
@@ -141,10 +158,42 @@ def _chip(r: dict, row: str, base: str) -> Chip:
     kw["bounds"], kw["crs"] = b, _canonical_crs(str(r["crs"]), row)
   if not kw:
     raise CatalogError(f"{row}: no place: give lon,lat or minx,miny,maxx,maxy,crs.")
+  off = next((k for k in OFFSET_KEYS if k in present), None)
+  if off:
+    kw["add_offset"] = _float(r, off, row)
+  if "processing_baseline" in present:
+    kw["baseline"] = _baseline(str(r["processing_baseline"]), row)
   rel = str(r["path"])
   path = os.path.normpath(os.path.join(base, rel))
   rid = str(r["id"]) if "id" in present else _default_id(path, base)
   return Chip(row, path, rel, rid, modality, _parse_time(r["time"], row), **kw)
+
+
+def _baseline(value: str, row: str) -> float:
+  """'04.00' | '4.0' | 'N0400' -> 4.0."""
+  v = value.strip().upper()
+  m = re.fullmatch(r"N?(\d{2})(\d{2})", v)
+  try:
+    return float(f"{m.group(1)}.{m.group(2)}") if m else float(v)
+  except ValueError:
+    raise CatalogError(f"{row}: processing_baseline {value!r} is not a baseline like 04.00 or N0400.") from None
+
+
+def s2_offset(chip: Chip, mode: str = "auto") -> tuple[int, str]:
+  """(DN to remove, how it was decided) for an S2 chip: catalog offset, catalog baseline, product name, or (mode
+  'date') the acquisition date; 'unknown' when nothing says."""
+  if mode == "off":
+    return 0, "off"
+  if chip.add_offset is not None:
+    return int(round(-chip.add_offset)) if chip.add_offset < 0 else 0, "catalog add_offset"
+  if chip.baseline is not None:
+    return (S2_OFFSET_DN if chip.baseline >= 4.0 else 0), "catalog processing_baseline"
+  m = _PRODUCT_BASELINE.search(chip.rel) or _PRODUCT_BASELINE.search(chip.id)
+  if m:
+    return (S2_OFFSET_DN if int(m.group(1)) >= 4 else 0), "product name"
+  if mode == "date" and chip.time >= BASELINE_04_START:
+    return S2_OFFSET_DN, "acquisition date"
+  return 0, "unknown"
 
 
 def _default_id(path: str, base: str) -> str:
@@ -380,6 +429,13 @@ def _read_s2(chip: Chip, pr: Probe) -> np.ndarray:
   return np.ascontiguousarray(arr)
 
 
+def harmonize(arr: np.ndarray, offset: int) -> np.ndarray:
+  """Removes a baseline >= 04.00 DN offset: measured pixels DN - offset (at least 1), no-data 0 stays 0."""
+  if not offset:
+    return arr
+  return np.where(arr == 0, 0, np.maximum(arr.astype(np.int32) - offset, 1)).astype(np.uint16)
+
+
 def _read_s1(chip: Chip, pr: Probe) -> tuple[np.ndarray, np.ndarray | None]:
   arr, _ = geotiff.read(chip.path)
   arr = arr[..., [pr.bands.index(b) for b in bands_lib.S1_BANDS]]
@@ -395,7 +451,9 @@ def build(item: Item, source: str = "", licence: str = "") -> list[tuple[str, di
   meta: dict = {"id": item.name, "source": source, "licence": licence}
   main, main_probe = (item.s2, item.s2_probe) if item.s2 else (item.s1, item.s1_probe)
   if item.s2:
-    record["s2"] = _read_s2(item.s2, item.s2_probe)
+    record["s2"] = harmonize(_read_s2(item.s2, item.s2_probe), item.s2_offset)
+    if item.s2_offset:
+      meta["s2_offset_removed"] = item.s2_offset
     record["s2_bands"] = tuple(b for b in bands_lib.S2_L1C_BANDS if b in item.s2_probe.bands)
     meta.update(s2_id=item.s2.id, s2_path=item.s2.rel, s2_time=_iso(item.s2.time))
   if item.s1:
@@ -421,8 +479,10 @@ def build(item: Item, source: str = "", licence: str = "") -> list[tuple[str, di
 def convert_catalog(catalog: str, out: str, *, max_days: float = 7.0, place_tol_m: float = 10.0,
                     exclusive_s1: bool = False, write_s1_only: bool = False, split: str = "train",
                     num_shards: int = 4, on_bad: str = "fail", workers: int = 0, source: str = "",
-                    licence: str = "unknown") -> dict:
+                    licence: str = "unknown", harmonize: str = "auto") -> dict:
   """Reads, pairs and converts a catalog; returns the manifest."""
+  if harmonize not in ("auto", "date", "off"):
+    raise ValueError(f"--harmonize={harmonize!r}: use auto (catalog column / product name), date or off.")
   if max_days < 0 or place_tol_m <= 0:
     raise ValueError(f"--max_days must be >= 0 and --place_tol_m > 0, got {max_days} and {place_tol_m}.")
   spec = convert.parse_split_spec(split)
@@ -438,11 +498,19 @@ def convert_catalog(catalog: str, out: str, *, max_days: float = 7.0, place_tol_
   s1 = sorted([g for g in good if g[0].modality == "s1"], key=lambda g: g[0].path)
   chosen, report = pair(s2, s1, max_days=max_days, place_tol_m=place_tol_m, exclusive_s1=exclusive_s1)
 
-  items = []
+  items, how = [], collections.Counter()
   for j, (chip, pr) in enumerate(s2):
     i = chosen.get(j)
     partner = s1[i] if i is not None else (None, None)
-    items.append(Item(chip.id, convert.split_of(chip.id, spec), chip, pr, *partner))
+    offset, why = s2_offset(chip, harmonize)
+    how[f"{why}: {'offset removed' if offset else 'unchanged'}"] += 1
+    if why == "unknown" and chip.time >= BASELINE_04_START:
+      how["unknown baseline after 2022-01-25"] += 1
+    items.append(Item(chip.id, convert.split_of(chip.id, spec), chip, pr, *partner, s2_offset=offset))
+  if how["unknown baseline after 2022-01-25"]:
+    logging.warning("pair_catalog: %d S2 chips from 2022-01-25 on have no processing baseline in the catalog; they "
+                    "may carry the +1000 DN offset of baseline 04.00. Add a processing_baseline or add_offset "
+                    "column, or use --harmonize=date.", how["unknown baseline after 2022-01-25"])
   if write_s1_only:
     used = set(chosen.values())
     items += [Item(c.id, convert.split_of(c.id, spec), s1=c, s1_probe=p)
@@ -453,10 +521,10 @@ def convert_catalog(catalog: str, out: str, *, max_days: float = 7.0, place_tol_
              "exclusive_s1": exclusive_s1, "write_s1_only": write_s1_only,
              "chips": {"s1": sum(c.modality == "s1" for c in chips), "s2": sum(c.modality == "s2" for c in chips)},
              "rejected_chips": dict(sorted(collections.Counter(p.split(":")[0] for _, p in rejected).items())),
-             **report}
+             "harmonization": {"mode": harmonize, **dict(sorted(how.items()))}, **report}
   args = dict(catalog=os.path.abspath(catalog), max_days=max_days, place_tol_m=place_tol_m,
               exclusive_s1=exclusive_s1, write_s1_only=write_s1_only, split=split, num_shards=num_shards,
-              on_bad=on_bad)
+              on_bad=on_bad, harmonize=harmonize)
   writer = DatasetWriter(out, num_shards=num_shards, source=source, licence=licence,
                          created_by="data_prep.pair_catalog", args=args, extra={"pairing": pairing},
                          extra_counts={"unmatched_s1": report["unmatched_s1"]})
@@ -490,6 +558,9 @@ def _define_flags():
   flags.DEFINE_string("split", "train", "One split name, or 'hash:0.8,0.1,0.1' (stable hash of the record id).")
   flags.DEFINE_string("source", "S1/S2 chip catalog", "Source tag written into manifest and record metadata.")
   flags.DEFINE_string("licence", "unknown", "Licence tag of the imagery (e.g. 'Copernicus Sentinel data terms').")
+  flags.DEFINE_enum("harmonize", "auto", ["auto", "date", "off"], "S2 baseline >= 04.00 offset removal: auto (from "
+                    "the catalog's add_offset / processing_baseline column or the product name), date (also assume "
+                    "it from 2022-01-25 on), off.")
   flags.mark_flag_as_required("catalog")
 
 
@@ -499,7 +570,8 @@ def main(argv):
   convert.run_cli("pair_catalog", "convert_catalog", catalog=FLAGS.catalog, out=FLAGS.out,
                   max_days=FLAGS.max_days, place_tol_m=FLAGS.place_tol_m, exclusive_s1=FLAGS.exclusive_s1,
                   write_s1_only=FLAGS.write_s1_only, split=FLAGS.split, num_shards=FLAGS.num_shards,
-                  on_bad=FLAGS.on_bad, workers=FLAGS.workers, source=FLAGS.source, licence=FLAGS.licence)
+                  on_bad=FLAGS.on_bad, workers=FLAGS.workers, source=FLAGS.source, licence=FLAGS.licence,
+                  harmonize=FLAGS.harmonize)
 
 
 if __name__ == "__main__":

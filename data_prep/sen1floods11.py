@@ -16,8 +16,14 @@ Chips are those with a LabelHand file (sorted); each needs its S1Hand and S2Hand
 Splits: from the split CSVs when found (`--splits_dir=auto` looks in <src>/splits/flood_handlabeled, the v1.1
 root's splits/flood_handlabeled, and <src>/splits): train, val (flood_valid), test, bolivia (the held-out
 Bolivia event); a chip listed in several files is written to each; a chip in none goes to split `unlisted`.
-Without split files (or with --splits_dir=none): `--split` (a name, or hash:0.8,0.1,0.1 by chip id, so the tiles
-of a chip stay together).
+Without split files (or with --splits_dir=none): `--split` (a name, or hash:0.8,0.1,0.1 by flood *event*, the
+region prefix of the chip id (Bolivia, Ghana, ...): chips of one event are neighbours, so they share a split, and so
+do the tiles of a chip).
+Files as released (cloudtostreet/Sen1Floods11, docs/README.md): every chip in EPSG:4326; S2Hand int16 with 0 where
+there is no data (chip_io.as_uint16 keeps 0, Sentinel-2's own no-data value); S1Hand float32 dB with NaN no-data.
+Evaluation coverage: the manifest's `coverage` counts, per split, the chips and those whose S1 was dropped (they are
+in the s2_only group: an S1+S2 evaluation reading only the paired group would silently skip them), beside the
+published count (90 test chips in flood_test_data.csv).
 
 Decisions:
 - S1 NaN/inf pixels are filled and flagged in `s1_valid` (records.clean_s1). The mask is NOT changed there: it is
@@ -36,7 +42,7 @@ import dataclasses
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from data_prep import chip_io, splitting
 from data_prep import convert as convert_lib
@@ -47,6 +53,7 @@ from mmrs.data import label_sets, records
 
 SOURCE = "Sen1Floods11 v1.1 hand-labelled chips (Bonafilia et al. 2020), https://github.com/cloudtostreet/Sen1Floods11"
 LICENCE = "CC-BY-4.0"
+PUBLISHED_CHIPS = {"train": 252, "val": 89, "test": 90, "bolivia": 15}  # rows of the v1.1 flood_*_data.csv files
 SPLIT_FILES = {"train": "flood_train_data.csv", "val": "flood_valid_data.csv",
                "test": "flood_test_data.csv", "bolivia": "flood_bolivia_data.csv"}
 _SUFFIXES = ("_S1Hand", "_S2Hand", "_LabelHand")
@@ -86,6 +93,12 @@ def chip_id(file_name: str) -> str:
   return s
 
 
+def event_of(chip: str) -> str:
+  """The flood event of a chip id: its region prefix ('Bolivia_103757' -> 'Bolivia'; Sen1Floods11 has one event per
+  region)."""
+  return chip.split("_")[0]
+
+
 def list_items(src: str, *, tile: int = 0, splits_dir: str = "auto", split: str = "train") -> tuple[list[Item], dict]:
   """One item per labelled chip, with its split(s); plus a split summary for the manifest."""
   hand = hand_dir_of(src)
@@ -100,7 +113,7 @@ def list_items(src: str, *, tile: int = 0, splits_dir: str = "auto", split: str 
   summary = {"splits_dir": splits_dir, "listed_but_missing": [], "unlisted": 0}
   if splits_dir is None:
     spec = convert_lib.parse_split_spec(split)
-    return [Item(c, hand, (convert_lib.split_of(c, spec),), tile) for c in chips], summary
+    return [Item(c, hand, (convert_lib.split_of(event_of(c), spec),), tile) for c in chips], summary
   listed: dict[str, list[str]] = {}
   for name, fname in SPLIT_FILES.items():
     path = os.path.join(splits_dir, fname)
@@ -169,12 +182,31 @@ def convert(src: str, out: str, *, tile: int = 0, splits_dir: str = "auto", spli
   args = dict(src=os.path.abspath(src), tile=tile, splits_dir=summary["splits_dir"], split=split,
               num_shards=num_shards, on_bad=on_bad)
   counts = {"s1_dropped": 0}
+  chips: dict[str, tuple[set, set]] = {}
+  coverage: dict[str, dict] = {}  # filled as records are written; the writer puts it in the manifest at close
+
+  def on_record(split, rec):
+    chip_io.count_s1_dropped(counts, rec)
+    seen, dropped = chips.setdefault(split, (set(), set()))
+    seen.add(rec["meta"]["chip"])
+    if "s1_dropped" in rec["meta"]:
+      dropped.add(rec["meta"]["chip"])
+    coverage[split] = {"chips": len(seen), "chips_with_s1": len(seen - dropped), "s1_dropped_chips": sorted(dropped)}
+    if summary["splits_dir"] and split in PUBLISHED_CHIPS:
+      coverage[split]["published_chips"] = PUBLISHED_CHIPS[split]
+
   writer = DatasetWriter(out, num_shards=num_shards, source=SOURCE, licence=LICENCE,
                          created_by="data_prep.sen1floods11", args=args,
                          label_sets=label_sets.manifest_entry(label_sets.SEN1FLOODS11),
-                         extra={"split_files": summary}, extra_counts=counts)
-  return convert_lib.run(items, build, writer, on_bad=on_bad, workers=workers, desc="sen1floods11",
-                         on_record=lambda _, rec: chip_io.count_s1_dropped(counts, rec))
+                         extra={"split_files": summary, "coverage": coverage}, extra_counts=counts)
+  manifest = convert_lib.run(items, build, writer, on_bad=on_bad, workers=workers, desc="sen1floods11",
+                             on_record=on_record)
+  for split, c in sorted(coverage.items()):
+    if c["chips_with_s1"] < c["chips"] or c["chips"] < c.get("published_chips", 0):
+      logging.warning("Sen1Floods11 %s: %d chips written (published: %s), %d with S1: an S1+S2 evaluation of the "
+                      "paired group scores %d; read the s2_only group too (S2-only fallback) to score all.", split,
+                      c["chips"], c.get("published_chips", "-"), c["chips_with_s1"], c["chips_with_s1"])
+  return manifest
 
 
 def _define_flags():
@@ -183,7 +215,7 @@ def _define_flags():
   flags.DEFINE_integer("tile", 0, "Cut chips into non-overlapping tiles of this size (0 = whole 512 px chips).")
   flags.DEFINE_string("splits_dir", "auto", "Folder of flood_*_data.csv split files; auto = look for it; "
                       "none = ignore them and use --split.")
-  flags.DEFINE_string("split", "train", "Without split files: a split name, or hash:0.8,0.1,0.1 by chip id.")
+  flags.DEFINE_string("split", "train", "Without split files: a split name, or hash:0.8,0.1,0.1 by flood event.")
   flags.mark_flag_as_required("src")
 
 

@@ -10,6 +10,14 @@ Expected layout (the extracted mediaTUM archives s1.tar.gz, s2_l1c.tar.gz, s2_l2
     SRC/s2a/<location>/<S2 product id>/ (same, no B10)        L2A, 12 bands
                                                     10 m bands 264 x 264, 20 m 132 x 132, 60 m 44 x 44
 
+The files are as SSL4EO-S12's downloader (src/download_data/ssl4eo_s12_downloader.py) writes them: one GeoTIFF per
+band in `+proj=latlong` coordinates over the same footprint, and a `metadata.json` (the Earth Engine image
+properties) per product folder, which this converter does not need. Earth Engine's `sampleRectangle` sometimes
+returns a pixel more or less than the nominal 264/132/44: such chips are resampled onto the 264 x 264 10 m grid
+bilinearly (half-pixel centres), as the reference loader (ssl4eo_dataset.py: cv2.resize to 264, INTER_LINEAR_EXACT)
+does; bands at their nominal size are repeated onto it exactly. `meta.resampled` lists the resampled bands and
+`counts.resampled_chips` counts the records (`--grid` sets the nominal 10 m size).
+
 `<location>` is a 7-digit id (0000000 ... 0251078; some ids are void), each holding four seasonal acquisitions;
 product ids carry the acquisition time, e.g. `S1A_IW_GRDH_1SDV_20200607T010800_...` and
 `20200604T055639_20200604T060009_T42SXH` (the first `YYYYMMDDTHHMMSS` in the name is the acquisition time).
@@ -41,10 +49,12 @@ from data_prep import chip_io, geotiff
 from data_prep.convert import BadInput
 from mmrs.data.writer import DatasetWriter
 from mmrs import bands as bands_lib
+from mmrs.data import transforms
 
 SOURCE = "SSL4EO-S12 (Wang et al. 2022), https://mediatum.ub.tum.de/1660427"
 LICENCE = "CC-BY-4.0"
 S2_DIRS = {"L1C": "s2c", "L2A": "s2a"}
+GRID = 264  # nominal 10 m chip size (132 at 20 m, 44 at 60 m)
 _TIME = re.compile(r"(\d{8}T\d{6})")
 
 
@@ -58,6 +68,7 @@ class Item:
   s2_level: str
   split: str
   gap_days: float | None
+  grid: int = GRID
 
 
 def acquisition_time(folder: str) -> dt.datetime | None:
@@ -94,7 +105,7 @@ def pair(s2_dirs: list[str], s1_dirs: list[str], max_days: float) -> dict[int, t
 
 
 def list_items(src: str, s2_level: str = "L1C", max_days: float = 92.0,
-               split: str = "train") -> tuple[list[Item], dict]:
+               split: str = "train", grid: int = GRID) -> tuple[list[Item], dict]:
   """Every (location, season) S2 acquisition, with its S1 partner; plus a pairing summary for the manifest."""
   level = s2_level.upper()
   if level not in S2_DIRS:
@@ -122,7 +133,7 @@ def list_items(src: str, s2_level: str = "L1C", max_days: float = 92.0,
     for season, s2_dir in enumerate(s2s):
       j, gap = matches.get(season, (None, None))
       items.append(Item(f"{loc}/season{season}", loc, season, s2_dir, s1s[j] if j is not None else None, level,
-                        convert_lib.split_of(loc, spec), gap))
+                        convert_lib.split_of(loc, spec), gap, grid))
   return items, summary
 
 
@@ -134,12 +145,29 @@ def _band_file(folder: str, band: str) -> str:
   return path
 
 
+def _on_grid(arr: np.ndarray, band: str, grid: int, path: str, resampled: list[str]) -> np.ndarray:
+  """A band onto the (grid, grid) 10 m grid: exact repetition at its nominal size, else bilinear resampling (as the
+  reference loader), noted in `resampled`."""
+  native = grid * 10 // bands_lib.BANDS[band].resolution_m
+  if arr.shape == (native, native):
+    return geotiff.to_grid(arr, (grid, grid), path)
+  if min(arr.shape) < native // 2 or max(arr.shape) > 2 * native:
+    raise BadInput(f"{path}: band {band} is {arr.shape} px, far from its nominal {native} x {native}; is this an "
+                   "SSL4EO-S12 chip (or set --grid)?")
+  resampled.append(band)
+  return transforms.resize(arr, grid)
+
+
 def build(item: Item) -> list[tuple[str, dict]]:
   names = bands_lib.s2_bands_for_level(item.s2_level)
-  ref = _band_file(item.s2_dir, "B02")
-  _, info = geotiff.read(ref, 1)
-  size = tuple(info["shape"])
-  s2 = geotiff.stack_bands({b: _band_file(item.s2_dir, b) for b in names}, size)
+  size, resampled = (item.grid, item.grid), []
+  _, info = geotiff.read(_band_file(item.s2_dir, "B02"), 1)
+  s2 = np.empty((*size, len(names)), np.uint16)
+  for c, b in enumerate(names):
+    path = _band_file(item.s2_dir, b)
+    arr, _ = geotiff.read(path, 1)
+    arr, _ = chip_io.as_uint16(arr, path)
+    s2[..., c] = _on_grid(arr, b, item.grid, path, resampled)
   chip_io.check_s2(s2, item.s2_dir)
   meta = dict(dataset="SSL4EO-S12", location=item.location, season=item.season, s2_level=item.s2_level,
               s2_product=os.path.basename(item.s2_dir), s2_time=_iso(item.s2_dir), source=SOURCE,
@@ -151,11 +179,16 @@ def build(item: Item) -> list[tuple[str, dict]]:
       path = os.path.join(item.s1_dir, f"{pol}.tif")
       arr, _ = geotiff.read(path, 1)
       if arr.shape != size:
-        raise BadInput(f"{path}: grid {arr.shape} differs from the Sentinel-2 grid {size} of {item.s2_dir}")
+        if min(arr.shape) < item.grid // 2 or max(arr.shape) > 2 * item.grid:
+          raise BadInput(f"{path}: grid {arr.shape} is far from the Sentinel-2 grid {size} of {item.s2_dir}")
+        resampled.append(pol)  # NaN spreads to the blended pixels, which clean_s1 then flags as no-data
+        arr = transforms.resize(arr.astype(np.float32), item.grid)
       layers.append(arr.astype(np.float32))
     s1, valid, dropped = chip_io.clean_s1(np.stack(layers, axis=-1), item.s1_dir)
     meta.update(s1_product=os.path.basename(item.s1_dir), s1_time=_iso(item.s1_dir), pair_gap_days=item.gap_days)
     chip_io.attach_s1(record, s1, valid, dropped)
+  if resampled:
+    meta["resampled"] = resampled
   return [(item.split, record)]
 
 
@@ -165,19 +198,24 @@ def _iso(folder: str) -> str | None:
 
 
 def convert(src: str, out: str, *, s2_level: str = "L1C", max_days: float = 92.0, split: str = "train",
-            num_shards: int = 4, on_bad: str = "fail", workers: int = 0) -> dict:
+            num_shards: int = 4, on_bad: str = "fail", workers: int = 0, grid: int = GRID) -> dict:
   """Converts an SSL4EO-S12 folder; returns the manifest (with a `pairing` section)."""
-  items, summary = list_items(src, s2_level, max_days, split)
+  items, summary = list_items(src, s2_level, max_days, split, grid)
   if not items:
     raise ValueError(f"No Sentinel-2 acquisitions found under {src}/{S2_DIRS[s2_level.upper()]}/<location>/"
                      "<product>/: is --src the SSL4EO-S12 root?")
   args = dict(src=os.path.abspath(src), s2_level=s2_level.upper(), max_days=max_days, split=split,
-              num_shards=num_shards, on_bad=on_bad)
-  counts = {"s1_dropped": 0}
+              num_shards=num_shards, on_bad=on_bad, grid=grid)
+  counts = {"s1_dropped": 0, "resampled_chips": 0}
+
+  def on_record(_, rec):
+    chip_io.count_s1_dropped(counts, rec)
+    counts["resampled_chips"] += "resampled" in rec["meta"]
+
   writer = DatasetWriter(out, num_shards=num_shards, source=SOURCE, licence=LICENCE, created_by="data_prep.ssl4eo",
                          args=args, extra={"pairing": summary}, extra_counts=counts)
   return convert_lib.run(items, build, writer, on_bad=on_bad, workers=workers, desc="ssl4eo",
-                         on_record=lambda _, rec: chip_io.count_s1_dropped(counts, rec))
+                         on_record=on_record)
 
 
 def _define_flags():
@@ -186,6 +224,8 @@ def _define_flags():
   flags.DEFINE_enum("s2_level", "L1C", ["L1C", "L2A"], "Sentinel-2 product: L1C (s2c/, 13 bands) or L2A (s2a/, 12).")
   flags.DEFINE_float("max_days", 92.0, "Largest S1-S2 acquisition gap (days) for a pair.")
   flags.DEFINE_string("split", "train", "Split name for every record, or hash:0.8,0.1,0.1 by location id.")
+  flags.DEFINE_integer("grid", GRID, "Nominal 10 m chip size in pixels (SSL4EO-S12: 264); other sizes are "
+                       "resampled onto it and counted.")
   flags.mark_flag_as_required("src")
 
 
@@ -193,7 +233,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   convert_lib.run_cli("ssl4eo", "convert", src=f.src, out=f.out, s2_level=f.s2_level, max_days=f.max_days,
-                      split=f.split, num_shards=f.num_shards, on_bad=f.on_bad, workers=f.workers)
+                      split=f.split, num_shards=f.num_shards, on_bad=f.on_bad, workers=f.workers, grid=f.grid)
 
 
 if __name__ == "__main__":

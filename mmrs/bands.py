@@ -57,20 +57,61 @@ class Stats:
     return np.asarray(self.mean, np.float32)[idx], np.asarray(self.std, np.float32)[idx]
 
 
-# SSL4EO-S12 (Wang et al. 2022, github.com/zhu-xlab/SSL4EO-S12, its S1/S2 normalization constants, rounded).
+# Published statistics, each set exactly as its source publishes it (one source per set, no mixing of releases).
+# SSL4EO-S12 (Wang et al. 2022): github.com/zhu-xlab/SSL4EO-S12, src/benchmark/pretrain_ssl/datasets/SSL4EO/
+# ssl4eo_dataset.py, S2C_MEAN/S2C_STD (L1C), S2A_MEAN/S2A_STD (L2A), S1_MEAN/S1_STD ("calculated from 50k data"),
+# the statistics its pretraining loader normalizes with. (src/download_data/convert_rgb.py of the same repository
+# holds an earlier, rounded set, e.g. S1 VV -12.59: not used here.)
 SSL4EO_S2_L1C = Stats(
     S2_L1C_BANDS,
-    (1612.9, 1397.6, 1322.3, 1373.1, 1561.0, 2108.4, 2390.7, 2318.7, 2581.0, 837.7, 22.0, 2195.2, 1537.4),
-    (791.0, 854.3, 878.7, 1144.9, 1127.5, 1164.2, 1276.0, 1249.5, 1345.9, 577.5, 51.2, 1336.6, 1136.3),
-    "SSL4EO-S12 S2 L1C (Wang et al. 2022)")
-SSL4EO_S1 = Stats(S1_BANDS, (-12.55, -20.19), (5.26, 5.91), "SSL4EO-S12 S1 GRD dB (Wang et al. 2022)")
-# BigEarthNet v1 (Sumbul et al.; the per-band constants distributed with bigearthnet-common / BigEarthNet-MM code).
+    (1605.57504906, 1390.78157673, 1314.8729939, 1363.52445545, 1549.44374991, 2091.74883118, 2371.7172463,
+     2299.90463006, 2560.29504086, 830.06605044, 22.10351321, 2177.07172323, 1524.06546312),
+    (786.78685367, 850.34818441, 875.06484736, 1138.84957046, 1122.17775652, 1161.59187054, 1274.39184232,
+     1248.42891965, 1345.52684884, 577.31607053, 51.15431158, 1336.09932639, 1136.53823676),
+    "SSL4EO-S12 S2 L1C (Wang et al. 2022; zhu-xlab/SSL4EO-S12 ssl4eo_dataset.py S2C_MEAN/S2C_STD)")
+SSL4EO_S2_L2A = Stats(
+    S2_L2A_BANDS,
+    (752.40087073, 884.29673756, 1144.16202635, 1297.47289228, 1624.90992062, 2194.6423161, 2422.21248945,
+     2517.76053101, 2581.64687018, 2645.51888987, 2368.51236873, 1805.06846033),
+    (1108.02887453, 1155.15170768, 1183.6292542, 1368.11351514, 1370.265037, 1355.55390699, 1416.51487101,
+     1474.78900051, 1439.3086061, 1582.28010962, 1455.52084939, 1343.48379601),
+    "SSL4EO-S12 S2 L2A (Wang et al. 2022; zhu-xlab/SSL4EO-S12 ssl4eo_dataset.py S2A_MEAN/S2A_STD)")
+SSL4EO_S1 = Stats(S1_BANDS, (-12.54847273, -20.19237134), (5.25697717, 5.91150917),
+                  "SSL4EO-S12 S1 GRD dB (Wang et al. 2022; zhu-xlab/SSL4EO-S12 ssl4eo_dataset.py S1_MEAN/S1_STD)")
+# BigEarthNet v1 (Sumbul et al. 2019/2021): the per-band constants of bigearthnet-common's BAND_STATS (the
+# BigEarthNet-S2 "bands10/20/60_mean/std" of the official BigEarthNet models), over BigEarthNet-MM.
 BIGEARTHNET_S2_L2A = Stats(
     S2_L2A_BANDS,
-    (340.8, 429.9, 614.2, 590.2, 950.7, 1792.5, 2075.5, 2218.9, 2266.5, 2246.1, 1594.4, 1009.3),
-    (554.8, 572.4, 582.9, 675.9, 729.9, 1096.0, 1273.5, 1365.5, 1356.1, 1302.3, 1079.2, 818.9),
-    "BigEarthNet-S2 L2A (Sumbul et al. 2019)")
-BIGEARTHNET_S1 = Stats(S1_BANDS, (-12.62, -19.29), (5.12, 5.46), "BigEarthNet-S1 dB (Sumbul et al. 2021)")
+    (340.76769064, 429.9430203, 614.21682446, 590.23569706, 950.68368468, 1792.46290469, 2075.46795189,
+     2218.94553375, 2266.46036911, 2246.0605464, 1594.42694882, 1009.32729131),
+    (554.81258967, 572.41639287, 582.87945694, 675.88746967, 729.89827633, 1096.01480586, 1273.45393088,
+     1365.45589904, 1356.13789355, 1302.3292881, 1079.19066363, 818.86747235),
+    "BigEarthNet-S2 v1 L2A (Sumbul et al. 2019; bigearthnet-common BAND_STATS)")
+BIGEARTHNET_S1 = Stats(S1_BANDS, (-12.619993741972035, -19.29044597721542), (5.115911777546365, 5.464428464912864),
+                       "BigEarthNet-S1 v1 dB (Sumbul et al. 2021; bigearthnet-common BAND_STATS)")
+# BigEarthNet v2.0 (reBEN, Clasen et al. 2024): ConfigILM configilm/extra/BENv2_utils.py means/stds
+# ["120_nearest"] (official train split, 20/60 m bands upsampled to 120 px by nearest neighbour, as here).
+BIGEARTHNET_V2_S2_L2A = Stats(
+    S2_L2A_BANDS,
+    (361.0767822265625, 438.3720703125, 614.0556640625, 588.4096069335938, 942.8433227539062, 1769.931640625,
+     2049.551513671875, 2193.2919921875, 2235.556640625, 2241.455322265625, 1568.226806640625, 997.7324829101562),
+    (575.0687255859375, 607.02685546875, 603.2968139648438, 684.56884765625, 738.4326782226562, 1100.4560546875,
+     1275.805419921875, 1369.3717041015625, 1356.5440673828125, 1316.393310546875, 1070.1612548828125,
+     813.5276489257812),
+    "BigEarthNet v2.0 S2 L2A (Clasen et al. 2024; ConfigILM BENv2_utils 120_nearest)")
+
+# Which published set `Normalizer.from_published` uses: (family, modality, processing level) -> Stats.
+PUBLISHED = {
+    ("ssl4eo", "s2", "L1C"): SSL4EO_S2_L1C, ("ssl4eo", "s2", "L2A"): SSL4EO_S2_L2A, ("ssl4eo", "s1", None): SSL4EO_S1,
+    ("bigearthnet", "s2", "L2A"): BIGEARTHNET_S2_L2A, ("bigearthnet", "s1", None): BIGEARTHNET_S1,
+    ("bigearthnet_v2", "s2", "L2A"): BIGEARTHNET_V2_S2_L2A, ("bigearthnet_v2", "s1", None): BIGEARTHNET_S1,
+}
+
+
+def s2_level_of(stored_bands: Sequence[str]) -> str:
+  """Processing level of S2 data from the bands it stores: L1C has B10 (cirrus, top of atmosphere); L2A products
+  drop it. Pass the bands a dataset *stores*, not a selection of them."""
+  return "L1C" if "B10" in stored_bands else "L2A"
 
 
 def s2_bands_for_level(level: str) -> tuple[str, ...]:

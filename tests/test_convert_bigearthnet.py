@@ -156,8 +156,6 @@ BAD_CASES = {
     "missing_band": (lambda src: os.remove(s2_file(src, "B8A")), "B8A.tif"),
     "wrong_shape": (lambda src: rewrite(s2_file(src, "B05"), lambda a: a[:50, :50]), "B05.tif"),
     "wrong_dtype": (lambda src: rewrite(s2_file(src, "B03"), lambda a: a.astype(np.float32)), "B03.tif"),
-    "s1_mostly_nan": (lambda src: rewrite(s1_file(src, "VH"), lambda a: np.where(
-        np.arange(a.size).reshape(a.shape) < a.size * 0.6, np.nan, a).astype(np.float32)), "S1 pixels are no-data"),
     "all_zero_s2": (lambda src: [rewrite(s2_file(src, b), np.zeros_like) for b in bands.S2_L2A_BANDS],
                     "S2 bands are zero"),
     "unknown_label": (lambda src: set_labels(os.path.join(src, "BigEarthNet-S2", PAIR_S2,
@@ -187,6 +185,16 @@ def test_a_little_nan_in_s1_is_cleaned_and_flagged(one_pair, tmp_path):
   assert np.isfinite(r["s1"]).all()
   np.testing.assert_array_equal(r["s1_valid"], 1 - np.eye(120, dtype=np.uint8))
   assert (r["s1"][..., 0][np.eye(120, dtype=bool)] == bands.S1_NODATA_FILL_DB).all()
+
+
+def test_mostly_nan_s1_counts_as_s1_missing_and_the_pair_keeps_its_s2(one_pair, tmp_path):
+  rewrite(s1_file(one_pair, "VH"), lambda a: np.where(
+      np.arange(a.size).reshape(a.shape) < a.size * 0.6, np.nan, a).astype(np.float32))
+  out = str(tmp_path / "out")
+  m = bigearthnet_mm.convert_dataset(str(one_pair), out, num_shards=1)
+  assert (m["counts"]["pairs"], m["counts"]["s2_only"], m["counts"]["s1_dropped"]) == (0, 2, 1)
+  r = read_all(out)[PAIR_S2][1]
+  assert r.get("s1") is None and "60% of the S1 pixels are no-data" in r["meta"]["s1_dropped"]
 
 
 def test_patch_with_no_19_class_label_is_kept_and_counted(one_pair, tmp_path):

@@ -20,12 +20,14 @@ SPLITS = {"train": ["Ghana_1", "Mekong_6"], "valid": ["Ghana_2"], "test": ["Indi
 
 
 def write_tif(path, arr, dtype):
+  """As the released chips (cloudtostreet/Sen1Floods11 v1.1, docs/README.md and the files themselves): EPSG:4326
+  with ~10 m pixels in degrees (8.983e-5 deg), one file per chip and kind."""
   arr = np.asarray(arr)
   arr = arr[None] if arr.ndim == 2 else arr
   c, h, w = arr.shape
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=c, dtype=dtype, crs="EPSG:32630",
-                     transform=rasterio.Affine(10, 0, 400000, 0, -10, 1000000)) as f:
+  with rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=c, dtype=dtype, crs="EPSG:4326",
+                     transform=rasterio.Affine(8.983e-5, 0, -1.2345, 0, -8.983e-5, 8.4321)) as f:
     f.write(arr.astype(dtype))
 
 
@@ -39,7 +41,8 @@ def label(seed):
 
 def write_chip(hand, chip, seed, s1_nan=0, s2_float=False):
   s2 = np.stack([np.full((N, N), 100 * (i + 1) + seed) for i in range(13)])
-  s2_dtype = "uint16"
+  s2[:, -1, :] = 0  # S2Hand no-data: 0 in every band (the files are int16)
+  s2_dtype = "int16"
   if s2_float:
     s2 = s2.astype(np.float32)
     s2[:, 0, 0] = np.nan
@@ -107,6 +110,7 @@ def test_record_arrays(converted):
   r = read_split(out, "val")["Ghana_2"]
   np.testing.assert_array_equal(r["mask"], label(1))
   assert r["s2"].dtype == np.uint16 and [int(v) for v in r["s2"][3, 3]] == [100 * (i + 1) + 1 for i in range(13)]
+  assert not r["s2"][-1].any() and r["meta"]["crs"] == "EPSG:4326"  # int16 no-data 0 stays 0
   assert r["s2_bands"] == bands.S2_L1C_BANDS and r["group"] == "paired"
   np.testing.assert_allclose(r["s1"][0, 0], [-10.0, -17.0])
   assert r["meta"]["region"] == "Ghana" and r["meta"]["splits"] == ["val"] and "lon" in r["meta"]
@@ -124,6 +128,11 @@ def test_s1_nan_flagged_mask_kept_and_mostly_nodata_dropped(converted):
   assert mk["group"] == "s2_only" and "75% of the Sentinel-1 pixels" in mk["meta"]["s1_dropped"]
   np.testing.assert_array_equal(mk["mask"], label(5))
   assert m["counts"]["s1_dropped"] == 1 and m["counts"]["s2_only"] == 1 and m["counts"]["pairs"] == 5
+  # Coverage beside the published counts: an S1+S2 evaluation of train would score 1 of its 2 chips.
+  assert m["coverage"]["train"] == {"chips": 2, "chips_with_s1": 1, "s1_dropped_chips": ["Mekong_6"],
+                                    "published_chips": 252}
+  assert m["coverage"]["test"] == {"chips": 1, "chips_with_s1": 1, "s1_dropped_chips": [], "published_chips": 90}
+  assert "published_chips" not in m["coverage"]["unlisted"]
 
 
 def test_tiles_drop_unlabelled_and_hash_split_keeps_chip_together(src, tmp_path):
@@ -138,10 +147,11 @@ def test_tiles_drop_unlabelled_and_hash_split_keeps_chip_together(src, tmp_path)
   split, t = recs["Ghana_2_y0_x16"]
   np.testing.assert_array_equal(t["mask"], label(1)[:16, 16:])
   assert t["s2"].shape == (16, 16, 13) and t["meta"]["window"] == [0, 16, 16, 16]
-  chips = {}
-  for rid, (s, _) in recs.items():
-    chips.setdefault(rid.rsplit("_", 2)[0], set()).add(s)
-  assert all(len(s) == 1 for s in chips.values()) and m["split_files"]["splits_dir"] is None
+  events = {}
+  for rid, (s, _) in recs.items():  # spatially blocked: every tile of every chip of an event in one split
+    events.setdefault(rid.split("_")[0], set()).add(s)
+  assert all(len(s) == 1 for s in events.values()) and m["split_files"]["splits_dir"] is None
+  assert len(events) == 5 and len({next(iter(s)) for s in events.values()}) == 2
 
 
 def test_bad_chips_fail_and_skip(src, tmp_path):

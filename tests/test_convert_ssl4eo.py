@@ -89,7 +89,7 @@ def src(tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(src, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("out") / "ds")
-  return out, ssl4eo.convert(src, out, num_shards=2)
+  return out, ssl4eo.convert(src, out, num_shards=2, grid=G)
 
 
 def test_counts_and_pairing(converted):
@@ -134,7 +134,7 @@ def test_s1_nan_cleaned_and_mostly_nodata_dropped(converted):
 
 
 def test_l2a_and_max_days(src, tmp_path):
-  m = ssl4eo.convert(src, str(tmp_path / "l2a"), s2_level="L2A", max_days=1.0, num_shards=1)
+  m = ssl4eo.convert(src, str(tmp_path / "l2a"), s2_level="L2A", max_days=1.0, num_shards=1, grid=G)
   assert m["bands"]["s2"] == list(bands.S2_L2A_BANDS)
   assert m["counts"]["pairs"] == 0 and m["counts"]["s2_only"] == 5  # every gap is ~2 days > 1
   r = read_all(str(tmp_path / "l2a"))["0000000_0"]
@@ -142,7 +142,7 @@ def test_l2a_and_max_days(src, tmp_path):
 
 
 def test_hash_split_keeps_a_location_together(src, tmp_path):
-  m = ssl4eo.convert(src, str(tmp_path / "h"), split="hash:0.5,0.5", num_shards=1)
+  m = ssl4eo.convert(src, str(tmp_path / "h"), split="hash:0.5,0.5", num_shards=1, grid=G)
   seen = {}
   for split in m["splits"]:
     for rid in read_all(str(tmp_path / "h"), split):
@@ -157,9 +157,9 @@ def test_missing_band_file_fail_and_skip(src, tmp_path):
   missing = os.path.join(bad, "s2c", "0000001", s2_product("20210401"), "B8A.tif")
   os.remove(missing)
   with pytest.raises(convert.ConversionError, match="B8A.tif"):
-    ssl4eo.convert(bad, str(tmp_path / "o1"), num_shards=1)
+    ssl4eo.convert(bad, str(tmp_path / "o1"), num_shards=1, grid=G)
   assert not os.path.exists(tmp_path / "o1")
-  m = ssl4eo.convert(bad, str(tmp_path / "o2"), num_shards=1, on_bad="skip")
+  m = ssl4eo.convert(bad, str(tmp_path / "o2"), num_shards=1, on_bad="skip", grid=G)
   assert m["counts"]["skipped"] == 1 and m["counts"]["records"] == 4
   assert m["skipped_items"][0]["item"] == "0000001/season0" and "B8A.tif" in m["skipped_items"][0]["reason"]
 
@@ -167,7 +167,7 @@ def test_missing_band_file_fail_and_skip(src, tmp_path):
 def test_workers_give_identical_shards(src, converted, tmp_path):
   out0, m0 = converted
   out2 = str(tmp_path / "w2")
-  m2 = ssl4eo.convert(src, out2, num_shards=2, workers=2)
+  m2 = ssl4eo.convert(src, out2, num_shards=2, workers=2, grid=G)
   assert m2["records_per_shard"] == m0["records_per_shard"]
   for f in m0["records_per_shard"]:
     assert open(os.path.join(out0, f), "rb").read() == open(os.path.join(out2, f), "rb").read()
@@ -176,7 +176,7 @@ def test_workers_give_identical_shards(src, converted, tmp_path):
 def test_cli(src, tmp_path):
   out = str(tmp_path / "cli")
   ok = subprocess.run([sys.executable, "-m", "data_prep.ssl4eo", f"--src={src}", f"--out={out}", "--workers=0",
-                       "--num_shards=1", "--s2_level=L2A"], cwd=REPO, capture_output=True, text=True)
+                       "--num_shards=1", "--s2_level=L2A", f"--grid={G}"], cwd=REPO, capture_output=True, text=True)
   assert ok.returncode == 0, ok.stderr
   assert os.path.exists(os.path.join(out, "manifest.json"))
   bad = subprocess.run([sys.executable, "-m", "data_prep.ssl4eo", f"--src={tmp_path}/nowhere", f"--out={out}2"],
@@ -190,3 +190,57 @@ def test_pairing_nearest_first_one_to_one():
   assert ssl4eo.pair(s2, s1, max_days=92) == {1: (0, pytest.approx(1 + 5 / 24, abs=1e-3))}
   assert ssl4eo.pair(s2, s1, max_days=0.5) == {}
   assert ssl4eo.pair(["a", "b"], ["x"], max_days=1) == {0: (0, None)}  # no times: by rank
+
+
+def write_real_chip(folder, names, sizes, lon=11.57, lat=48.14, dtype="uint16", value=None, seed=0):
+  """One product folder as SSL4EO-S12's downloader (zhu-xlab/SSL4EO-S12 src/download_data/ssl4eo_s12_downloader.py,
+  save_patch/save_geotiff) writes it: a GeoTIFF per band named B1..B12/B8A (or VV/VH), `+proj=latlong` CRS with the
+  transform from the footprint corners and each file's own width/height, no compression, and a metadata.json of
+  Earth Engine image properties. Nominal sizes 264/132/44 px (10/20/60 m) as in the released archives and torchgeo's
+  SSL4EO-S12 generator (tests/data/ssl4eo/s12/data.py); `sizes` may override a band's (h, w) to mimic the one-pixel
+  deviations of Earth Engine's sampleRectangle."""
+  import json as json_lib
+  rng = np.random.default_rng(seed)
+  half = 0.0166  # ~1.3 km at 48 deg N: a 2.64 km chip
+  corners = [[lon - half, lat + half * 0.67], [lon + half, lat - half * 0.67]]
+  os.makedirs(folder, exist_ok=True)
+  for name in names:
+    short = f"B{int(name[1:])}" if name[1:].isdigit() else name
+    h, w = sizes.get(name) or (264 * 10 // RES[name],) * 2
+    arr = (np.full((h, w), value, dtype) if value is not None else
+           rng.integers(100, 4000, (h, w)).astype(dtype))
+    xres, yres = (corners[1][0] - corners[0][0]) / w, (corners[0][1] - corners[1][1]) / h
+    transform = rasterio.Affine.translation(corners[0][0] - xres / 2, corners[0][1] + yres / 2) @ \
+        rasterio.Affine.scale(xres, -yres)
+    with rasterio.open(os.path.join(folder, f"{short}.tif"), "w", driver="GTiff", width=w, height=h, count=1,
+                       crs="+proj=latlong", transform=transform, dtype=dtype, compress="None") as f:
+      f.write(arr, 1)
+  with open(os.path.join(folder, "metadata.json"), "w") as f:
+    json_lib.dump({"type": "Image", "properties": {"system:index": os.path.basename(folder),
+                                                    "CLOUDY_PIXEL_PERCENTAGE": 3.2}}, f)
+
+
+def test_real_sizes_latlong_crs_and_off_size_chips_are_resampled_and_counted(tmp_path):
+  root = str(tmp_path / "ssl4eo")
+  ok, off = s2_product("20210325"), s2_product("20210630")
+  write_real_chip(os.path.join(root, "s2c", "0000042", ok), bands.S2_L1C_BANDS, {})
+  # Earth Engine returned one pixel more across the 10 m bands and one less at 60 m for this acquisition.
+  odd = {b: ((265, 264) if RES[b] == 10 else (43, 44) if RES[b] == 60 else (132, 132)) for b in bands.S2_L1C_BANDS}
+  write_real_chip(os.path.join(root, "s2c", "0000042", off), bands.S2_L1C_BANDS, odd, seed=1)
+  write_real_chip(os.path.join(root, "s1", "0000042", s1_product("20210326")), bands.S1_BANDS, {}, dtype="float32",
+                  value=-12.0)
+  write_real_chip(os.path.join(root, "s1", "0000042", s1_product("20210701")), bands.S1_BANDS,
+                  {"VV": (264, 263), "VH": (264, 263)}, dtype="float32", value=-15.0)
+  out = str(tmp_path / "out")
+  m = ssl4eo.convert(root, out, num_shards=1)
+  assert (m["counts"]["pairs"], m["counts"]["resampled_chips"], m["counts"]["skipped"]) == (2, 1, 0)
+  recs = read_all(out)
+  a, b = recs["0000042_0"], recs["0000042_1"]
+  assert a["s2"].shape == b["s2"].shape == (264, 264, 13) and b["s1"].shape == (264, 264, 2)
+  assert "resampled" not in a["meta"]
+  assert set(b["meta"]["resampled"]) == {n for n in bands.S2_L1C_BANDS if RES[n] != 20} | {"VV", "VH"}
+  with rasterio.open(os.path.join(root, "s2c", "0000042", ok, "B5.tif")) as f:  # nominal: exact repetition
+    np.testing.assert_array_equal(a["s2"][..., bands.S2_L1C_BANDS.index("B05")],
+                                  np.repeat(np.repeat(f.read(1), 2, 0), 2, 1))
+  np.testing.assert_allclose(b["s1"], -15.0)
+  assert a["meta"]["crs"] and abs(a["meta"]["lon"] - 11.57) < 0.01 and abs(a["meta"]["lat"] - 48.14) < 0.01

@@ -1,5 +1,6 @@
 """Data pipeline behaviour: shapes/dtypes, band selection, one geometry for all modalities and the mask, labels,
-per-process sharding, evaluation passes, bad records and damaged shards, normalization modes, TFDS sources."""
+the global sample order (the same global batches for any process/worker count), evaluation passes, bad records and
+damaged shards, normalization modes, TFDS sources."""
 import json
 import shutil
 
@@ -187,7 +188,7 @@ def test_record_transform_gets_the_augmented_record_and_an_rng(probe_dir):
     return {"view1": rec["s2"][..., :1].astype(np.float32), "view2": rec["s1"][..., :1] + rng.normal()}
   pipe = make(probe_dir, record_transform=views, cfg_kw=dict(s2_bands="B08,B02"))
   b = next(pipe.iterator)
-  assert set(b) == {"view1", "view2"} and b["view1"].shape == (4, CROP, CROP, 1)
+  assert set(b) == {"view1", "view2", "record_key"} and b["view1"].shape == (4, CROP, CROP, 1)
   pipe.close()
   whole = make(probe_dir, record_transform=views, cfg_kw=dict(s2_bands="B08,B02", image_size=0))
   assert next(whole.iterator)["view1"].shape == (4, SIZE, SIZE, 1)  # image_size=0: whole records
@@ -316,3 +317,57 @@ def test_tfds_source(tmp_path):
   assert pipe.bands["s2"] == S2_BANDS
   assert "published" in pipe.normalizer.source  # no stats in the TFDS dataset: published constants
   assert sources.parse_tfds_spec("tfds:a/b:train[:10%]@gs://x/y") == ("a/b", "train[:10%]", "gs://x/y")
+
+
+def _assemble(parts, global_batch):
+  """Global batch from (rows, local batch) parts: row r of the global batch is wherever a process put it."""
+  out = {}
+  for rows, local in parts:
+    for k, v in local.items():
+      dtype = object if v.dtype.kind == "U" else v.dtype  # strings of any width
+      out.setdefault(k, np.zeros((global_batch,) + v.shape[1:], dtype))[rows] = v
+  return out
+
+
+def test_global_batches_do_not_depend_on_process_or_worker_count(probe_dir):
+  """Global batch k holds the same records, identically augmented, read by 1, 2 (one with a grain worker) or 4
+  processes with interleaved rows; across an epoch boundary (26 records, 4 batches of 8)."""
+  kw = dict(modalities=("s2",), batch=8, seed=5, cfg_kw=dict(random_resized_crop=True, image_size=12))
+  whole = make(probe_dir, **kw)
+  want = take(whole, 4)
+  whole.close()
+  ids = [b["s2"][:, 0, 0, 1].tolist() for b in want]
+  assert sorted(ids[0] + ids[1] + ids[2] + ids[3][:2]) == list(range(N_PAIRS + N_S2_ONLY))  # one epoch, then the next
+  assert all(len(set(k)) == 8 and all(k) for k in (b["record_key"] for b in want))
+  layouts = {2: [np.arange(0, 4), np.arange(4, 8)], 4: [np.arange(p, 8, 4) for p in range(4)]}
+  for count, all_rows in layouts.items():
+    pipes = [make(probe_dir, rows=rows, cfg_kw=dict(kw["cfg_kw"], workers=1 if count == 2 and p == 1 else 0),
+                  **{k: v for k, v in kw.items() if k != "cfg_kw"}) for p, rows in enumerate(all_rows)]
+    assert [p.batch_size for p in pipes] == [8 // count] * count
+    got = [_assemble([(rows, next(p.iterator)) for rows, p in zip(all_rows, pipes)], 8) for _ in range(4)]
+    for g, w in zip(got, want):
+      assert set(g) == set(w)
+      for k in w:
+        np.testing.assert_array_equal(g[k], w[k], err_msg=f"{count} processes, key {k}")
+    for p in pipes:
+      p.close()
+  with pytest.raises(ValueError, match="sorted distinct row indices"):
+    make(probe_dir, batch=4, rows=[2, 1])
+
+
+def test_a_bad_record_is_replaced_the_same_way_for_any_process_count(bad_dir):
+  """on_bad='skip' in a repeated pass: the slot of bad record 5 takes the next record of the global order."""
+  d, shard = bad_dir
+  kw = dict(shuffle=False, augment=False, batch=4, cfg_kw=dict(on_bad="skip"))
+  one = make(d, **kw)
+  batches = take(one, 2)
+  assert batches[1]["s2"][:, 0, 0, 1].tolist() == [4, 6, 6, 7]
+  assert batches[1]["record_key"].tolist()[1] == f"{shard}:6" and one.skipped() == 1
+  one.close()
+  two = [make(d, process_index=p, process_count=2, **kw) for p in range(2)]
+  got = [_assemble([(np.arange(2 * p, 2 * p + 2), next(t.iterator)) for p, t in enumerate(two)], 4)
+         for _ in range(2)]
+  np.testing.assert_array_equal(got[1]["s2"], batches[1]["s2"])
+  assert [t.skipped() for t in two] == [1, 0]  # the slot is process 0's; the counters sum to the global count
+  for t in two:
+    t.close()

@@ -75,18 +75,27 @@ def test_orbax_checkpoint_handler_round_trip_with_workers(data_dir, tmp_path):
   mngr.close()
 
 
-def test_a_state_from_another_worker_count_or_batch_layout_is_refused(data_dir, reference):
-  state, _ = reference
-  pipe = make(data_dir, workers=0)
-  with pytest.raises(ValueError, match="workers: saved 2, now 0"):
+def test_a_state_restores_with_any_worker_count_and_another_order_is_refused(data_dir, reference):
+  """The state is the number of global batches consumed: 0 or 3 workers continue a 2-worker run exactly."""
+  state, following = reference
+  for workers in (0, 3):
+    pipe = make(data_dir, workers=workers)
     pipe.iterator.set_state(state)
+    assert_same([next(pipe.iterator) for _ in range(6)], following)
+    pipe.close()
   other = make(data_dir, workers=0, batch=2 * BATCH)
-  with pytest.raises(ValueError, match="batch_size"):
-    other.iterator.set_state(dict(state, mmrs_pipeline=dict(state["mmrs_pipeline"], workers=0)))
-  with pytest.raises(ValueError, match="not written by an mmrs pipeline"):
-    pipe.iterator.set_state({"next_index": 3})
-  pipe.close()
+  with pytest.raises(ValueError, match="global_batch_size: saved 4, now 8"):
+    other.iterator.set_state(state)
   other.close()
+  reseeded = pipeline_lib.make_pipeline(dataset_config(data_dir, image_size=16, workers=0, label_set="synthetic_ml"),
+                                        modalities=("s1", "s2"), global_batch_size=BATCH, seed=8)
+  with pytest.raises(ValueError, match="seed: saved 7, now 8"):
+    reseeded.iterator.set_state(state)
+  with pytest.raises(ValueError, match="not written by an mmrs pipeline"):
+    reseeded.iterator.set_state({"next_index": 3})
+  with pytest.raises(ValueError, match="older mmrs pipeline"):  # a per-process grain state of earlier versions
+    reseeded.iterator.set_state({"mmrs_pipeline": state["mmrs_pipeline"], "grain": {}})
+  reseeded.close()
 
 
 def test_restore_in_process_matches_and_keeps_the_skip_counter(data_dir):

@@ -71,5 +71,38 @@ def test_json_round_trip_and_published_fallback():
   assert m.bands == n.bands
   np.testing.assert_array_equal(m.std["s2"], n.std["s2"])
   pub = Normalizer.from_published({"s2": bands_lib.S2_L2A_BANDS, "s1": bands_lib.S1_BANDS})
-  np.testing.assert_allclose(pub.mean["s1"], [-12.55, -20.19])
-  assert pub.mean["s2"].shape == (12,) and "SSL4EO" in pub.source
+  np.testing.assert_allclose(pub.mean["s1"], [-12.54847273, -20.19237134])
+  assert pub.mean["s2"].shape == (12,) and "SSL4EO-S12 S2 L2A" in pub.source
+
+
+def test_published_statistics_follow_the_processing_level_and_their_source():
+  # Values as zhu-xlab/SSL4EO-S12 ssl4eo_dataset.py publishes them (one release: S2C_*, S2A_*, S1_*).
+  l1c = Normalizer.from_published({"s2": bands_lib.S2_L1C_BANDS})
+  assert l1c.mean["s2"][0] == np.float32(1605.57504906) and l1c.std["s2"][10] == np.float32(51.15431158)
+  l2a = Normalizer.from_published({"s2": ("B02", "B03", "B04")}, s2_level="L2A")
+  np.testing.assert_allclose(l2a.mean["s2"], [884.29673756, 1144.16202635, 1297.47289228])
+  toa = Normalizer.from_published({"s2": ("B02", "B03", "B04")}, s2_level="L1C")  # same bands, other level
+  np.testing.assert_allclose(toa.mean["s2"], [1390.78157673, 1314.8729939, 1363.52445545])
+  ben = Normalizer.from_published({"s2": bands_lib.S2_L2A_BANDS, "s1": bands_lib.S1_BANDS}, family="bigearthnet")
+  assert ben.mean["s2"][1] == np.float32(429.9430203) and ben.std["s1"][0] == np.float32(5.115911777546365)
+  with pytest.raises(ValueError, match="No published s2 statistics for family 'bigearthnet' at level L1C"):
+    Normalizer.from_published({"s2": bands_lib.S2_L1C_BANDS}, family="bigearthnet")
+  for st in (bands_lib.SSL4EO_S2_L1C, bands_lib.SSL4EO_S2_L2A, bands_lib.SSL4EO_S1, bands_lib.BIGEARTHNET_S2_L2A,
+             bands_lib.BIGEARTHNET_S1, bands_lib.BIGEARTHNET_V2_S2_L2A):
+    assert len(st.mean) == len(st.std) == len(st.bands) and st.source
+
+
+def test_pipeline_without_stats_json_uses_the_stored_level(tmp_path):
+  import os
+  from configs import common as cfg_common
+  from mmrs.data import pipeline
+  from mmrs.data.writer import DatasetWriter
+  out = str(tmp_path / "ds")
+  w = DatasetWriter(out, num_shards=1, source="test")
+  for i in range(2):
+    w.add({"id": f"r{i}", "s2": np.full((16, 16, 12), 500 + i, np.uint16), "s2_bands": bands_lib.S2_L2A_BANDS})
+  w.close()
+  os.remove(os.path.join(out, "stats.json"))
+  d = cfg_common.dataset_config(out, image_size=16, s2_bands="B02,B03,B04")
+  info = pipeline.describe(d, ("s2",))
+  assert "S2 L2A" in info.normalizer.source

@@ -273,3 +273,40 @@ def test_command_line(tmp_path, chips):
   assert res.returncode == 0, res.stderr
   m = inspect.load_manifest(str(tmp_path / "cli"))
   assert m["counts"]["pairs"] == 1 and m["licence"] == "CC-BY-4.0" and m["pairing"]["max_days"] == 8
+
+
+# ---------------------------------------------------------------- processing baseline 04.00 offset
+
+def test_baseline_04_offset_is_removed_from_catalog_column_or_product_name(tmp_path):
+  data = s2_data(3)
+  data[:, 0, 0] = 0  # no-data stays 0
+  data[:, 0, 1] = 600  # darker than the offset: stays a measured pixel (1), never no-data
+  t = dt.datetime(2022, 6, 1, tzinfo=dt.timezone.utc)
+  names = {"col": "col.tif", "offcol": "offcol.tif", "old": "old.tif", "nocol": "nocol.tif",
+           "name": "S2B_MSIL2A_20220601T103629_N0400_R008_T33UUP_20220601T140722.tif",
+           "oldname": "S2B_MSIL2A_20210601T103629_N0300_R008_T33UUP_20210601T140722.tif"}
+  for n in names.values():
+    write_tif(str(tmp_path / n), data)
+  rows = [dict(row(str(tmp_path / names["col"]), "s2", t), processing_baseline="04.00"),
+          dict(row(str(tmp_path / names["offcol"]), "s2", t), add_offset=-1000),
+          dict(row(str(tmp_path / names["old"]), "s2", t), processing_baseline="N0301"),
+          row(str(tmp_path / names["nocol"]), "s2", t),
+          row(str(tmp_path / names["name"]), "s2", t), row(str(tmp_path / names["oldname"]), "s2", t)]
+  m, recs = convert(tmp_path, rows)
+  want = np.where(data == 0, 0, np.maximum(data.astype(np.int32) - 1000, 1)).transpose(1, 2, 0)
+  for key in ("col", "offcol", "name"):
+    r = recs[os.path.splitext(names[key])[0]]
+    np.testing.assert_array_equal(r["s2"], want, err_msg=key)
+    assert r["meta"]["s2_offset_removed"] == 1000
+  for key in ("old", "nocol", "oldname"):
+    r = recs[os.path.splitext(names[key])[0]]
+    np.testing.assert_array_equal(r["s2"], data.transpose(1, 2, 0), err_msg=key)
+    assert "s2_offset_removed" not in r["meta"]
+  h = m["pairing"]["harmonization"]
+  assert h["catalog processing_baseline: offset removed"] == 1 and h["product name: unchanged"] == 1
+  assert h["unknown: unchanged"] == 1 and h["unknown baseline after 2022-01-25"] == 1
+  m2 = pair_catalog.convert_catalog(write_catalog(str(tmp_path), rows[3:4]), str(tmp_path / "date"), num_shards=1,
+                                    harmonize="date")
+  r = next(rec for _, _, rec in inspect.iter_records(str(tmp_path / "date"), m2))
+  np.testing.assert_array_equal(r["s2"], want)
+  assert m2["pairing"]["harmonization"] == {"mode": "date", "acquisition date: offset removed": 1}

@@ -266,10 +266,27 @@ def test_iterator_states_refuse_another_process_count(tmp_path):
   handler = ckpt_lib.IteratorStatesHandler()
   (tmp_path / "process_0-of-2.json").write_text(json.dumps({"states": {"t": {"i": 1}}}))
   (tmp_path / "process_1-of-2.json").write_text(json.dumps({"states": {"t": {"i": 1}}}))
-  with pytest.raises(ckpt_lib.CheckpointMismatch, match="another number of processes"):
+  with pytest.raises(ckpt_lib.CheckpointMismatch, match="cannot be re-split"):
     handler.restore(tmp_path)
   handler.save(tmp_path, ckpt_lib.IteratorStatesSave({"t": {"i": 3}, "u": b"grain-bytes"}))
   assert handler.restore(tmp_path) == {"t": {"i": 3}, "u": b"grain-bytes"}
+
+
+def test_global_pipeline_states_restore_on_another_process_count(tmp_path):
+  """mmrs pipeline states (global sample order) written by 2 processes restore on 1: one position, counters summed."""
+  handler = ckpt_lib.IteratorStatesHandler()
+  pins = {"seed": 1, "global_batch_size": 8}
+  for i, skipped in enumerate((2, 3)):
+    state = {"mmrs_pipeline": pins, "global_batches": 5, "mmrs_skipped": skipped}
+    (tmp_path / f"process_{i}-of-2.json").write_text(json.dumps({"states": {"t": state}}))
+  assert handler.restore(tmp_path) == {"t": {"mmrs_pipeline": pins, "global_batches": 5, "mmrs_skipped": 5}}
+  (tmp_path / "process_1-of-2.json").write_text(json.dumps({"states": {"t": {"mmrs_pipeline": pins,
+                                                                            "global_batches": 6}}}))
+  with pytest.raises(ValueError, match="disagree"):
+    handler.restore(tmp_path)
+  (tmp_path / "process_1-of-2.json").unlink()
+  with pytest.raises(FileNotFoundError, match="incomplete"):
+    handler.restore(tmp_path)
 
 
 def test_distributed_needs_all_three_settings(monkeypatch):

@@ -16,9 +16,15 @@ class MmrsBigearthnetMm(common.ConverterBuilder):
   Download BigEarthNet-S1-v1.0.tar.gz and BigEarthNet-S2-v1.0.tar.gz from https://bigearth.net and extract both
   into manual_dir (giving manual_dir/BigEarthNet-S1-v1.0/... and manual_dir/BigEarthNet-v1.0/...). For the
   official train/val/test split, put train.csv, val.csv and test.csv in manual_dir/splits/ (without them,
-  everything goes to split 'train').
+  everything goes to split 'train'). Patches with cloud, shadow or seasonal snow are dropped when the official
+  patches_with_cloud_and_shadow.csv / patches_with_seasonal_snow.csv are in manual_dir/exclude_lists/ (without them
+  they are kept, with a warning); build with keep_cloudy=True to keep them on purpose.
   """
   converter = bigearthnet_mm
+
+  def __init__(self, *, keep_cloudy: bool = False, **kwargs):
+    self.keep_cloudy = bool(keep_cloudy)
+    super().__init__(**kwargs)
 
   def features_for(self, config):
     label_sets = bigearthnet_labels.LABEL_SETS
@@ -28,8 +34,15 @@ class MmrsBigearthnetMm(common.ConverterBuilder):
 
   def list_kwargs(self, config):
     import os  # pylint: disable=g-import-not-at-top
+    if bigearthnet_mm.detect(str(self._manual_dir)).version != "v1":
+      raise ValueError(f"{self._manual_dir} holds BigEarthNet v2.0 (reBEN); this TFDS builder has the v1 features "
+                       "(43 + 19 classes). Convert v2.0 with `python -m data_prep.bigearthnet_mm --src=...`.")
     splits = os.path.join(str(self._manual_dir), "splits")
-    return {"splits_dir": splits} if os.path.isdir(splits) else {}
+    lists = os.path.join(str(self._manual_dir), "exclude_lists")
+    kwargs = {"splits_dir": splits} if os.path.isdir(splits) else {}
+    if os.path.isdir(lists) and not self.keep_cloudy:
+      kwargs["exclude_lists"] = lists
+    return {**kwargs, "keep_cloudy": self.keep_cloudy}
 
   def _split_generators(self, dl_manager):
     self._manual_dir = dl_manager.manual_dir

@@ -120,6 +120,25 @@ LABEL_SETS = {
 }
 
 
+# BigEarthNet v2.0 (reBEN) ships the 19-class names directly in metadata.parquet; it has no 43-class labels.
+LABEL_SETS_V2 = {
+    "ben19": {"kind": "multi_label", "names": list(BEN19_NAMES), "num_classes": 19,
+              "source": "BigEarthNet v2.0 (reBEN, Clasen et al. 2024) 19-class labels from metadata.parquet"},
+}
+_BEN19_INDEX = {n: i for i, n in enumerate(BEN19_NAMES)}
+
+
+def ben19_indices(names: Iterable[str]) -> list[int]:
+  """19-class names (as in reBEN's metadata.parquet `labels`) -> sorted unique indices into BEN19_NAMES."""
+  out = set()
+  for n in names:
+    if n not in _BEN19_INDEX:
+      raise ValueError(f"Unknown BigEarthNet 19-class label {n!r}; expected one of "
+                       "mmrs.data.bigearthnet_labels.BEN19_NAMES.")
+    out.add(_BEN19_INDEX[n])
+  return sorted(out)
+
+
 def corine43_indices(names: Iterable[str]) -> list[int]:
   """Class names as written in BigEarthNet's labels_metadata.json -> sorted unique 43-class indices."""
   out = set()

@@ -57,15 +57,30 @@ class Normalizer:
     return cls({m: tuple(b) for m, b in bands.items()}, mean, std, source)
 
   @classmethod
-  def from_published(cls, bands: Mapping[str, Sequence[str]]) -> "Normalizer":
-    """Published constants from `mmrs.bands` (SSL4EO-S12, else BigEarthNet), for data without a stats.json."""
+  def from_published(cls, bands: Mapping[str, Sequence[str]], *, s2_level: str | None = None,
+                     family: str = "ssl4eo") -> "Normalizer":
+    """Published constants from `mmrs.bands.PUBLISHED`, for data without a stats.json.
+
+    S2 statistics depend on the processing level: top-of-atmosphere L1C and surface-reflectance L2A differ by
+    hundreds of DN in the visible bands, so `s2_level` ("L1C" | "L2A") picks the set; without it the level is
+    read from the selected bands (B10 means L1C, else L2A; pass the level when selecting a subset of L1C bands).
+    `family`: "ssl4eo" (global, default), "bigearthnet" (v1) or "bigearthnet_v2" (reBEN; L2A only).
+    """
     stats, sources = {}, []
     for m, names in bands.items():
-      candidates = ([bands_lib.SSL4EO_S2_L1C, bands_lib.BIGEARTHNET_S2_L2A] if m == "s2"
-                    else [bands_lib.SSL4EO_S1, bands_lib.BIGEARTHNET_S1])
-      st = next((s for s in candidates if set(names) <= set(s.bands)), None)
+      level = None
+      if m == "s2":
+        level = (s2_level or bands_lib.s2_level_of(names)).upper()
+        if level not in ("L1C", "L2A"):
+          raise ValueError(f"s2_level={s2_level!r}: use 'L1C' or 'L2A'.")
+      st = bands_lib.PUBLISHED.get((family, m, level))
       if st is None:
-        raise ValueError(f"No published statistics cover {m} bands {list(names)}; give the dataset a stats.json.")
+        have = sorted({k for k in bands_lib.PUBLISHED if k[1] == m})
+        raise ValueError(f"No published {m} statistics for family {family!r}" + (f" at level {level}" if level else "")
+                         + f" (published: {have}); give the dataset a stats.json.")
+      if not set(names) <= set(st.bands):
+        raise ValueError(f"{st.source} covers {m} bands {list(st.bands)}, not {list(names)}; give the dataset a "
+                         "stats.json.")
       stats[m] = {"bands": list(st.bands), "mean": list(st.mean), "std": list(st.std)}
       sources.append(st.source)
     return cls.from_stats(stats, bands, source="published: " + "; ".join(sources))
@@ -85,7 +100,8 @@ def normalize_batch(batch: Mapping[str, Any], normalizer: Normalizer) -> dict[st
   """(x - mean) / std in float32 for every modality the normalizer knows; other keys pass through unchanged.
 
   Works on numpy arrays and on jax arrays (inside jit the constants are folded in). S1 is clipped to
-  `bands.S1_DB_CLIP` first (idempotent: the host transforms already clip).
+  `bands.S1_DB_CLIP` first (idempotent: the host transforms already clip). Pixels flagged 0 in `<modality>_valid`
+  (S1 no-data) are set to 0 after standardization, so the filled -50 dB (about -7 sigma) never reaches a model.
   """
   out = dict(batch)
   for m, mean in normalizer.mean.items():
@@ -96,15 +112,19 @@ def normalize_batch(batch: Mapping[str, Any], normalizer: Normalizer) -> dict[st
       raise ValueError(f"Batch {m!r} has {x.shape[-1]} channels but the normalizer has {mean.shape[0]} bands "
                        f"{list(normalizer.bands[m])} (from {normalizer.source}).")
     inv_std = np.float32(1.0) / normalizer.std[m]
+    valid = batch.get(f"{m}_valid")  # (..., H, W) 1 = measured; no-data pixels become 0 (the band mean)
     if isinstance(x, np.ndarray):  # host: two passes, no temporaries (this runs per batch in the data workers)
       y = np.clip(x, *bands_lib.S1_DB_CLIP, dtype=np.float32) if m == "s1" else x
       y = np.subtract(y, mean, dtype=np.float32, out=y if y is not x else None)
       out[m] = np.multiply(y, inv_std, out=y)
+      if valid is not None:
+        np.multiply(y, np.asarray(valid)[..., None], out=y)
       continue
     x = x.astype(np.float32)
     if m == "s1":
       x = x.clip(*bands_lib.S1_DB_CLIP)
-    out[m] = (x - mean) * inv_std
+    y = (x - mean) * inv_std
+    out[m] = y if valid is None else y * valid[..., None].astype(np.float32)
   return out
 
 

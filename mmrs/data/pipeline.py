@@ -1,19 +1,42 @@
-"""grain pipelines: source -> per-process slice -> seeded shuffle -> repeat -> decode+augment -> batch -> workers.
+"""grain pipelines with one GLOBAL sample order: source -> seeded global shuffle per epoch -> repeat -> global
+batches, of which each process reads only its rows -> decode+augment -> stack -> `mp_prefetch` workers.
 
     pipe = make_pipeline(config.data.paired, modalities=("s1", "s2"), global_batch_size=256, seed=0,
-                         process_index=jax.process_index(), process_count=jax.process_count())
-    batch = next(pipe.iterator)                       # {"s1": float32 (b,S,S,2) dB, "s2": uint16 (b,S,S,C)}
+                         rows=batch_rows(mesh, 256))   # default: this process's contiguous block
+    batch = next(pipe.iterator)                       # {"s2": uint16 (b,S,S,C), "s1": float32 (b,S,S,2) dB, ...}
     batch = normalize_batch(batch, pipe.normalizer)   # inside the jit step (normalize="device", the default)
 
-Per-record randomness comes from grain's `random_map` (seeded by seed, process and element index), the order from
-a seeded index shuffle reseeded each epoch, so a run is reproducible and its iterator state (`get_state`,
-`set_state`, or grain's Orbax handler) resumes exactly. The state pins the worker count and batch layout: restoring
-it into a pipeline built differently is refused, because grain would silently yield different data.
+The sample order is global (DESIGN.md §8): global position g holds record `perm_{seed, e}[g mod N]` of epoch
+e = g // N (one seeded permutation of all N records per epoch), and global batch k is positions [k*B, (k+1)*B).
+A process reads the rows of each global batch that its devices hold (`rows`, sorted indices in [0, B); they come
+from the batch sharding, `mmrs.train.data.batch_rows`). Per-record augmentation randomness is keyed by (seed,
+global position), never by process or worker. So global batch k holds the same records, identically augmented,
+whatever the number of processes, devices or grain workers: a run can resume on another process count (elastic
+resume) and stays exactly one run.
+
+Batching happens at the `MapDataset` level (element k = this process's rows of global batch k, read with
+`read_threads` threads, decoded, augmented and stacked), so `mp_prefetch` workers (which split the elements
+round-robin and hand them back in order) cannot change the data, and the iterator state is just the number of
+global batches consumed (plus bad-record counters and pins of what defines the order: seed, global batch size,
+number of records, shuffle/repeat). Restoring rebuilds the dataset from that batch offset. The state is the same on
+every process and for any worker count: the worker-count pin of earlier versions (needed when grain's own
+per-worker iterator state was saved) is gone; a change of seed, batch size or dataset is still refused.
+
+Bad records (`data.on_bad`): "fail" raises naming shard and record; "skip" replaces the record deterministically,
+in a way that does not depend on the process count: in a padded pass (drop_remainder=False) its row becomes
+padding (`valid` False); otherwise the slot takes the next good record of the global order (positions g+1, g+2,
+...). Either way it is counted (the counters are summed over processes; `Pipeline.skipped()` is this process's
+share) and logged.
+
+Every batch also carries `record_key` (a string array "shard:index" per row, "" for padding), so what a step saw can
+be traced; it never reaches the device (`mmrs.train.data.numeric_arrays` drops strings).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import dataclasses
+import sys
 from typing import Any, Callable, Sequence
 
 from absl import flags
@@ -24,11 +47,13 @@ import numpy as np
 from mmrs import bands as bands_lib
 from mmrs.data import normalize as normalize_lib
 from mmrs.data import sources
+from mmrs.data import staging
 from mmrs.data import transforms
 
 NORMALIZE = ("device", "host", "none")
 _STATE_KEY = "mmrs_pipeline"
 _SKIPPED_KEY = "mmrs_skipped"
+_BATCHES_KEY = "global_batches"
 _MAX_CONSECUTIVE_BAD = 1000
 
 
@@ -53,7 +78,8 @@ def describe(data_cfg, modalities: Sequence[str], split: str | None = None) -> D
   modalities = tuple(modalities)
   split = split or data_cfg.get("split", "train")
   groups = tuple(data_cfg.get("groups", None) or sources.default_groups(modalities))
-  info = sources.open_source(data_cfg.shards, split, groups)
+  # A remote URL (gs://...) is copied to local disk first (ArrayRecord reads local files): mmrs.data.staging.
+  info = sources.open_source(staging.resolve(data_cfg, split, groups), split, groups)
   where = f"{data_cfg.shards}/manifest.json" if not data_cfg.shards.startswith("tfds:") else data_cfg.shards
   bands = {}
   for m in modalities:
@@ -70,7 +96,8 @@ def describe(data_cfg, modalities: Sequence[str], split: str | None = None) -> D
     bands[m] = tuple(wanted)
   if info.stats is None:
     logging.warning("%s not found: normalizing with published statistics from mmrs.bands.", info.stats_file)
-    normalizer = normalize_lib.Normalizer.from_published(bands)
+    normalizer = normalize_lib.Normalizer.from_published(
+        bands, s2_level=bands_lib.s2_level_of(info.bands["s2"]) if "s2" in bands else None)
   else:
     normalizer = normalize_lib.Normalizer.from_stats(info.stats, bands, source=info.stats_file)
   labels = []
@@ -140,46 +167,15 @@ def shuffle_dataset(ds: grain.MapDataset, seed: int, max_materialize: int = 1 <<
   return PermutationShuffle(ds, seed) if len(ds) <= max_materialize else ds.shuffle(seed=seed)
 
 
-class _DropBadIterator(grain.DatasetIterator):
-  """Drops `BadRecord`s, counts them in the (checkpointed) state and logs them."""
+class _NormalizeFirst:
+  """Applies a batch map to the batch of a (batch, bad records) element."""
 
-  def __init__(self, parent):
-    super().__init__(parent)
-    self._skipped = 0
-    self._consecutive = 0
+  def __init__(self, fn):
+    self.fn = fn
 
-  def __next__(self):
-    while True:
-      x = next(self._parent)
-      if not isinstance(x, transforms.BadRecord):
-        self._consecutive = 0
-        return x
-      self._skipped += 1
-      self._consecutive += 1
-      if self._skipped <= 10 or self._skipped % 1000 == 0:
-        logging.warning("Skipping bad record: %s record %d (%s); %d skipped so far (data.on_bad='skip').",
-                        x.shard, x.index, x.reason, self._skipped)
-      if self._consecutive >= _MAX_CONSECUTIVE_BAD:
-        raise transforms.BadRecordError(
-            f"{self._consecutive} consecutive bad records (last: {x.shard} record {x.index}: {x.reason}); the "
-            "dataset or the pipeline settings are broken, not a few records. Fix them instead of skipping.")
-
-  def get_state(self):
-    return {"parent": self._parent.get_state(), _SKIPPED_KEY: self._skipped}
-
-  def set_state(self, state):
-    self._parent.set_state(state["parent"])
-    self._skipped = int(state[_SKIPPED_KEY])
-    self._consecutive = 0
-
-
-class _DropBadIterDataset(grain.IterDataset):
-
-  def __iter__(self):
-    return _DropBadIterator(self._parent.__iter__())
-
-  def __str__(self):
-    return "DropBadRecords"
+  def __call__(self, element):
+    batch, bad = element
+    return self.fn(batch), bad
 
 
 class HostNormalize:
@@ -192,31 +188,151 @@ class HostNormalize:
     return normalize_lib.normalize_batch(batch, self.normalizer)
 
 
-class PipelineIterator(grain.DatasetIterator):
-  """The pipeline's iterator: grain's, with the build settings pinned in its state."""
+class GlobalBatches(grain.MapDataset):
+  """Element k = this process's `rows` of global batch `start + k`: a tuple (batch dict, bad records replaced).
 
-  def __init__(self, parent, pins: dict):
-    super().__init__(parent)
-    self._pins = dict(pins)
+  `records` maps a global position to (shard, index, payload) in the global order; `limit` is the number of
+  positions of a single pass (None: repeated, endless). Positions at or beyond `limit` are padding rows (`pad`:
+  zeros, `valid` False). Row g is decoded with a generator keyed by (aug_seed, g): the same row gets the same
+  augmentation in any process and any worker.
+  """
+
+  def __init__(self, records: grain.MapDataset, decode: transforms.DecodeAugment, *, global_batch_size: int,
+               rows: np.ndarray, aug_seed: int, limit: int | None, pad: bool, start: int = 0,
+               read_threads: int = 1):
+    super().__init__(records)
+    self._records, self._decode = records, decode
+    self._batch, self._rows = int(global_batch_size), np.asarray(rows, np.int64)
+    self._aug_seed, self._limit, self._pad, self._start = int(aug_seed), limit, bool(pad), int(start)
+    self._threads = max(1, int(read_threads))
+    self._pool = None
+    self._template = None
+    if limit is None:
+      self._len = sys.maxsize
+    else:
+      total = -(-limit // self._batch) if pad else limit // self._batch
+      self._len = max(0, total - self._start)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def _rng(self, position: int, attempt: int) -> np.random.Generator:
+    return np.random.default_rng([self._aug_seed, position, attempt])  # PCG64 via SeedSequence (~2x Philox's speed)
+
+  def _row(self, position: int):
+    """(decoded record or None for padding, [bad records replaced on the way], "shard:index" or "")."""
+    if self._limit is not None and position >= self._limit:
+      return None, [], ""
+    bad = []
+    for attempt in range(_MAX_CONSECUTIVE_BAD):
+      # Replacement j of a bad record is the record at position + j (the next of the global order), decoded with
+      # the slot's own generator: deterministic, and the same in every process.
+      element = self._records[position + attempt]
+      out = self._decode(element, self._rng(position, attempt))
+      if not isinstance(out, transforms.BadRecord):
+        return out, bad, f"{element[0]}:{element[1]}"
+      bad.append(tuple(out))
+      if self._pad:  # a padded pass marks the row invalid instead of reading ahead
+        return None, bad, ""
+    raise transforms.BadRecordError(
+        f"{len(bad)} consecutive bad records from global position {position} (last: {bad[-1][0]} record "
+        f"{bad[-1][1]}: {bad[-1][2]}); the dataset or the pipeline settings are broken, not a few records. Fix "
+        "them instead of skipping.")
+
+  def _zeros(self, like: dict) -> dict:
+    return {k: np.zeros_like(v) for k, v in like.items()}
+
+  def _template_row(self) -> dict:
+    """A zero row of the right shapes for padding (from the first good record of the order)."""
+    if self._template is None:
+      for position in range(min(_MAX_CONSECUTIVE_BAD, len(self._records))):
+        out = self._decode(self._records[position], self._rng(position, 0))
+        if not isinstance(out, transforms.BadRecord):
+          self._template = self._zeros(out)
+          break
+      else:
+        raise transforms.BadRecordError("No readable record to take the batch shapes from; every record tried "
+                                        "was bad.")
+    return self._template
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    k = self._start + int(index)
+    positions = [k * self._batch + int(r) for r in self._rows]
+    if self._threads > 1 and len(positions) > 1:
+      if self._pool is None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._threads)
+      rows = list(self._pool.map(self._row, positions))
+    else:
+      rows = [self._row(p) for p in positions]
+    bad = tuple(b for _, bs, _ in rows for b in bs)
+    valid = np.asarray([out is not None for out, _, _ in rows])
+    template = self._template_row() if not valid.all() else None
+    batch = transforms.stack([template if out is None else out for out, _, _ in rows])
+    batch["record_key"] = np.asarray([key for _, _, key in rows])
+    if self._pad:
+      batch["valid"] = valid
+    return batch, bad
+
+  def __getstate__(self):  # thread pools do not pickle (grain workers get a copy of the dataset)
+    state = dict(self.__dict__)
+    state["_pool"] = None
+    return state
+
+  def __str__(self):
+    return f"GlobalBatches(batch={self._batch}, rows={len(self._rows)}, start={self._start})"
+
+
+class PipelineIterator(grain.DatasetIterator):
+  """The pipeline's iterator. State = {pins, global batches consumed, bad-record counter}: the same on every process
+  (but the counter) and for every worker count; `set_state` rebuilds the dataset at that batch offset."""
+
+  def __init__(self, build: Callable[[int], Any], pins: dict):
+    super().__init__()
+    self._build, self._pins = build, dict(pins)
+    self._it = None
+    self._consumed = 0
+    self._skipped = 0
 
   def __next__(self):
-    return next(self._parent)
+    if self._it is None:
+      self._it = self._build(self._consumed)
+    batch, bad = next(self._it)
+    self._consumed += 1
+    for shard, index, reason in bad:
+      self._skipped += 1
+      if self._skipped <= 10 or self._skipped % 1000 == 0:
+        logging.warning("Skipping bad record: %s record %d (%s); %d skipped so far on this process "
+                        "(data.on_bad='skip').", shard, index, reason, self._skipped)
+    return batch
 
   def get_state(self) -> dict:
-    return {_STATE_KEY: dict(self._pins), "grain": self._parent.get_state()}
+    return {_STATE_KEY: dict(self._pins), _BATCHES_KEY: self._consumed, _SKIPPED_KEY: self._skipped}
 
   def set_state(self, state: dict) -> None:
     pins = state.get(_STATE_KEY) if isinstance(state, dict) else None
     if pins is None:
       raise ValueError("This data-iterator state was not written by an mmrs pipeline (no "
                        f"{_STATE_KEY!r} entry); it cannot be restored here.")
+    if _BATCHES_KEY not in state:
+      raise ValueError("This data-iterator state was written by an older mmrs pipeline (per-process sample order, "
+                       "grain's own iterator state); this version orders samples globally and cannot continue it. "
+                       "Resume with the mmrs version that wrote it, or start the data afresh.")
     diff = {k: (pins.get(k), v) for k, v in self._pins.items() if pins.get(k) != v}
     if diff:
       detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
-      raise ValueError(f"Refusing to restore the data-iterator state: the pipeline was built differently ({detail}). "
-                       "grain would silently yield different data. Resume with the saved settings (e.g. the same "
-                       "data.workers, batch size, seed and number of processes), or start the data afresh.")
-    self._parent.set_state(state["grain"])
+      raise ValueError(f"Refusing to restore the data-iterator state: it defines another sample order ({detail}). "
+                       "Resume with the saved settings (seed, config.batch_size, the same dataset and subset), or "
+                       "start the data afresh.")
+    self.close()
+    self._consumed = int(state[_BATCHES_KEY])
+    self._skipped = int(state.get(_SKIPPED_KEY, 0))
+
+  def close(self) -> None:
+    if self._it is not None and hasattr(self._it, "close"):
+      self._it.close()
+    self._it = None
 
 
 def skipped_in_state(state: Any) -> int:
@@ -236,40 +352,53 @@ class Pipeline:
   stats: dict | None
   manifest: dict
   num_records: int  # records in the selected shards (all processes)
-  batch_size: int  # per process
+  batch_size: int  # per process: len(rows)
   labels: tuple[transforms.LabelSpec, ...] = ()
+  rows: np.ndarray | None = None  # the rows of each global batch this process reads
 
   def skipped(self) -> int:
-    """Bad records dropped so far (data.on_bad='skip'), summed over workers; survives checkpoint/restore."""
+    """Bad records replaced so far in this process's rows (data.on_bad='skip'); survives checkpoint/restore."""
     return skipped_in_state(self.iterator.get_state())
 
   def close(self) -> None:
     self.iterator.close()
 
 
-def make_pipeline(data_cfg, *, modalities: tuple[str, ...], global_batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1,
-                  record_transform: Callable[[dict, np.random.Generator], dict] | None = None,
-                  normalize: str = "device", split: str | None = None, shuffle: bool = True, repeat: bool = True,
-                  drop_remainder: bool = True, augment: bool | None = None) -> Pipeline:
-  """Builds the per-process pipeline for one dataset entry of the config (`configs.common.dataset_config`).
-
-  normalize: "device" (raw uint16/float32 batches; apply `normalize_batch(batch, pipe.normalizer)` in the jit
-  step), "host" (float32 normalized batches), "none" (raw). augment: random crops/flips/rot90 as data_cfg says;
-  None = same as `shuffle` (evaluation pipelines get centre crops). drop_remainder=False pads the last batch to the
-  fixed size and adds a `valid` (b,) bool to every batch. Optional data_cfg keys: split ("train"), groups
-  (from modalities), label_set (comma-separated), rrc_scale ((0.2, 1.0)), read_threads (2),
-  worker_buffer_size (2), thread_prefetch (2 batches, workers=0 only), indices (record indices to read,
-  e.g. a label-fraction subset; empty = all).
-  """
-  if normalize not in NORMALIZE:
-    raise ValueError(f"normalize={normalize!r}: use one of {NORMALIZE}.")
+def default_rows(global_batch_size: int, process_index: int = 0, process_count: int = 1) -> np.ndarray:
+  """The contiguous block of rows [p*B/P, (p+1)*B/P) of a global batch (a mesh whose devices are ordered by
+  process); pass the sharding's rows (`mmrs.train.data.batch_rows`) when they may differ."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count}).")
   if global_batch_size % process_count:
     raise ValueError(f"Global batch size {global_batch_size} is not divisible by the {process_count} processes; "
                      "choose config.batch_size as a multiple of the process count.")
-  batch_size = global_batch_size // process_count
+  b = global_batch_size // process_count
+  return np.arange(process_index * b, (process_index + 1) * b)
+
+
+def make_pipeline(data_cfg, *, modalities: tuple[str, ...], global_batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1, rows: Sequence[int] | None = None,
+                  record_transform: Callable[[dict, np.random.Generator], dict] | None = None,
+                  normalize: str = "device", split: str | None = None, shuffle: bool = True, repeat: bool = True,
+                  drop_remainder: bool = True, augment: bool | None = None) -> Pipeline:
+  """Builds this process's view of the global pipeline for one dataset entry of the config.
+
+  rows: the sorted rows of each global batch this process reads (what its devices hold); default: the contiguous
+  block of `process_index` among `process_count`. normalize: "device" (raw uint16/float32 batches; apply
+  `normalize_batch(batch, pipe.normalizer)` in the jit step), "host" (float32 normalized batches), "none" (raw).
+  augment: random crops/flips/rot90 as data_cfg says; None = same as `shuffle` (evaluation pipelines get centre
+  crops). drop_remainder=False pads the last global batch to the fixed size and adds a `valid` (b,) bool to every
+  batch. Optional data_cfg keys: split ("train"), groups (from modalities), label_set (comma-separated), rrc_scale
+  ((0.2, 1.0)), read_threads (2), worker_buffer_size (2), thread_prefetch (2 batches, workers=0 only), indices
+  (record indices to read, e.g. a label-fraction subset; empty = all).
+  """
+  if normalize not in NORMALIZE:
+    raise ValueError(f"normalize={normalize!r}: use one of {NORMALIZE}.")
+  rows = default_rows(global_batch_size, process_index, process_count) if rows is None else np.asarray(rows)
+  if (rows.ndim != 1 or not len(rows) or np.any(np.diff(rows) <= 0) or rows[0] < 0
+      or rows[-1] >= global_batch_size):
+    raise ValueError(f"rows={rows.tolist()} must be sorted distinct row indices in [0, {global_batch_size}).")
+  batch_size = len(rows)
   workers = int(data_cfg.workers)
   augment = shuffle if augment is None else augment
   info = describe(data_cfg, modalities, split)
@@ -277,53 +406,51 @@ def make_pipeline(data_cfg, *, modalities: tuple[str, ...], global_batch_size: i
   source = info.source
   if data_cfg.get("indices"):  # a subset of the records (finetuning label fractions), in this index space
     source = sources.IndexedSource(source, data_cfg.indices)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  if len(ds) < batch_size and drop_remainder and not repeat:
-    raise ValueError(f"{data_cfg.shards}: process {process_index} sees {len(ds)} records, fewer than one batch "
-                     f"of {batch_size}, and drop_remainder=True would yield nothing.")
+  n = len(source)
+  if n < global_batch_size and drop_remainder and not repeat:
+    raise ValueError(f"{data_cfg.shards}: {n} records are fewer than one global batch of {global_batch_size}, and "
+                     "drop_remainder=True would yield nothing.")
+  records = grain.MapDataset.source(source)
   shuffle_seed = (seed + int(data_cfg.shuffle_seed_offset)) % 2**32
   if shuffle:
-    ds = shuffle_dataset(ds, shuffle_seed)
-  if repeat:
-    ds = ds.repeat()
+    records = shuffle_dataset(records, shuffle_seed)
+  records = records.repeat()  # positions past one pass read the next epoch (also where bad records are replaced)
   decode = transforms.DecodeAugment(
       modalities=modalities, bands=info.bands, image_size=data_cfg.image_size,
       random_resized_crop=data_cfg.random_resized_crop, flips=data_cfg.flips, rot90=data_cfg.rot90,
       augment=augment, rrc_scale=tuple(data_cfg.get("rrc_scale", (0.2, 1.0))), labels=info.labels,
-      on_bad=data_cfg.on_bad, default_bands=info.stored_bands, record_transform=record_transform)
-  # Per-record RNG: Philox keyed by (seed, index); the process index is folded in so processes differ.
-  aug_seed = int(np.random.SeedSequence([seed, process_index, 0x5EED]).generate_state(1)[0])
-  ds = ds.random_map(decode, seed=aug_seed)
+      on_bad=data_cfg.on_bad, default_bands=info.stored_bands, record_transform=record_transform,
+      missing_s1=data_cfg.get("missing_s1", "error"))  # 'fill' + groups=(paired, s2_only): S2-only fallback
+  # Per-record RNG keyed by (seed, global position); never by process or worker.
+  aug_seed = int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1)[0])
   read_threads = int(data_cfg.get("read_threads", 2))
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                            prefetch_buffer_size=max(2 * batch_size, 16)))
-  it = _DropBadIterDataset(it)
+  host_normalize = HostNormalize(info.normalizer) if normalize == "host" else None
+  if workers > 0 and not flags.FLAGS.is_parsed():
+    # grain workers read absl flags; outside absl.app.run (pytest, notebooks) use their defaults.
+    logging.info("absl flags not parsed (not under absl.app.run): using flag defaults for grain workers.")
+    flags.FLAGS.mark_as_parsed()
 
-  def batch(it):
-    it = it.batch(batch_size, drop_remainder=drop_remainder,
-                  batch_fn=None if drop_remainder else transforms.PadToBatch(batch_size))
-    return it.map(HostNormalize(info.normalizer)) if normalize == "host" else it
+  def build(start: int):
+    """The iterator of global batches start, start+1, ... (a restore rebuilds from its offset)."""
+    ds = GlobalBatches(records, decode, global_batch_size=global_batch_size, rows=rows, aug_seed=aug_seed,
+                       limit=None if repeat else n, pad=not drop_remainder, start=start, read_threads=read_threads)
+    if host_normalize is not None:
+      ds = ds.map(_NormalizeFirst(host_normalize))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    if workers > 0:
+      # Each worker builds whole batches k = w, w + W, ...; grain hands them back in order.
+      it = it.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=workers, per_worker_buffer_size=int(data_cfg.get("worker_buffer_size", 2))),
+                          worker_init_fn=tune_malloc)
+    else:
+      tune_malloc()
+      prefetch = int(data_cfg.get("thread_prefetch", 2))
+      if prefetch > 0:  # overlap host work with the device step
+        it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
+    return iter(it)
 
-  if workers > 0:
-    if not flags.FLAGS.is_parsed():
-      # grain workers read absl flags; outside absl.app.run (pytest, notebooks) use their defaults.
-      logging.info("absl flags not parsed (not under absl.app.run): using flag defaults for grain workers.")
-      flags.FLAGS.mark_as_parsed()
-    # Workers batch their own records (fast: shared memory). A single pass (repeat=False) batches in this process
-    # instead, so the epoch splits into exactly ceil(n / batch) batches, not one short batch per worker.
-    it = batch(it) if repeat else it
-    it = it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=int(data_cfg.get("worker_buffer_size", 2))),
-                        worker_init_fn=tune_malloc)
-    it = it if repeat else batch(it)
-  else:
-    tune_malloc()
-    it = batch(it)
-    prefetch = int(data_cfg.get("thread_prefetch", 2))
-    if prefetch > 0:  # overlap host work with the device step
-      it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
-  pins = dict(workers=workers, process_index=process_index, process_count=process_count, batch_size=batch_size,
-              shuffle_seed=shuffle_seed, seed=seed, num_records=len(source), shuffle=shuffle, repeat=repeat)
-  iterator = PipelineIterator(iter(it), pins)
-  return Pipeline(iterator, info.normalizer, info.bands, info.stats, info.manifest, len(source), batch_size,
-                  info.labels)
+  pins = dict(seed=seed, shuffle_seed=shuffle_seed, global_batch_size=global_batch_size, num_records=n,
+              shuffle=shuffle, repeat=repeat, drop_remainder=drop_remainder)
+  iterator = PipelineIterator(build, pins)
+  return Pipeline(iterator, info.normalizer, info.bands, info.stats, info.manifest, n, batch_size, info.labels,
+                  rows=rows)

@@ -11,6 +11,10 @@ so the training path never pays for it.
 Arrays: `s2` (H, W, C) uint16 reflectance x 1e4; `s1` (H, W, 2) float32 dB (non-finite / no-data replaced by
 `bands.S1_NODATA_FILL_DB` and flagged in `s1_valid` (H, W) uint8, present only when something was replaced);
 `mask` (H, W) int16 segmentation labels with -1 = ignore.
+S1 no-data: a record whose S1 has more than `MAX_S1_NODATA_FRACTION` no-data pixels counts as S1-missing (the
+converters drop its S1 and keep the record S2-only; the pipeline treats such S1 as absent). Below that, `s1_valid`
+travels through the pipeline with the pixels: normalization sets invalid pixels to 0 and every reconstruction loss
+leaves them out.
 Labels: a dict such as {"corine43": [3, 17], "ben19": [2, 11], "class": 4} (lists of class indices, or an int).
 """
 from __future__ import annotations
@@ -27,6 +31,9 @@ MAGIC = b"MMRS"
 VERSION = 1
 ARRAY_DTYPES = {"s2": np.uint16, "s1": np.float32, "s1_valid": np.uint8, "mask": np.int16}
 _PREFIX = struct.Struct("<4sBI")
+# More S1 no-data than this (fraction of pixels) and the record's S1 counts as missing: with half the scene filled,
+# the encoder would mostly see the fill value and the loss would rest on a few pixels.
+MAX_S1_NODATA_FRACTION = 0.5
 
 
 class RecordError(ValueError):
@@ -98,6 +105,12 @@ def modalities(record: dict[str, Any]) -> tuple[str, ...]:
   return tuple(m for m in ("s1", "s2") if record.get(m) is not None)
 
 
+def s1_nodata_fraction(record: dict[str, Any]) -> float:
+  """Fraction of the record's S1 pixels flagged invalid in `s1_valid` (0 when there is no mask)."""
+  sv = record.get("s1_valid")
+  return 0.0 if sv is None or not sv.size else 1.0 - float(np.count_nonzero(sv)) / sv.size
+
+
 def clean_s1(s1_db: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
   """Replaces non-finite S1 values (NaN, and -inf dB = 0 in linear power, the usual no-data).
 
@@ -111,7 +124,7 @@ def clean_s1(s1_db: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
   return s1, valid.all(axis=-1).astype(np.uint8)
 
 
-def validate(record: dict[str, Any], max_invalid_s1_fraction: float = 0.5) -> list[str]:
+def validate(record: dict[str, Any], max_invalid_s1_fraction: float = MAX_S1_NODATA_FRACTION) -> list[str]:
   """Problems that make a record unusable for training (empty list = fine). Used by converters and pipelines."""
   rid = record.get("id", "?")
   problems = []

@@ -147,7 +147,10 @@ def _lerp_axis(x: np.ndarray, n_out: int, axis: int) -> np.ndarray:
 class DecodeAugment:
   """grain random-map transform: (shard, index, bytes | record dict | Exception) -> dict of arrays.
 
-  Output: the selected modalities (`s2` uint16 (S, S, C), `s1` float32 dB clipped to `bands.S1_DB_CLIP`),
+  Output: the selected modalities (`s2` uint16 (S, S, C), `s1` float32 dB clipped to `bands.S1_DB_CLIP`, with
+  `s1_valid` (S, S) uint8, 1 = a measured pixel, cropped/flipped/rotated like the pixels; a record whose S1 is
+  mostly no-data (`records.MAX_S1_NODATA_FRACTION`) counts as S1-missing; with missing_s1='fill' an S2 record
+  without (usable) S1 gets an all-invalid S1 instead: the S2-only fallback for S1+S2 models),
   `label_<set>` per label spec (multi-hot float32 (K,), int32 class id, or int32 (S, S) mask with -1 = ignore),
   then `record_transform(record, rng)` if given (its record also carries `id` and `<modality>_bands`, the
   names of the channels it holds; it must return arrays only). image_size=0 keeps whole records. Bad records
@@ -158,9 +161,13 @@ class DecodeAugment:
                random_resized_crop: bool = False, flips: bool = True, rot90: bool = True, augment: bool = True,
                rrc_scale: tuple[float, float] = (0.2, 1.0), labels: Sequence[LabelSpec] = (),
                on_bad: str = "fail", default_bands: dict[str, Sequence[str]] | None = None,
-               record_transform: Callable[[dict, np.random.Generator], dict] | None = None):
+               record_transform: Callable[[dict, np.random.Generator], dict] | None = None,
+               missing_s1: str = "error"):
     if on_bad not in ON_BAD:
       raise ValueError(f"data.on_bad={on_bad!r}: use one of {ON_BAD}.")
+    if missing_s1 not in ("error", "fill"):
+      raise ValueError(f"data.missing_s1={missing_s1!r}: use 'error' or 'fill'.")
+    self.missing_s1 = missing_s1
     self.modalities = tuple(modalities)
     self.bands = {m: tuple(bands[m]) for m in self.modalities}
     self.default_bands = {m: tuple(v) for m, v in (default_bands or {}).items()}
@@ -174,6 +181,7 @@ class DecodeAugment:
     self.on_bad = on_bad
     self.record_transform = record_transform
     self._band_cache: dict = {}
+    self._ones: dict = {}
 
   def __call__(self, element: tuple[str, int, Any], rng: np.random.Generator):
     shard, index, payload = element
@@ -199,7 +207,11 @@ class DecodeAugment:
   def _transform(self, rec: dict, rng: np.random.Generator) -> dict:
     rid = rec.get("id", "?")
     arrays = {}
+    fill_s1 = (self.missing_s1 == "fill" and "s1" in self.modalities and rec.get("s2") is not None
+               and (rec.get("s1") is None or records.s1_nodata_fraction(rec) > records.MAX_S1_NODATA_FRACTION))
     for m in self.modalities:
+      if m == "s1" and fill_s1:
+        continue
       a = rec.get(m)
       if a is None:
         raise records.RecordError(f"record {rid!r} has no {m.upper()} but the task needs {list(self.modalities)}")
@@ -209,6 +221,11 @@ class DecodeAugment:
     hw = {a.shape[:2] for a in arrays.values()}
     if len(hw) != 1:
       raise records.RecordError(f"record {rid!r}: modalities have different grids {sorted(hw)}")
+    if "s1" in arrays and records.s1_nodata_fraction(rec) > records.MAX_S1_NODATA_FRACTION:
+      raise records.RecordError(
+          f"record {rid!r}: {100 * records.s1_nodata_fraction(rec):.0f}% of its S1 pixels are no-data (more than "
+          f"{100 * records.MAX_S1_NODATA_FRACTION:.0f}%), so it counts as S1-missing but the task needs "
+          f"{list(self.modalities)}")
     h, w = hw.pop()
     if self.size and not self.rrc and (h < self.size or w < self.size):
       raise records.RecordError(f"record {rid!r} is {h}x{w} px, smaller than data.image_size={self.size}; lower "
@@ -227,9 +244,36 @@ class DecodeAugment:
       if m == "s1":
         crop = np.clip(crop, *bands_lib.S1_DB_CLIP)
       out[m] = _apply_to_pixels(crop, in_place, self.size)
+    if "s1" in arrays:
+      out["s1_valid"] = self._s1_valid(rec, g, (h, w))
+    elif fill_s1:  # S2-only fallback: an all-invalid S1 (0 after normalization, left out of every loss)
+      shape = (self.size, self.size) if self.size else (g.height, g.width)
+      key = ("fill", shape, len(self.bands["s1"]))
+      if key not in self._ones:
+        self._ones[key] = (np.full((*shape, len(self.bands["s1"])), bands_lib.S1_NODATA_FILL_DB, np.float32),
+                           np.zeros(shape, np.uint8))
+      out["s1"], out["s1_valid"] = self._ones[key]
     for spec in self.labels:
       out[f"label_{spec.name}"] = self._label(rec, spec, g, (h, w))
     return out
+
+  def _s1_valid(self, rec: dict, g: Geometry, hw: tuple[int, int]) -> np.ndarray:
+    """(S, S) uint8 S1 validity with the pixels' crop/flip/rot90. A resized crop counts a pixel valid only when
+    every source pixel it blends is valid (bilinear weight of the valid pixels == 1)."""
+    valid = rec.get("s1_valid")
+    if valid is None:
+      shape = (self.size, self.size) if self.size else (g.height, g.width)
+      if shape not in self._ones:
+        self._ones[shape] = np.ones(shape, np.uint8)
+      return self._ones[shape]
+    if valid.shape != hw:
+      raise records.RecordError(f"record {rec.get('id', '?')!r}: s1_valid shape {valid.shape} differs from the "
+                                f"image grid {hw}")
+    if self.size and (g.height, g.width) != (self.size, self.size):
+      box = valid[g.top:g.top + g.height, g.left:g.left + g.width].astype(np.float32)
+      valid = (resize(box, self.size) >= 1.0).astype(np.uint8)
+      g = Geometry(0, 0, self.size, self.size, g.flip_lr, g.flip_ud, g.rot90)
+    return apply_geometry(valid, g, self.size)
 
   def _band_index(self, m: str, have: tuple[str, ...], channels: int) -> np.ndarray | None:
     """Channel indices giving the selected bands (None = already in order), cached per stored band list."""

@@ -60,7 +60,8 @@ class AuxMAE:
       raise ValueError(f"auxmae s2_to_s1: S1 {batch['s1'].shape} and S2 {batch['s2'].shape} must share B, H, W.")
     pred = self.predict_s1(params, batch["s2"], rng, train)
     target = vit.patchify(batch["s1"], self.patch_size)
-    loss = mae_lib.patch_mse(pred, target, jnp.ones(target.shape[:2], bool), self.norm_pix_loss)
+    loss = mae_lib.patch_mse(pred, target, jnp.ones(target.shape[:2], bool), self.norm_pix_loss,
+                             mae_lib.pixel_weights(batch, "s1", self.patch_size))  # S1 no-data left out
     return loss, ({"loss_s1": loss}, state)
 
   def update_state(self, params, state, step):

@@ -208,7 +208,8 @@ class JointMAE:
   def loss_from(self, preds, batch, visible) -> tuple[jax.Array, dict]:
     """Loss on the masked tokens only (targets from `batch`), and the per-modality terms."""
     terms = {m: mae_lib.patch_mse(preds[m], vit.patchify(batch[m], self.patch_size), ~visible[m],
-                                  self.norm_pix_loss) for m in MODALITIES}
+                                  self.norm_pix_loss, mae_lib.pixel_weights(batch, m, self.patch_size))
+             for m in MODALITIES}
     loss = self.lam * terms["s1"] + (1.0 - self.lam) * terms["s2"]
     return loss, {f"loss_{m}": v for m, v in terms.items()}
 

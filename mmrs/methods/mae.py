@@ -73,13 +73,38 @@ def normalize_patches(target: jax.Array, eps: float = 1e-6) -> tuple[jax.Array, 
   return (target - mean) / std, mean, std
 
 
-def patch_mse(pred: jax.Array, target: jax.Array, weights: jax.Array, norm_pix: bool) -> jax.Array:
-  """Mean over weighted patches of the per-patch pixel MSE. pred/target (B, L, P), weights (B, L) bool/0-1."""
+def patch_mse(pred: jax.Array, target: jax.Array, weights: jax.Array, norm_pix: bool,
+              pixel_weights: jax.Array | None = None) -> jax.Array:
+  """Mean over weighted patches of the per-patch pixel MSE. pred/target (B, L, P), weights (B, L) bool/0-1.
+
+  `pixel_weights` (B, L, P) 0/1 (`pixel_weights(batch, modality, p)`: S1 no-data = 0) leaves pixels out: the loss
+  is then the mean squared error over the valid pixels of the weighted patches (with all pixels valid this equals
+  the mean of per-patch means), and norm_pix statistics come from the valid pixels only.
+  """
   target = target.astype(jnp.float32)
+  if pixel_weights is None:
+    if norm_pix:
+      target = normalize_patches(target)[0]
+    per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
+    return masking.masked_mean(per_patch, weights)
+  w = pixel_weights.astype(jnp.float32)
   if norm_pix:
-    target = normalize_patches(target)[0]
-  per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
-  return masking.masked_mean(per_patch, weights)
+    n = jnp.maximum(w.sum(-1, keepdims=True), 1.0)
+    mean = (target * w).sum(-1, keepdims=True) / n
+    var = (jnp.square(target - mean) * w).sum(-1, keepdims=True) / n
+    target = (target - mean) / jnp.sqrt(var + 1e-6)
+  w = w * weights.astype(jnp.float32)[..., None]
+  return (jnp.square(pred.astype(jnp.float32) - target) * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+
+def pixel_weights(batch: Mapping[str, jax.Array], modality: str, patch_size: int) -> jax.Array | None:
+  """(B, L, p*p*C) 0/1 weights in `patchify` order from the batch's `<modality>_valid` (B, H, W) (the pipeline's S1
+  no-data mask), or None when the batch has none (every pixel counts)."""
+  valid = batch.get(f"{modality}_valid")
+  if valid is None or modality not in batch:
+    return None
+  x = batch[modality]
+  return vit.patchify(jnp.broadcast_to(valid[..., None].astype(jnp.float32), x.shape), patch_size)
 
 
 def paste_prediction(pred: jax.Array, target: jax.Array, scored: jax.Array, norm_pix: bool) -> jax.Array:
@@ -138,9 +163,10 @@ class MaskedAutoencoder:
                               rngs=dec_rngs)
     return pred, mask
 
-  def loss(self, enc_params, dec_params, x: jax.Array, rng: jax.Array, train: bool) -> jax.Array:
+  def loss(self, enc_params, dec_params, x: jax.Array, rng: jax.Array, train: bool,
+           pixel_weights: jax.Array | None = None) -> jax.Array:
     pred, mask = self.forward(enc_params, dec_params, x, rng, train)
-    return patch_mse(pred, vit.patchify(x, self.patch_size), mask, self.norm_pix_loss)
+    return patch_mse(pred, vit.patchify(x, self.patch_size), mask, self.norm_pix_loss, pixel_weights)
 
   def reconstruct(self, enc_params, dec_params, x: jax.Array, rng: jax.Array) -> dict[str, jax.Array]:
     """{"seen", "reconstruction", "target"} images of this modality (masked patches of "seen" zeroed)."""

@@ -76,7 +76,8 @@ class MixMAE:
   def loss(self, params, state, batch, rng, train=True):
     preds, take_s2 = self.forward(params, batch, rng, train)
     scored = {"s2": ~take_s2, "s1": take_s2}
-    losses = {m: mae_lib.patch_mse(preds[m], vit.patchify(batch[m], self.patch_size), scored[m], self.norm_pix_loss)
+    losses = {m: mae_lib.patch_mse(preds[m], vit.patchify(batch[m], self.patch_size), scored[m], self.norm_pix_loss,
+                                   mae_lib.pixel_weights(batch, m, self.patch_size))  # S1 no-data left out
               for m in ("s2", "s1")}
     loss = self.lam * losses["s1"] + (1.0 - self.lam) * losses["s2"]
     return loss, ({"loss_s1": losses["s1"], "loss_s2": losses["s2"]}, state)

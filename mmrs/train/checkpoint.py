@@ -1,15 +1,17 @@
 """Checkpoints: Orbax `CheckpointManager` with three items per step, atomic commits, fallback on a bad latest.
 
   state/  the train state (params, per-group optimizer state, method state), sharded arrays (async save)
-  data/   every task's data-iterator state, one `process_{i}-of-{n}.json` per process (grain's layout)
+  data/   every task's data-iterator state, one `process_{i}-of-{n}.json` per process (grain's layout); mmrs
+          pipelines order samples globally, so these states agree on the position and a run restores them on any
+          process count (elastic resume, see IteratorStatesHandler)
   meta/   JSON: step, seed, the resolved config, band names and normalization stats per task, process count,
           worker counts (written by the primary process)
 
 Orbax writes a step into a temporary directory and renames it (or writes a commit marker on GCS) when every item is
 done, so an interrupted save never looks like a checkpoint. `restore_latest` tries the newest step first; a step
 that fails to restore (corrupted or truncated files) is moved aside to `corrupt_step_<N>_<time>` with a warning,
-and the next older one is tried. A checkpoint that cannot match this run (another process count, another optimizer
-layout) raises `CheckpointMismatch`: every checkpoint of the run would fail the same way.
+and the next older one is tried. A checkpoint that cannot match this run (per-process data states on another process
+count, another optimizer layout) raises `CheckpointMismatch`: every checkpoint of the run would fail the same way.
 """
 from __future__ import annotations
 
@@ -41,7 +43,15 @@ class CheckpointMismatch(RuntimeError):
 
 class IteratorStatesHandler(ocp.CheckpointHandler):
   """Saves {task: iterator state} of this process to `process_{i}-of-{n}.json` (synchronously: the iterators move on
-  right after the save call)."""
+  right after the save call).
+
+  Restore on the same process count gives each process its own state back. On another count (elastic resume) the
+  states of an mmrs pipeline (`mmrs.data.pipeline`: a global sample order, the state is the number of global
+  batches consumed) are merged: every saved process must agree on the position and the pins, and the bad-record
+  counters are summed into process 0's. Each process writes its own file rather than process 0 writing one: no
+  collective is needed while saving, and the per-process counters stay exact on a same-count resume. Other
+  iterators (per-process states, e.g. test fakes) cannot be re-split and are refused on another count.
+  """
 
   def save(self, directory: epath.Path, args: "IteratorStatesSave"):
     i, n = jax.process_index(), jax.process_count()
@@ -52,16 +62,30 @@ class IteratorStatesHandler(ocp.CheckpointHandler):
   def restore(self, directory: epath.Path, args: "IteratorStatesRestore" = None) -> dict[str, Any]:
     i, n = jax.process_index(), jax.process_count()
     path = directory / f"process_{i}-of-{n}.json"
-    if not path.exists():
-      found = sorted(p.name for p in directory.glob("process_*.json"))
-      if found and not any(f.endswith(f"-of-{n}.json") for f in found):
-        raise CheckpointMismatch(
-            f"{directory} holds data-iterator states written by another number of processes ({found[0]}, ...) "
-            f"but this run has {n}. Each process's grain iterator state covers its own part of the data and cannot "
-            "be re-split: resume with the original process count, or start a fresh run in a new --workdir.")
+    if path.exists():
+      payload = json.loads(path.read_text())
+      return {k: _decode_state(v) for k, v in payload["states"].items()}
+    found = sorted(p.name for p in directory.glob("process_*.json"))
+    counts = {int(f.rsplit("-of-", 1)[1][:-len(".json")]) for f in found}
+    if len(counts) != 1 or any(f.endswith(f"-of-{n}.json") for f in found):
       raise FileNotFoundError(f"{path} is missing (found {found}).")
-    payload = json.loads(path.read_text())
-    return {k: _decode_state(v) for k, v in payload["states"].items()}
+    saved_n = counts.pop()
+    if len(found) != saved_n:
+      raise FileNotFoundError(f"{directory} holds {len(found)} of the {saved_n} data-iterator states written "
+                              f"({found}): the checkpoint is incomplete.")
+    payloads = [json.loads((directory / f).read_text())["states"] for f in found]
+    out = {}
+    for task in payloads[0]:
+      states = [_decode_state(p.get(task)) for p in payloads]
+      if not all(_is_global_state(s) for s in states):
+        raise CheckpointMismatch(
+            f"{directory} holds data-iterator states written by {saved_n} processes but this run has {n}, and task "
+            f"{task!r}'s iterator keeps a per-process state that cannot be re-split (only mmrs pipelines, with their "
+            "global sample order, resume on another process count). Resume with the original process count, or "
+            "start a fresh run in a new --workdir.")
+      out[task] = _merge_global_states(states, task, i)
+    logging.info("Data-iterator states written by %d processes restored on %d (global sample order).", saved_n, n)
+    return out
 
   def metadata(self, directory: epath.Path):
     return None
@@ -89,6 +113,24 @@ def _encode_state(state):
   if isinstance(state, bytes):  # grain DataLoaderIterator states are bytes
     return {"__bytes__": state.decode()}
   return state
+
+
+_PIPELINE_KEY, _BATCHES_KEY, _SKIPPED_KEY = "mmrs_pipeline", "global_batches", "mmrs_skipped"  # mmrs.data.pipeline
+
+
+def _is_global_state(state) -> bool:
+  return isinstance(state, dict) and _PIPELINE_KEY in state and _BATCHES_KEY in state
+
+
+def _merge_global_states(states: list[dict], task: str, process_index: int) -> dict:
+  """One position for every process; the bad-record counters summed into process 0's (their sum is global)."""
+  first = states[0]
+  for s in states[1:]:
+    if s[_PIPELINE_KEY] != first[_PIPELINE_KEY] or s[_BATCHES_KEY] != first[_BATCHES_KEY]:
+      raise ValueError(f"Task {task!r}: the saved processes' data-iterator states disagree ({first[_PIPELINE_KEY]}"
+                       f" at batch {first[_BATCHES_KEY]} vs {s[_PIPELINE_KEY]} at batch {s[_BATCHES_KEY]}).")
+  skipped = sum(int(s.get(_SKIPPED_KEY, 0)) for s in states)
+  return dict(first, **{_SKIPPED_KEY: skipped if process_index == 0 else 0})
 
 
 def _decode_state(state):
@@ -154,11 +196,9 @@ class Checkpointer:
       try:
         meta = self.read_meta(step)
         saved_count = meta.get("process_count", jax.process_count())
-        if saved_count != jax.process_count():
-          raise CheckpointMismatch(
-              f"Checkpoint step {step} in {self.directory} was written by {saved_count} processes but this run has "
-              f"{jax.process_count()}: each process's data-iterator state covers its own part of the data and "
-              "cannot be re-split. Resume with the original process count, or start a fresh --workdir.")
+        if saved_count != jax.process_count():  # elastic resume: the data item decides (IteratorStatesHandler)
+          logging.info("Checkpoint step %d was written by %d processes; resuming on %d.", step, saved_count,
+                       jax.process_count())
         if check_meta is not None:
           check_meta(meta)
         _check_tree(self._manager.item_metadata(step)["state"], abstract_state, step)

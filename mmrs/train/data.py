@@ -4,6 +4,11 @@ Each task reads `config.data[task.dataset]` through `mmrs.data.pipeline.make_pip
 `next()`/`get_state()`/`set_state()` works as an iterator (tests use in-memory fakes). Batches are process-local
 numpy dicts; `global_batch` turns them into global `jax.Array`s split over the mesh's data axes, and normalization
 (`TaskData.normalize`, jnp) runs inside the jit step, on device.
+
+The sample order is global (mmrs.data.pipeline): each process's pipeline reads exactly the rows of every global batch
+that its devices hold under the batch sharding (`batch_rows`), which is also how `jax.make_array_from_process_local_data`
+places local rows (the process's addressed row ranges in increasing order). So the global batch of a step does not
+depend on the number of processes.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ class TaskData:
   normalize: Callable[[Batch], Batch] | None = None  # jnp, traced into the step; None = batches are ready
   bands: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # modality -> band names
   stats: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the dataset's stats.json
-  workers: int = 0  # grain worker count (pinned: a resume with another count would see other data)
+  workers: int = 0  # grain worker count (recorded in checkpoints; the data do not depend on it)
   skipped: Callable[[], int] | None = None  # bad records dropped so far (data.on_bad="skip"), logged
   close: Callable[[], None] | None = None  # stops pipeline workers
 
@@ -59,10 +64,31 @@ class PeekableIterator:
     self._it.set_state(state)
 
 
-def build_task_data(config, method, process_index: int, process_count: int) -> dict[str, TaskData]:
-  """One pipeline per task, from `config.data[task.dataset]` (the real data path)."""
+def batch_rows(mesh: jax.sharding.Mesh, global_batch_size: int) -> np.ndarray:
+  """The sorted rows of a global batch that this process's devices hold under `mesh_lib.batch_sharding(mesh)`."""
+  from mmrs.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  index_map = mesh_lib.batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+  rows = set()
+  for index in index_map.values():
+    rows.update(range(*index[0].indices(global_batch_size)))
+  return np.asarray(sorted(rows), np.int64)
+
+
+def build_task_data(config, method, process_index: int, process_count: int,
+                    mesh: jax.sharding.Mesh | None = None) -> dict[str, TaskData]:
+  """One pipeline per task, from `config.data[task.dataset]` (the real data path).
+
+  `mesh`: the training mesh, whose batch sharding decides which rows of each global batch this process reads
+  (default: `config.mesh` over all devices, as `mmrs.train.loop.train` builds it).
+  """
   from mmrs.data import normalize as normalize_lib  # pylint: disable=g-import-not-at-top
   from mmrs.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from mmrs.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  rows = batch_rows(mesh if mesh is not None else mesh_lib.make_mesh(config.mesh), config.batch_size)
+  if len(rows) * process_count != config.batch_size:
+    raise ValueError(f"config.mesh={config.mesh!r} gives process {process_index} {len(rows)} of the "
+                     f"{config.batch_size} rows of a global batch; each of the {process_count} processes must hold an "
+                     "equal, distinct share (split the batch over every device: data x fsdp).")
   out = {}
   for i, task in enumerate(method.tasks):
     data_cfg = config.data[task.dataset]
@@ -71,7 +97,7 @@ def build_task_data(config, method, process_index: int, process_count: int) -> d
     pipe = pipeline_lib.make_pipeline(
         data_cfg, modalities=tuple(task.modalities), global_batch_size=config.batch_size,
         seed=config.seed + 1000 * i,  # distinct shuffles when two tasks read one dataset
-        process_index=process_index, process_count=process_count, record_transform=transform,
+        rows=rows, record_transform=transform,
         normalize="none" if byol else "device")
     # A method may standardize with other statistics than the dataset's (finetuning: the encoder's own); the
     # checkpoint then records those, so a conversion of the run carries what the model was trained on.
