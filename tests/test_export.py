@@ -1,7 +1,8 @@
 """Export to Hugging Face transformers / timm naming: the exported models compute the same features as `embed`.
 
-The parity tests need torch and transformers, which are not project dependencies: they are skipped (with the
-reason) when missing; `pip install torch==2.13.0 transformers` in the venv runs them.
+The parity tests need torch and transformers (the `[export]` extra, not in requirements.txt: CI runs them where
+the venv has them, e.g. after `pip install torch==2.13.0 transformers==5.23.0`): they are skipped, with the reason,
+when missing. The timm load test also needs torchvision built for the installed torch (see _timm_unavailable).
 """
 import importlib.util
 import json
@@ -21,7 +22,20 @@ HAVE_TORCH = importlib.util.find_spec("torch") is not None
 HAVE_HF = HAVE_TORCH and importlib.util.find_spec("transformers") is not None
 needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed (optional; pip install torch==2.13.0)")
 needs_hf = pytest.mark.skipif(not HAVE_HF, reason="torch/transformers are not installed (optional: pip install "
-                              "torch==2.13.0 transformers)")
+                              "\"mmrs[export]\" or torch==2.13.0 transformers==5.23.0)")
+
+
+def _timm_unavailable() -> str:
+  """Why timm cannot be imported here ("" if it can). timm imports torchvision, whose compiled ops must match the
+  installed torch: with the CPU-only torch 2.13.0 wheel, torchvision 0.28.0 fails with "operator torchvision::nms
+  does not exist", so the timm load test runs only where a matching torch/torchvision pair is installed."""
+  if not HAVE_TORCH or importlib.util.find_spec("timm") is None:
+    return "timm is not installed (optional: pip install \"mmrs[export]\")"
+  try:
+    import timm  # pylint: disable=import-outside-toplevel,unused-import
+  except Exception as e:  # pylint: disable=broad-except  (ImportError, or torchvision's RuntimeError)
+    return f"timm does not import here ({type(e).__name__}: {e}); it needs torchvision built for this torch"
+  return ""
 P, SIZE, WIDTH, DEPTH = 4, 8, 32, 2
 NORM = {"source": "test", "s2": {"bands": list(B.S2_L1C_BANDS), "mean": [1000.0] * 13, "std": [500.0] * 13},
         "s1": {"bands": ["VV", "VH"], "mean": [-12.0, -19.0], "std": [5.0, 6.0]}}
@@ -196,3 +210,99 @@ def test_resnet_exports_in_torchvision_naming(tmp_path):
   with torch.no_grad():
     want = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
   np.testing.assert_allclose(np.asarray(enc.embed(s2=x)), want, atol=1e-4, rtol=1e-4)
+
+
+# --- hub-ready exports: model card, preprocessor, pooling, timm config ------------------------------------------
+
+def front_matter(text: str) -> dict:
+  """The YAML front matter of a model card (flat keys and lists: all a card needs)."""
+  assert text.startswith("---\n"), text[:80]
+  out, key = {}, None
+  for line in text[4:text.index("\n---\n", 4)].splitlines():
+    if line.startswith("- "):
+      out[key].append(json.loads(line[2:]))
+    else:
+      key, _, value = line.partition(":")
+      out[key] = value.strip() or []
+  return out
+
+
+def test_hf_export_has_model_card_and_preprocessor(vit_params, tmp_path):
+  enc_dir = _converted(vit_params, tmp_path, "s1,s2")
+  out = tmp_path / "hf"
+  files = export.export(enc_dir, "hf", str(out), license="cdla-permissive-1.0")
+  assert {p.split("/")[-1] for p in files} == {"config.json", "model.safetensors", "preprocessor_config.json",
+                                               "README.md", "mmrs.json"}
+  card = (out / "README.md").read_text()
+  fm = front_matter(card)
+  assert fm["license"] == "cdla-permissive-1.0" and fm["library_name"] == "transformers"
+  assert {"sentinel-2", "sentinel-1", "remote-sensing"} <= set(fm["tags"])
+  # every input band in channel order, with its GSD, processing level and the encoder.json mean/std
+  rows = [l for l in card.splitlines() if l.startswith("| ") and l[2].isdigit()]
+  assert [r.split(" | ")[1] for r in rows] == list(B.S2_L1C_BANDS) + ["VV", "VH"]
+  assert rows[0].split(" | ")[2] == "60" and rows[1].split(" | ")[2] == "10"  # B01 60 m, B02 10 m
+  assert "L1C" in rows[0] and "dB" in rows[-1]
+  assert [c.strip(" |") for c in rows[-1].split(" | ")][4:6] == ["-19", "6"]  # VH mean / std
+  assert "pooling: **mean**" in card and "sum" in card and "last_hidden_state[:, 1:].mean(1)" in card
+  config = json.loads((out / "config.json").read_text())
+  assert config["pooling"] == "mean" and config["fusion"].startswith("sum")
+  pre = json.loads((out / "preprocessor_config.json").read_text())
+  assert pre["image_mean"] == NORM["s2"]["mean"] + NORM["s1"]["mean"] and not pre["do_resize"]
+  assert not pre["do_rescale"]
+
+
+@needs_hf
+def test_hf_export_pools_and_preprocesses_like_mmrs(vit_params, tmp_path):
+  import torch
+  import transformers
+
+  enc_dir = _converted(vit_params, tmp_path, "s2")
+  enc = mmrs.load_encoder(enc_dir)
+  out = tmp_path / "hf"
+  export.export(enc_dir, "hf", str(out))
+  model = transformers.ViTModel.from_pretrained(str(out)).eval()
+  assert model.config.pooling == "mean"
+  processor = transformers.ViTImageProcessor.from_pretrained(str(out))
+  raw = np.random.default_rng(3).uniform(0, 4000, size=(2, SIZE, SIZE, 13)).astype(np.float32)
+  pixels = processor(images=list(raw), input_data_format="channels_last", return_tensors="pt")["pixel_values"]
+  np.testing.assert_allclose(pixels.numpy(), enc.normalize(s2=raw)["s2"].transpose(0, 3, 1, 2), rtol=1e-5,
+                             atol=1e-5)
+  with torch.no_grad():
+    tokens = model(pixel_values=pixels).last_hidden_state
+  want = np.asarray(enc.pool(enc.embed(s2=enc.normalize(s2=raw)["s2"])))
+  np.testing.assert_allclose(tokens[:, 1:].mean(1).numpy(), want, atol=1e-4)
+
+
+def test_timm_directory_export_carries_pretrained_cfg(vit_params, tmp_path):
+  enc_dir = _converted(vit_params, tmp_path, "s2")
+  out = tmp_path / "timm"
+  export.export(enc_dir, "timm", str(out))
+  cfg = json.loads((out / "config.json").read_text())
+  pc, args = cfg["pretrained_cfg"], cfg["model_args"]
+  assert pc["mean"] == NORM["s2"]["mean"] and pc["std"] == NORM["s2"]["std"]
+  assert pc["input_size"] == [13, SIZE, SIZE] and pc["num_classes"] == 0
+  assert args["in_chans"] == 13 and args["global_pool"] == "avg" and args["fc_norm"] is False
+  assert (args["embed_dim"], args["depth"], args["num_heads"], args["patch_size"]) == (WIDTH, DEPTH, 2, P)
+  assert front_matter((out / "README.md").read_text())["library_name"] == "timm"
+  side = json.loads((out / "mmrs.json").read_text())
+  assert side["timm"] == cfg and side["pooling"] == "mean" and side["fusion"].startswith("none")
+
+
+@pytest.mark.skipif(bool(_timm_unavailable()), reason=_timm_unavailable() or "timm imports")
+def test_timm_export_loads_with_pretrained_cfg_overlay(vit_params, tmp_path):
+  import timm
+  import torch
+
+  enc_dir = _converted(vit_params, tmp_path, "s1,s2")
+  enc = mmrs.load_encoder(enc_dir)
+  out = tmp_path / "timm"
+  export.export(enc_dir, "timm", str(out))
+  cfg = json.loads((out / "config.json").read_text())
+  model = timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_args"],
+                            pretrained_cfg_overlay=dict(cfg["pretrained_cfg"], file=str(out / "model.safetensors")))
+  model.eval()
+  assert tuple(model.pretrained_cfg["mean"]) == tuple(cfg["pretrained_cfg"]["mean"])
+  x = _inputs(enc)
+  with torch.no_grad():
+    got = model(torch.from_numpy(np.concatenate([x["s2"], x["s1"]], -1).transpose(0, 3, 1, 2))).numpy()
+  np.testing.assert_allclose(got, np.asarray(enc.pool(enc.embed(**x))), atol=1e-4)

@@ -11,7 +11,8 @@ eval_shards, steps, batch_size, lr.
 Config keys read by mmrs/finetune:
   init_from; finetune.{dataset, task (multilabel | class | segmentation), head (linear | mlp | vitlite), frozen,
   label_fraction, subset_mode (balanced | stratified), subset_seed, modalities, label_set, num_classes, pool
-  (mean | cls), mlp_hidden_dim, decoder (ViT size of the vitlite head), decoder_depth, class_names};
+  (mean | cls), normalization (encoder: init_from's encoder.json statistics | dataset: the data's stats.json; see
+  mmrs/finetune/encoder_api.py), mlp_hidden_dim, decoder (ViT size of the vitlite head), decoder_depth, class_names};
   model.{backbone (vit | resnet18/50...), encoder, patch_size, use_cls_token, dropout_rate} and bands.{s2, s1}
   for a random init (with init_from they are filled from encoder.json); data.train / data.eval (+ split,
   label_set, indices: the label-fraction subset, filled by mmrs.finetune.method.prepare_config); eval_batch_size.
@@ -41,7 +42,8 @@ def finetune_config(arg, *, dataset: str, task: str, label_set: str, num_classes
   c.finetune = ml_collections.ConfigDict(dict(
       dataset=dataset, task=task, head=arg.head or head, frozen=arg.frozen, label_fraction=arg.label_fraction,
       subset_mode="balanced", subset_seed=arg.subset_seed, modalities=arg.modalities or modalities,
-      label_set=label_set, num_classes=num_classes, pool="mean", mlp_hidden_dim=128, decoder="lite",
+      label_set=label_set, num_classes=num_classes, pool="mean", normalization="encoder", mlp_hidden_dim=128,
+      decoder="lite",
       decoder_depth=0, class_names=()))
   c.eval_batch_size = 0  # 0 = batch_size
   c.optimizer.update(dict(name="adamw", learning_rate=frozen_lr if arg.frozen else lr, warmup_steps=0,

@@ -189,8 +189,18 @@ class TfdsRecords:
     return f"TfdsRecords({self.name}, {len(self)} records)"
 
 
+def _import_tfds(spec: str):
+  """tensorflow-datasets is an optional dependency (`pip install "mmrs[tfds]"`): only `tfds:` sources need it."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ShardError(f"data.shards={spec!r} is a TFDS source, which needs tensorflow-datasets ({e}): "
+                     "pip install \"mmrs[tfds]\" (or tensorflow-datasets==4.9.10).") from None
+  return tfds
+
+
 def _tfds_label_sets(features, metadata: dict) -> dict[str, dict]:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (open_tfds imported it already)
 
   sets = dict(metadata.get("label_sets") or {})
   for key, feat in features.items():
@@ -220,7 +230,7 @@ def _infer_bands(features, metadata: dict) -> dict[str, tuple[str, ...]]:
 
 def open_tfds(spec: str, split: str) -> SourceInfo:
   """`tfds:NAME[/CONFIG][:SPLIT]@DATA_DIR` -> SourceInfo (the spec's SPLIT wins over `split`)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = _import_tfds(spec)
 
   name, spec_split, data_dir = parse_tfds_spec(spec)
   split = spec_split or split

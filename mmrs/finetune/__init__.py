@@ -24,5 +24,7 @@ def run(config, workdir: str, *, logdir: str | None = None, allow_config_change:
                                      step=summary["step"])
   if jax.process_index() == 0:
     from mmrs.finetune import report  # pylint: disable=g-import-not-at-top
+    from mmrs.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+    metrics_lib.log_evaluation(logdir or workdir, summary["step"], "eval", result["metrics"])  # TensorBoard too
     print(report.table([result]), flush=True)
   return {"train": summary, "eval": result}

@@ -4,7 +4,9 @@ A converted encoder is a directory with
   encoder.safetensors  the variables, flattened: "params/blocks_0/attn/qkv/kernel", ... (+ "batch_stats/..." for a
                        ResNet); float32
   encoder.json         {"format", "architecture", "modalities", "bands", "normalization", "image_size",
-                        "patch_size", "source": {checkpoint, step, method, config_digest}, "conversion": {...}}
+                        "patch_size", "pooling" (ViT: mean | cls), "source": {checkpoint, step, method,
+                        config_digest}, "conversion": {...}}
+"normalization" and "pooling" are the conventions every user of the encoder follows (mmrs/finetune/encoder_api.py).
 
 What conversion does (ViT encoders of the MAE family; RS-BYOL's ResNet backbone):
 - keeps the encoder only: decoders, BYOL projector/predictor and the EMA target are dropped;
@@ -452,10 +454,13 @@ def convert_checkpoint(checkpoint: str, out: str, *, modalities: str | Sequence[
   trained = pretraining_bands(meta)
   norm = pretraining_normalization(meta, trained)
   config = meta.get("config") or {}
+  data = {k: v.get("shards") for k, v in (config.get("data") or {}).items() if isinstance(v, dict) and v.get("shards")}
   source = dict(checkpoint=os.path.abspath(meta["checkpoint_dir"]), step=meta.get("step"),
-                method=config.get("method"), config_digest=config_digest(config))
+                method=config.get("method"), config_digest=config_digest(config), data=data)
   variables, enc_meta = convert(params, method_state, trained_bands=trained, normalization=norm,
                                 modalities=modalities, image_size=image_size, bands=bands, patch_size=patch_size,
                                 source=source)
+  if enc_meta["architecture"]["kind"] == "vit":  # the pooling mmrs used: a finetune run's finetune.pool, else mean
+    enc_meta["pooling"] = (config.get("finetune") or {}).get("pool", "mean") or "mean"
   save(out, variables, enc_meta)
   return enc_meta

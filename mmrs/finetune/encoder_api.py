@@ -6,9 +6,29 @@
     x = enc.normalize(s2=s2_raw)                          # raw (B, H, W, C) uint16 / dB -> normalized float32
     tokens = enc.embed(**x)                               # (B, 1 + N, D): CLS token, then N patch tokens
 
+    features = enc.pool(tokens)                           # (B, D): pooled the way mmrs' heads pool (enc.pooling)
+
 `embed` takes normalized NHWC float32 arrays for one or more of the encoder's modalities (S1 and S2 tokens at a
-position are summed, as the encoder does for paired input) and is jit-compiled once per input shape. A ResNet
-(RS-BYOL) encoder returns pooled features (B, 512 or 2048) instead of tokens.
+position are summed, as the encoder does for paired input: the `sum` fusion) and is jit-compiled once per input
+shape. A ResNet (RS-BYOL) encoder returns pooled features (B, 512 or 2048) instead of tokens.
+
+The conventions every consumer of an encoder follows (load_encoder, finetuning, launch.export, launch.embed):
+- Normalization: an encoder's inputs are standardized with the statistics in its encoder.json ("normalization":
+  the pretraining data's stats.json, or mmrs.bands' published constants when that data had none), per band:
+  (raw - mean) / std, S1 dB clipped to bands.S1_DB_CLIP first. The encoder learned its features on inputs
+  standardized this way, so the same raw pixel gives the same input wherever the encoder is used; a downstream
+  dataset with other statistics (another processing level, region or season) is a domain shift the finetuning
+  adapts to, not one that the normalization hides. Finetuning from `init_from` follows it by default
+  (finetune.normalization="encoder"; "dataset" standardizes with the downstream dataset's own stats.json instead,
+  and a model finetuned that way records those statistics in its checkpoint, so converting it carries them on).
+  The exports carry the same numbers (mmrs.json mean/std, preprocessor_config.json image_mean/image_std, timm
+  pretrained_cfg mean/std).
+- Pooling: mmrs' classification heads mean-pool the patch tokens (CLS excluded) after the encoder's final
+  LayerNorm (finetune.pool="mean", the default; "cls" takes the CLS token). encoder.json's "pooling" records the
+  one used (a converted finetune run keeps its finetune.pool), `Encoder.pool` applies it, and the exports carry it:
+  timm model_args global_pool="avg" with fc_norm=False (timm's default for "avg" would move the final norm after the
+  pooling), HF config.json "pooling" (transformers' ViTModel pooler_output is tanh(dense(CLS)) and is not what
+  mmrs uses: mean-pool last_hidden_state[:, 1:] instead).
 """
 from __future__ import annotations
 
@@ -20,6 +40,42 @@ import numpy as np
 
 from mmrs.data import normalize as normalize_lib
 from mmrs.finetune import convert
+
+NORMALIZATIONS = ("encoder", "dataset")  # finetune.normalization
+POOLINGS = ("mean", "cls")  # mmrs/finetune/heads.py POOLS
+
+
+def pooling(meta: Mapping[str, Any]) -> str:
+  """The pooling mmrs uses on this encoder's features: encoder.json "pooling", else the heads' default (mean)."""
+  if meta["architecture"]["kind"] == "resnet":
+    return "avg"  # the ResNet's own global average pool
+  pool = meta.get("pooling", "mean")
+  if pool not in POOLINGS:
+    raise ValueError(f"encoder.json pooling={pool!r} is unknown; expected one of {POOLINGS}.")
+  return pool
+
+
+def encoder_normalizer(meta: Mapping[str, Any], bands: Mapping[str, Any] | None = None) -> normalize_lib.Normalizer:
+  """The encoder's input normalization (encoder.json), for `bands` (modality -> names; default: all it has)."""
+  norm = normalize_lib.Normalizer.from_json(meta["normalization"])
+  if bands is None:
+    return norm
+  return normalize_lib.Normalizer.from_stats(norm.to_json(), {m: tuple(b) for m, b in bands.items()},
+                                             source=f"encoder.json ({norm.source})")
+
+
+def input_normalizer(meta: Mapping[str, Any] | None, mode: str,
+                     data_normalizer: normalize_lib.Normalizer) -> normalize_lib.Normalizer:
+  """What a finetuning run standardizes its inputs with (see the module docstring's conventions).
+
+  meta: the init_from encoder.json (None: a random init, which has no statistics of its own, uses the data's);
+  mode: finetune.normalization; data_normalizer: the downstream dataset's (from its stats.json).
+  """
+  if mode not in NORMALIZATIONS:
+    raise ValueError(f"finetune.normalization={mode!r} is unknown; choose one of {NORMALIZATIONS}.")
+  if meta is None or mode == "dataset":
+    return data_normalizer
+  return encoder_normalizer(meta, data_normalizer.bands)
 
 
 def build_module(meta: Mapping[str, Any], dtype: Any = jnp.float32, dropout_rate: float = 0.0):
@@ -49,7 +105,8 @@ class Encoder:
     self.bands = {m: tuple(meta["bands"][m]) for m in self.modalities}
     self.image_size = int(meta["image_size"])
     self.patch_size = meta.get("patch_size")
-    self.normalizer = normalize_lib.Normalizer.from_json(meta["normalization"])
+    self.normalizer = encoder_normalizer(meta)
+    self.pooling = pooling(meta)
     self.module = build_module(meta)
     self.variables = jax.tree.map(jnp.asarray, dict(variables))
     kind = self.architecture["kind"]
@@ -74,6 +131,14 @@ class Encoder:
       raise ValueError("A ResNet encoder takes one modality at a time.")
     return self._apply(self.variables, {m: jnp.asarray(x, jnp.float32) for m, x in images.items()})
 
+  def pool(self, features) -> jax.Array:
+    """`embed`'s output -> (B, D) features, pooled as mmrs' heads pool them (`self.pooling`)."""
+    from mmrs.finetune import heads  # pylint: disable=g-import-not-at-top
+
+    if self.pooling == "avg":
+      return jnp.asarray(features)
+    return heads.pool_tokens(jnp.asarray(features), self.pooling, bool(self.architecture.get("use_cls_token")))
+
   def _inputs(self, s2, s1) -> dict:
     images = {m: x for m, x in (("s2", s2), ("s1", s1)) if x is not None}
     if not images:
@@ -89,7 +154,7 @@ class Encoder:
 
   def __repr__(self):
     return (f"Encoder({self.architecture['kind']}, modalities={list(self.modalities)}, "
-            f"image_size={self.image_size}, patch_size={self.patch_size})")
+            f"image_size={self.image_size}, patch_size={self.patch_size}, pooling={self.pooling})")
 
 
 def load_encoder(path: str) -> Encoder:

@@ -56,7 +56,8 @@ def run_evaluation(config, params, state, workdir: str, *, method=None, step: in
       eval_cfg, modalities=method.modalities, global_batch_size=batch_size, seed=config.seed,
       process_index=pindex, process_count=pcount, normalize="none", split=eval_cfg.get("split", "test"),
       shuffle=False, repeat=False, drop_remainder=False)
-  normalize = functools.partial(normalize_lib.normalize_batch, normalizer=train_info.normalizer)
+  normalize = functools.partial(normalize_lib.normalize_batch,
+                                normalizer=method.input_normalizer(train_info.normalizer))  # as in training
   params, state = _unbox(params), _unbox(state)
   label_key = method.label_key
   keep = set(method.modalities) | {label_key}

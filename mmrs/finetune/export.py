@@ -8,11 +8,22 @@ concatenated input channels, in the order [S2 bands..., S1 bands...] (written in
   CLS token no position). Hence exact for an S2-only export, an S1-only export, and an S1+S2 export fed both
   modalities (the summed input); to use one modality of a two-modality encoder, export with `modalities=("s2",)`.
   LayerNorm eps 1e-6 and exact GELU are written into config.json (HF defaults are 1e-12 and gelu).
+  Fusion: an S1+S2 export therefore represents mmrs' `sum` fusion (S1 and S2 tokens added per position), the one
+  `mmrs.load_encoder(...).embed(s2=..., s1=...)` computes; a per-modality token concatenation (2L tokens) is not a
+  single patch embedding and cannot be exported this way. A single-modality export is exact for that modality.
 HF: a directory with config.json + model.safetensors (classic ViT names, `encoder.layer.N.attention.attention.query`,
-which transformers 4.x loads as is and 5.x renames on load) + mmrs.json; the pooler is the identity (+ tanh) on CLS.
+which transformers 4.x loads as is and 5.x renames on load) + preprocessor_config.json (ViTImageProcessor with the
+per-band mean/std, no resize / rescale) + README.md (model card) + mmrs.json. The pooler is the identity (+ tanh) on
+CLS, i.e. NOT mmrs' pooling: config.json "pooling" says what mmrs used (mean = last_hidden_state[:, 1:].mean(1)).
 timm: `VisionTransformer` names (`patch_embed.proj`, `blocks.N.attn.qkv`, `pos_embed`, ...); ResNet: torchvision /
 timm names (`conv1.weight`, `bn1.running_mean`, `layer1.0.conv1.weight`, `layer1.0.downsample.0.weight`, ...).
-The bands / normalization JSON travels in the safetensors metadata ("mmrs") and a sidecar JSON.
+A directory export holds model.safetensors + config.json in timm's hub layout ({"architecture", "model_args",
+"pretrained_cfg": mean/std per band, input_size, ...}) + README.md + mmrs.json; `timm.create_model(architecture,
+pretrained=True, pretrained_cfg_overlay=dict(pretrained_cfg, file=...), **model_args)` builds and loads it, with
+global_pool="avg" and fc_norm=False for mmrs' mean pooling. A `.safetensors` file export carries the same in its
+sidecar JSON ("timm").
+The bands / normalization / pooling JSON travels in the safetensors metadata ("mmrs") and a sidecar JSON, and
+follows the conventions of mmrs/finetune/encoder_api.py (the encoder.json statistics; its pooling).
 """
 from __future__ import annotations
 
@@ -24,8 +35,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mmrs.finetune import convert
+from mmrs.finetune import encoder_api
+from mmrs.finetune import model_card
 
 FORMATS = ("hf", "timm")
+# timm architecture whose defaults match a ViT width (model_args override every size field anyway).
+TIMM_VIT_NAMES = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
+                  1024: "vit_large_patch16_224", 1280: "vit_huge_patch14_224"}
 
 
 def _conv_weight(kernel: np.ndarray, patch: int, channels: int) -> np.ndarray:
@@ -58,18 +74,63 @@ def _check_modalities(meta, modalities):
   return tuple(m for m in convert.MODALITIES if m in modalities)
 
 
-def sidecar(meta: Mapping[str, Any], modalities: Sequence[str], fmt: str) -> dict:
-  """Bands, channel order and normalization, for whoever loads the exported weights."""
+def fusion(meta: Mapping[str, Any], modalities: Sequence[str]) -> str:
+  if meta["architecture"]["kind"] == "resnet" or len(modalities) == 1:
+    return "none: single-modality input"
+  return ("sum: the S1 and S2 patch tokens at a position are added (each with its entry layer, modality embedding "
+          "and position embedding), folded here into one patch embedding over the concatenated channels")
+
+
+def timm_config(meta: Mapping[str, Any], info: Mapping[str, Any]) -> dict:
+  """timm hub config.json: architecture, model_args (the encoder's shape and mmrs' pooling), pretrained_cfg."""
+  arch = meta["architecture"]
+  channels, size = len(info["channel_order"]), int(meta["image_size"])
+  if arch["kind"] == "resnet":
+    name, features = arch["size"], 512 if arch["size"] in ("resnet18", "resnet34") else 2048
+    model_args = dict(in_chans=channels, num_classes=0, global_pool="avg")
+    first_conv, classifier, fixed = "conv1", "fc", False
+  else:
+    d, pool = arch["width"], info["pooling"]
+    name, features = TIMM_VIT_NAMES.get(d, "vit_base_patch16_224"), d
+    model_args = dict(img_size=size, patch_size=arch["patch_size"], in_chans=channels, embed_dim=d,
+                      depth=arch["depth"], num_heads=arch["num_heads"], mlp_ratio=arch["mlp_dim"] / d, qkv_bias=True,
+                      class_token=bool(arch["use_cls_token"]), global_pool="avg" if pool == "mean" else "token",
+                      fc_norm=False, num_classes=0)
+    first_conv, classifier, fixed = "patch_embed.proj", "head", True
+  pretrained_cfg = dict(architecture=name, input_size=[channels, size, size], fixed_input_size=fixed,
+                        mean=list(info["mean"]), std=list(info["std"]), num_classes=0, crop_pct=1.0,
+                        crop_mode="center", interpolation="bilinear", first_conv=first_conv, classifier=classifier,
+                        license=info.get("license", ""),  # only PretrainedCfg fields: timm rejects others
+                        description="mmrs encoder; input channels " + ",".join(info["channel_order"]) +
+                        f"; pooling {info['pooling']}")
+  return dict(architecture=name, num_classes=0, num_features=features, global_pool=model_args["global_pool"],
+              model_args=model_args, pretrained_cfg=pretrained_cfg)
+
+
+def sidecar(meta: Mapping[str, Any], modalities: Sequence[str], fmt: str, license: str = "apache-2.0") -> dict:
+  """Bands, channel order, normalization, pooling and fusion, for whoever loads the exported weights."""
   channels = [b for m in modalities for b in meta["bands"][m]]
-  norm = meta["normalization"]
-  return dict(format=f"mmrs-export-{fmt}", modalities=list(modalities), channel_order=channels,
+  norm = encoder_api.encoder_normalizer(meta).to_json()
+  info = dict(format=f"mmrs-export-{fmt}", modalities=list(modalities), channel_order=channels,
               bands={m: meta["bands"][m] for m in modalities},
               mean=[v for m in modalities for v in norm[m]["mean"]], std=[v for m in modalities for v in norm[m]["std"]],
               normalization_source=norm.get("source", ""), s1_db_clip=[-50.0, 30.0],
               image_size=meta["image_size"], patch_size=meta.get("patch_size"), architecture=meta["architecture"],
-              source=meta.get("source", {}),
+              pooling=encoder_api.pooling(meta), fusion=fusion(meta, modalities), license=license,
+              trained_bands=(meta.get("conversion") or {}).get("trained_bands", {}), source=meta.get("source", {}),
               note="Inputs: raw values (S2 reflectance x 1e4, S1 dB clipped to s1_db_clip) minus mean, divided by std, "
-                   "channels in channel_order, NCHW.")
+                   "channels in channel_order, NCHW. Features: pool the tokens as `pooling` says.")
+  info["timm"] = timm_config(meta, info)
+  return info
+
+
+def preprocessor_config(info: Mapping[str, Any]) -> dict:
+  """transformers ViTImageProcessor settings: per-band standardization only (inputs are raw sensor values, already at
+  the model's size: no resize, no 1/255 rescale)."""
+  size = int(info["image_size"])
+  return dict(image_processor_type="ViTImageProcessor", do_resize=False, do_rescale=False, do_normalize=True,
+              image_mean=list(info["mean"]), image_std=list(info["std"]), size={"height": size, "width": size},
+              num_channels=len(info["channel_order"]), channel_order=list(info["channel_order"]))
 
 
 def vit_to_hf(params, meta, modalities) -> tuple[dict, dict]:
@@ -104,7 +165,8 @@ def vit_to_hf(params, meta, modalities) -> tuple[dict, dict]:
       "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
       "layer_norm_eps": arch.get("layer_norm_eps", convert.VIT_LAYER_NORM_EPS), "image_size": meta["image_size"],
       "patch_size": arch["patch_size"], "num_channels": int(w.shape[1]), "qkv_bias": True,
-      "encoder_stride": arch["patch_size"], "pooler_act": "tanh"}
+      "encoder_stride": arch["patch_size"], "pooler_act": "tanh", "pooling": encoder_api.pooling(meta),
+      "fusion": fusion(meta, modalities)}
   return _np32(sd), config
 
 
@@ -166,23 +228,36 @@ def _np32(sd):
           for k, v in sd.items()}
 
 
+def _atomic_write(path, text: str):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
 def _write_json(path, obj):
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.write("\n")
+  _atomic_write(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
-def export(encoder_dir: str, fmt: str, out: str, modalities: Sequence[str] | None = None) -> list[str]:
-  """Writes the export; returns the files written."""
+def _save_weights(sd, path, metadata):
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
+  tmp = path + ".tmp"
+  save_file(sd, tmp, metadata=metadata)
+  os.replace(tmp, path)
+
+
+def export(encoder_dir: str, fmt: str, out: str, modalities: Sequence[str] | None = None,
+           license: str = "apache-2.0") -> list[str]:
+  """Writes the export; returns the files written. `license`: the model card's licence (mind the pretraining
+  data's terms)."""
   if fmt not in FORMATS:
     raise ValueError(f"--format={fmt!r}: use one of {FORMATS}.")
   variables, meta = convert.load(encoder_dir)
   params = variables["params"]
   kind = meta["architecture"]["kind"]
   modalities = _check_modalities(meta, modalities)
-  info = sidecar(meta, modalities, fmt)
+  info = sidecar(meta, modalities, fmt, license)
   st_meta = {"mmrs": json.dumps(info, sort_keys=True), "format": "pt"}
   if kind == "resnet":
     if fmt == "hf":
@@ -193,18 +268,27 @@ def export(encoder_dir: str, fmt: str, out: str, modalities: Sequence[str] | Non
     sd, config = vit_to_hf(params, meta, modalities)
     os.makedirs(out, exist_ok=True)
     config["mmrs"] = info
-    save_file(sd, os.path.join(out, "model.safetensors"), metadata=st_meta)
-    _write_json(os.path.join(out, "config.json"), config)
-    _write_json(os.path.join(out, "mmrs.json"), info)
-    return [os.path.join(out, n) for n in ("config.json", "model.safetensors", "mmrs.json")]
+    files = {"model.safetensors": None, "config.json": config, "preprocessor_config.json": preprocessor_config(info),
+             "mmrs.json": info}
+    _save_weights(sd, os.path.join(out, "model.safetensors"), st_meta)
+    for name, obj in files.items():
+      if obj is not None:
+        _write_json(os.path.join(out, name), obj)
+    _atomic_write(os.path.join(out, "README.md"), model_card.render(info, "hf"))
+    return [os.path.join(out, n) for n in (*files, "README.md")]
   else:
     sd = vit_to_timm(params, meta, modalities)
   if out.endswith(".safetensors"):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     weights, side = out, out[:-len(".safetensors")] + ".json"
-  else:
-    os.makedirs(out, exist_ok=True)
-    weights, side = os.path.join(out, "model.safetensors"), os.path.join(out, "mmrs.json")
-  save_file(sd, weights, metadata=st_meta)
+    _save_weights(sd, weights, st_meta)
+    _write_json(side, info)
+    return [weights, side]
+  os.makedirs(out, exist_ok=True)
+  names = ("model.safetensors", "config.json", "mmrs.json", "README.md")
+  weights, config, side, card = (os.path.join(out, n) for n in names)
+  _save_weights(sd, weights, st_meta)
+  _write_json(config, info["timm"])
   _write_json(side, info)
-  return [weights, side]
+  _atomic_write(card, model_card.render(info, "timm"))
+  return [weights, config, side, card]

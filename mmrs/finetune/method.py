@@ -117,6 +117,11 @@ class Finetune:
     prefixes = ("head",) if self.frozen else ("encoder", "head")
     self.tasks = (Task("finetune", "train", self.modalities, self.loss_fn, param_prefixes=prefixes),)
 
+  def input_normalizer(self, data_normalizer):
+    """The encoder's encoder.json statistics unless finetune.normalization="dataset" (encoder_api conventions)."""
+    return encoder_api.input_normalizer(self.meta, self.config.finetune.get("normalization", "encoder"),
+                                        data_normalizer)
+
   # --- construction ------------------------------------------------------------------------------------------
   def _random_encoder(self, config):
     if self.kind == "resnet":

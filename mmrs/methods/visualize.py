@@ -9,8 +9,11 @@ did not see (all channels exactly 0 in "seen") are drawn black.
 
 Layout: tiles of H x W (times `scale`; default: the smallest integer making tiles at least 96 px high), `pad`
 pixels of white around each; columns = for each modality in the order of `bands` (present in the data): seen,
-reconstruction, target. Image size:
-  width  = n_cols * W * scale + (n_cols + 1) * pad,  height = n_rows * H * scale + (n_rows + 1) * pad
+reconstruction, target. With `titles` (the default) a header names them: the modality over its three columns
+("S2 (B04, B03, B02)", "S1 (VV, VH, VV-VH)") and "input seen" / "reconstruction" / "target" over each column.
+Image size:
+  width  = n_cols * W * scale + (n_cols + 1) * pad,
+  height = n_rows * H * scale + (n_rows + 1) * pad  (+ HEADER_HEIGHT with titles)
 with n_rows = min(B, max_images), n_cols = 3 * modalities.
 """
 from __future__ import annotations
@@ -20,12 +23,41 @@ import tempfile
 from typing import Mapping, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from mmrs import bands as bands_lib
 
 COLUMNS = ("seen", "reconstruction", "target")
+TITLES = {"seen": "input seen", "reconstruction": "reconstruction", "target": "target"}
 MIN_TILE = 96  # default upscaling target (pixels) so that 32 px test crops stay readable
+LINE_HEIGHT = 14  # one header line (11 px font)
+HEADER_HEIGHT = 2 * LINE_HEIGHT  # modality line + column line
+
+
+def _modality_title(modality: str, names: Sequence[str]) -> str:
+  names = list(names)
+  if modality == "s2" and all(b in names for b in bands_lib.S2_RGB_BANDS):
+    return "S2 (" + ", ".join(bands_lib.S2_RGB_BANDS) + ")"
+  if modality == "s1" and all(b in names for b in ("VV", "VH")):
+    return "S1 (VV, VH, VV-VH)"
+  return f"{modality.upper()} ({names[0] if names else 'channel 0'})"
+
+
+def _font():
+  try:
+    return ImageFont.load_default(size=11)
+  except TypeError:  # Pillow built without FreeType: the fixed bitmap font
+    return ImageFont.load_default()
+
+
+def _draw_header(canvas: np.ndarray, spans: Sequence[tuple[int, int, str, int]]) -> np.ndarray:
+  """Draws centred text; spans = (x0, x1, text, line) with line 0 or 1 of the header."""
+  image = Image.fromarray(canvas)
+  draw, font = ImageDraw.Draw(image), _font()
+  for x0, x1, text, line in spans:
+    width = draw.textlength(text, font=font)
+    draw.text((x0 + max(0, (x1 - x0 - width) / 2), line * LINE_HEIGHT + 1), text, fill=(0, 0, 0), font=font)
+  return np.asarray(image)
 
 
 def _colour_channels(modality: str, names: Sequence[str], image: np.ndarray) -> np.ndarray:
@@ -48,7 +80,7 @@ def _stretch(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 def render_grid(recon: Mapping[str, Mapping[str, np.ndarray]], bands: Mapping[str, Sequence[str] | str],
-                max_images: int = 4, scale: int | None = None, pad: int = 2) -> np.ndarray:
+                max_images: int = 4, scale: int | None = None, pad: int = 2, titles: bool = True) -> np.ndarray:
   """The PNG grid as a (height, width, 3) uint8 array (see the module docstring for the layout)."""
   missing = [k for k in COLUMNS if k not in recon]
   if missing:
@@ -62,9 +94,14 @@ def render_grid(recon: Mapping[str, Mapping[str, np.ndarray]], bands: Mapping[st
   rows, cols = min(b, max_images), 3 * len(modalities)
   scale = scale or max(1, -(-MIN_TILE // h))
   th, tw = h * scale, w * scale
-  canvas = np.full((rows * th + (rows + 1) * pad, cols * tw + (cols + 1) * pad, 3), 255, np.uint8)
+  top = HEADER_HEIGHT if titles else 0
+  canvas = np.full((top + rows * th + (rows + 1) * pad, cols * tw + (cols + 1) * pad, 3), 255, np.uint8)
+  spans = []
   for m_i, m in enumerate(modalities):
     names = bands_lib.parse_band_list(bands[m]) or ()
+    x_m = pad + 3 * m_i * (tw + pad)
+    spans.append((x_m, x_m + 3 * tw + 2 * pad, _modality_title(m, names), 0))
+    spans += [(x_m + c_i * (tw + pad), x_m + c_i * (tw + pad) + tw, TITLES[key], 1) for c_i, key in enumerate(COLUMNS)]
     for r in range(rows):
       ref = _colour_channels(m, names, arrays["target"][m][r])
       for c_i, key in enumerate(COLUMNS):
@@ -73,20 +110,20 @@ def render_grid(recon: Mapping[str, Mapping[str, np.ndarray]], bands: Mapping[st
         if key == "seen":
           tile[np.all(image == 0, axis=-1)] = 0
         tile = tile.repeat(scale, axis=0).repeat(scale, axis=1)
-        y = pad + r * (th + pad)
+        y = top + pad + r * (th + pad)
         x = pad + (3 * m_i + c_i) * (tw + pad)
         canvas[y:y + th, x:x + tw] = tile
-  return canvas
+  return _draw_header(canvas, spans) if titles else canvas
 
 
 def save_reconstruction_png(recon: Mapping[str, Mapping[str, np.ndarray]], bands: Mapping[str, Sequence[str] | str],
-                            path: str, max_images: int = 4, scale: int | None = None) -> str:
-  """Writes the grid to `path` atomically (temporary file + rename); returns `path`.
+                            path: str, max_images: int = 4, scale: int | None = None, titles: bool = True) -> str:
+  """Writes the grid to `path` atomically (temporary file + rename); returns `path` (TensorBoard: write_image).
 
   bands: modality -> band names of the channels, as a tuple or a comma-separated string (config.bands.s2), e.g.
   {"s2": bands.S2_L2A_BANDS, "s1": ("VV", "VH")}.
   """
-  canvas = render_grid(recon, bands, max_images=max_images, scale=scale)
+  canvas = render_grid(recon, bands, max_images=max_images, scale=scale, titles=titles)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=directory)

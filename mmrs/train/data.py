@@ -99,9 +99,13 @@ def build_task_data(config, method, process_index: int, process_count: int,
         seed=config.seed + 1000 * i,  # distinct shuffles when two tasks read one dataset
         rows=rows, record_transform=transform,
         normalize="none" if byol else "device")
-    normalize = None if byol else functools.partial(normalize_lib.normalize_batch, normalizer=pipe.normalizer)
+    # A method may standardize with other statistics than the dataset's (finetuning: the encoder's own); the
+    # checkpoint then records those, so a conversion of the run carries what the model was trained on.
+    normalizer = getattr(method, "input_normalizer", lambda n: n)(pipe.normalizer)
+    stats = dict(pipe.stats or {}) if normalizer is pipe.normalizer else normalizer.to_json()
+    normalize = None if byol else functools.partial(normalize_lib.normalize_batch, normalizer=normalizer)
     out[task.name] = TaskData(iterator=pipe.iterator, normalize=normalize, bands=dict(pipe.bands),
-                              stats=dict(pipe.stats or {}), workers=int(data_cfg.get("workers", 0)),
+                              stats=stats, workers=int(data_cfg.get("workers", 0)),
                               skipped=pipe.skipped, close=pipe.close)
   return out
 

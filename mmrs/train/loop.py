@@ -160,6 +160,7 @@ class Trainer:
       self.workdir.mkdir(parents=True, exist_ok=True)
       (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2, sort_keys=True))
     self.writer = metrics_lib.MetricsWriter(self.logdir, resume_step=self.step)
+    self.writer.write_hparams(config_check.to_dict(self.config), [f"{t}/loss" for t in self.tasks])
     self._compile()
 
   def _decay_steps(self) -> int:
@@ -353,7 +354,8 @@ class Trainer:
       if jax.process_index() == 0:
         path = self.logdir / "reconstructions" / f"step_{self.step:08d}_{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        visualize.save_reconstruction_png(out, self.data[name].bands, str(path))
+        self.writer.write_image(f"reconstructions/{name}", visualize.save_reconstruction_png(
+            out, self.data[name].bands, str(path)), self.step)
     except Exception as e:  # pylint: disable=broad-except
       self._visualize_broken = True
       logging.warning("Reconstruction PNGs are off for this run: %s: %s", type(e).__name__, e)

@@ -146,11 +146,58 @@ class MetricsWriter:
         if k not in ("step", "task") and isinstance(v, (int, float)) and not isinstance(v, bool):
           self._tb.add_scalar(prefix + k, v, record["step"])
 
+  def write_image(self, tag: str, image: Any, step: int) -> None:
+    """A picture in TensorBoard's Images tab: an (H, W, 3) uint8 array or the path of a PNG (e.g. the path that
+    visualize.save_reconstruction_png returns)."""
+    if not self.enabled or self._tb is None:
+      return
+    if isinstance(image, (str, epath.Path)):
+      from PIL import Image  # pylint: disable=g-import-not-at-top
+      with Image.open(str(image)) as im:
+        image = np.asarray(im.convert("RGB"))
+    self._tb.add_image(tag, np.asarray(image, np.uint8), step, dataformats="HWC")
+    self._tb.flush()
+
+  def write_hparams(self, config: Mapping[str, Any], metric_tags: Sequence[str] = ()) -> None:
+    """The run's config in TensorBoard's HParams tab (nested keys flattened with "."), into the run's own event
+    file so the HParams table links to its scalars; `metric_tags` are scalar tags to show beside (e.g. "mae/loss")."""
+    if not self.enabled or self._tb is None:
+      return
+    from tensorboardX.summary import hparams  # pylint: disable=g-import-not-at-top  (loaded with SummaryWriter)
+    flat = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v, default=str)
+            for k, v in _flatten(config).items()}
+    for summary in hparams(flat, {t: 0.0 for t in metric_tags}):
+      self._tb.file_writer.add_summary(summary)
+    self._tb.flush()
+
   def close(self) -> None:
     if self.enabled:
       self._file.close()
       if self._tb is not None:
         self._tb.close()
+
+
+def log_evaluation(logdir: str | epath.Path, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+  """Appends an evaluation ({"step", "task": split, metric: value}) to metrics.jsonl and TensorBoard (scalars
+  "<split>/<metric>"), after training: one call per evaluation draws the validation / test curve. During training,
+  write such a record through the loop's own MetricsWriter instead (this one opens the files again)."""
+  writer = MetricsWriter(logdir, resume_step=2**62)  # drops no line: the run's records stay
+  try:
+    writer.write({"step": int(step), "task": split,
+                  **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}})
+  finally:
+    writer.close()
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}.{k}" if prefix else str(k)
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, key))
+    else:
+      out[key] = v
+  return out
 
 
 def _summary_writer(logdir: str):
@@ -165,7 +212,10 @@ def _summary_writer(logdir: str):
   finally:
     if blocked:
       del sys.modules["torch"]
-  return SummaryWriter(logdir, flush_secs=30)
+  # tensorboardX names event files by the second: a unique suffix keeps a second writer in that second (an
+  # evaluation logged right after training) from overwriting the first one's file.
+  import uuid  # pylint: disable=g-import-not-at-top
+  return SummaryWriter(logdir, flush_secs=30, filename_suffix=f".{uuid.uuid4().hex[:8]}")
 
 
 def progress_line(step: int, total: int, losses: Mapping[str, float], images_per_s: float, mfu_value: float,
