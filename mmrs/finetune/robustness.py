@@ -510,9 +510,9 @@ def plot_curves(result: Mapping[str, Any], path: str | None = None):
   return fig
 
 
-def _save(fig, path: str) -> None:
+def _save(fig, path: str, dpi: int = 110) -> None:
   tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
+  fig.savefig(tmp, dpi=dpi)
   os.replace(tmp, path)
 
 
@@ -569,7 +569,7 @@ def plot_examples(stress: str, run_shots: Mapping[str, Any], unit: str, path: st
   fig.suptitle(f"{stress}: {unit} (columns)", fontsize=10)
   fig.tight_layout()
   if path:
-    _save(fig, path)
+    _save(fig, path, dpi=72)  # many small tiles: a low dpi keeps the file small
   return fig
 
 
