@@ -235,3 +235,17 @@ def test_time_gap_swaps_in_the_s1_of_another_date_of_the_same_place(tmp_path):
   assert [float(swapped["s1"][i, 0, 0, 0]) for i in range(3)] == [-1.0, -0.0, -1.0]
   assert keep.tolist() == [True, True, True, False]
   np.testing.assert_array_equal(swapped["s2"], images["s2"])
+
+
+def test_command_line_options_and_bad_runs(tmp_path):
+  from launch import robustness as cli  # pylint: disable=g-import-not-at-top
+  assert cli.parse_severities(["clouds=50,0,100", "shift=2"]) == {"clouds": [50.0, 0.0, 100.0], "shift": [2.0]}
+  with pytest.raises(ValueError, match="STRESS=v1,v2"):
+    cli.parse_severities(["clouds"])
+  assert callable(cli.run)  # the mmrs-robustness console entry point
+  with pytest.raises(robustness.RobustnessError, match="has no config.json"):
+    robustness.evaluate_runs([str(tmp_path)], ["clouds"])
+  with pytest.raises(robustness.RobustnessError, match="unknown"):
+    robustness.evaluate_runs([str(tmp_path)], ["fog"])
+  with pytest.raises(robustness.RobustnessError, match="not among the stresses"):
+    robustness.evaluate_runs([str(tmp_path)], ["clouds"], {"shift": [1]})

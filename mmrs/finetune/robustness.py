@@ -412,7 +412,7 @@ def evaluate_runs(paths: Sequence[str], stresses: Sequence[str] | None = None,
     vals = tuple(float(v) for v in vals)
     if not vals or any(v < 0 or not math.isfinite(v) for v in vals):
       raise RobustnessError(f"--severities {s}: give non-negative numbers, got {vals}.")
-    sev[s] = vals if 0.0 in vals else (0.0,) + vals
+    sev[s] = (0.0,) + tuple(v for v in dict.fromkeys(vals) if v != 0.0)  # clean first, in the order given
   names = _run_names(paths)
   result = {"metric": None, "seed": seed,
             "stresses": {s: {"unit": stresses_lib.STRESSES[s].unit, "severities": list(sev[s])} for s in stresses},
@@ -510,9 +510,9 @@ def plot_curves(result: Mapping[str, Any], path: str | None = None):
   return fig
 
 
-def _save(fig, path: str) -> None:
+def _save(fig, path: str, dpi: int = 110) -> None:
   tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
+  fig.savefig(tmp, dpi=dpi)
   os.replace(tmp, path)
 
 
@@ -569,7 +569,7 @@ def plot_examples(stress: str, run_shots: Mapping[str, Any], unit: str, path: st
   fig.suptitle(f"{stress}: {unit} (columns)", fontsize=10)
   fig.tight_layout()
   if path:
-    _save(fig, path)
+    _save(fig, path, dpi=72)  # many small tiles: a low dpi keeps the file small
   return fig
 
 
