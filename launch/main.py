@@ -12,6 +12,8 @@ Exit codes (wrappers and launch/gpu_slurm.sh act on them):
   2   a config, flag or resume problem, found before training (or on resume); nothing was overwritten
   3   training stopped on a NaN/inf (config.on_nonfinite="stop"); the last good checkpoint is kept
   4   the processes could not connect (unreachable coordinator, busy port)
+  5   the latest checkpoint could not be read (storage errors after retries) and is not proven damaged: nothing was
+      moved; rerun when the storage is back
   75  preempted (SIGTERM / a SLURM time-limit signal): a checkpoint of the current step was saved on every
       process; run the same command again to resume (EX_TEMPFAIL: "try again later")
 """
@@ -43,6 +45,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 EXIT_CONFIG_ERROR = 2  # a config / resume problem, found before training (or on resume)
 EXIT_NONFINITE = 3  # training stopped on a NaN/inf (config.on_nonfinite="stop")
 EXIT_START_FAILED = 4  # the processes could not connect
+EXIT_CHECKPOINT_UNAVAILABLE = 5  # a checkpoint read failed transiently after retries; nothing moved
 EXIT_PREEMPTED = 75  # preempted, checkpoint saved: run again to resume (sysexits.h EX_TEMPFAIL)
 
 
@@ -98,6 +101,10 @@ def main(argv, *, method=None, task_data=None):
     _fail(e, EXIT_CONFIG_ERROR)
   except loop.NonFiniteError as e:
     _fail(e, EXIT_NONFINITE)
+  except ckpt_lib.CheckpointUnavailable as e:
+    # The processes may have left Orbax's barriers out of step: JAX's shutdown barrier at exit would then abort
+    # this process (SIGABRT) and hide the exit code, so leave without it.
+    _fail(e, EXIT_CHECKPOINT_UNAVAILABLE, skip_shutdown=True)
   logging.info("Done: %s", {k: v for k, v in summary.items() if k != "state"})
   print(f"done step={summary['step']} preempted={summary['preempted']}", flush=True)
   if summary["preempted"]:
@@ -105,9 +112,13 @@ def main(argv, *, method=None, task_data=None):
     sys.exit(EXIT_PREEMPTED)
 
 
-def _fail(error: Exception, code: int):
+def _fail(error: Exception, code: int, skip_shutdown: bool = False):
   logging.error("%s", error)
   print(f"\nERROR: {error}", file=sys.stderr, flush=True)
+  if skip_shutdown:
+    import os  # pylint: disable=g-import-not-at-top
+    sys.stdout.flush()
+    os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
 
 

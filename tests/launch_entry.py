@@ -4,6 +4,7 @@ The data are the config's real pipelines (grain, workers as configured), or test
 when the config's method is the toy. Hooks, by environment (0-based count of next() calls per task iterator):
   MMRS_TEST_BLOCK_AT=N         next() call N sleeps forever (a process alive but stuck: kill -9 it)
   MMRS_TEST_SIGTERM_AT=P:N     process P sends itself SIGTERM at next() call N (a preemption notice on one host)
+  MMRS_TEST_RESTORE_ERROR=P    process P's every restore of a train state fails with a storage-outage error
 """
 from __future__ import annotations
 
@@ -44,7 +45,23 @@ class HookedIterator:
     self.inner.set_state(state)
 
 
+def _fail_restores_here(process_index: int) -> None:
+  if os.environ.get("MMRS_TEST_RESTORE_ERROR", "") != str(process_index):
+    return
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from mmrs.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  ckpt_lib.RESTORE_BACKOFF_S = 0.01
+  real = ocp.CheckpointManager.restore
+
+  def restore(self, step, *args, **kwargs):
+    if "state" in (kwargs.get("args") or {}):
+      raise ValueError("UNAVAILABLE: injected by MMRS_TEST_RESTORE_ERROR")
+    return real(self, step, *args, **kwargs)
+  ocp.CheckpointManager.restore = restore
+
+
 def hooked_data(config, method, process_index, process_count):
+  _fail_restores_here(process_index)
   if str(config.method).startswith("tests.train_toy_method"):
     from tests import train_toy_method  # pylint: disable=g-import-not-at-top
     out = train_toy_method.fake_data(config, method, process_index, process_count)

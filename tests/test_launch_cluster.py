@@ -165,6 +165,16 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
   states = {p.name: json.loads(p.read_text())["states"] for p in (ckpts / str(step) / "data").glob("process_*")}
   assert states == {f"process_{i}-of-2.json": {"cross": {"index": step}} for i in range(2)}
 
+  # A restart where only process 1 cannot read the checkpoint (a storage outage there): the run stops (process 1
+  # with exit code 5; process 0, whose Orbax barriers lost their partner, is aborted by JAX) and the checkpoint is
+  # not moved aside on one host's error.
+  procs = _toy(tmp_path, workdir, 2, _free_port(), "--config.total_steps=60", "--config.checkpoint_every_steps=0",
+               "--config.toy.tasks=cross", env_extra={"MMRS_TEST_RESTORE_ERROR": "1"})
+  outs = _communicate(procs)
+  assert procs[1].returncode == 5 and procs[0].returncode != 0, outs[1][-3000:]
+  assert f"ERROR: Checkpoint step {step} " in outs[1] and "not proven damaged, so nothing was moved" in outs[1]
+  assert sorted(p.name for p in ckpts.iterdir()) == [str(step)]
+
 
 def test_unreachable_coordinator_is_a_one_line_error(tmp_path):
   workdir = tmp_path / "w"

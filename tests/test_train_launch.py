@@ -129,9 +129,13 @@ def test_tpu_vm_dry_run_prints_the_commands():
   assert out.returncode == 0, out.stderr
   text = out.stdout
   assert "gcloud compute tpus tpu-vm create mmrs-test" in text and "--accelerator-type=v4-32" in text
-  assert "--worker=all" in text
+  assert "--version=tpu-ubuntu2204-base" in text and "--worker=all" in text
+  assert "--exclude=./runs --exclude=./data" in text  # local runs and data stay home
+  assert "uv python install 3.11" in text and "requirements-tpu.txt" in text
+  assert "setsid nohup" in text  # detached from the ssh session
+  train = text.replace("\\", "")
   assert "python -m launch.main --config=configs/mixmae.py:vit_b --workdir=gs://bucket/runs/m1 --multihost " \
-         "--config.total_steps=10" in text
+         "--config.total_steps=10" in train
 
 
 def test_tpu_vm_needs_a_gs_workdir():
