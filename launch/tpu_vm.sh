@@ -99,7 +99,7 @@ run() { if ((DRY)); then show "$@"; else "$@"; fi; }
 on_workers() { run "${GCLOUD[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$1"; }
 
 status() {
-  on_workers "d=$LOGDIR; if [ -f \$d/pid ] && kill -0 \$(cat \$d/pid) 2>/dev/null; then echo \"\$(hostname): running (pid \$(cat \$d/pid)): \$(tail -n 1 \$d/train.log)\"; elif [ -f \$d/exit_code ]; then echo \"\$(hostname): exited \$(cat \$d/exit_code)\"; else echo \"\$(hostname): not started\"; fi"
+  on_workers "d=$LOGDIR; if [ -f \$d/exit_code ]; then echo \"\$(hostname): exited \$(cat \$d/exit_code)\"; elif [ -f \$d/pid ] && kill -0 \$(cat \$d/pid) 2>/dev/null; then echo \"\$(hostname): running (pid \$(cat \$d/pid)): \$(tail -n 1 \$d/train.log)\"; else echo \"\$(hostname): not running (no exit code: killed?)\"; fi"
 }
 
 case "$ACTION" in

@@ -211,3 +211,60 @@ def test_gpu_slurm_rejects_bad_input(tmp_path):
   out = run("--nodes=1", "--gpus_per_node=8", f"--venv={tmp_path}/none", *base)
   assert out.returncode == 2 and "--install" in out.stderr and len(out.stderr.splitlines()) == 1
   assert not (tmp_path / "w").exists()
+
+
+def test_tpu_vm_launcher_runs_detached_on_every_worker_and_stops_on_request(tmp_path):
+  """launch/tpu_vm.sh against a fake gcloud whose 2 workers are local home directories: the VM is created, the code
+  shipped, training starts detached on both workers (the ssh calls return) and reaches steps; --status, --stop
+  (checkpoint + exit 75 on both) and --logs work."""
+  import fake_gcloud  # pylint: disable=g-import-not-at-top
+  state = tmp_path / "gcloud"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **fake_gcloud.install(tmp_path / "bin", state, workers=2),
+             FAKE_GCLOUD_PORT=str(_free_port()),
+             XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
+  env.pop("PYTHONPATH", None)  # the workers must run the shipped copy
+  for i in range(2):  # the environment --skip_setup expects (the setup step itself needs the network)
+    (state / f"worker{i}").mkdir(parents=True)
+    (state / f"worker{i}" / "mmrs_venv").symlink_to(sys.prefix)
+  workdir = tmp_path / "run"
+  where = ["--name=mmrs-t", "--zone=us-central2-b", f"--workdir={workdir}", "--shared_workdir"]
+
+  def tpu(*argv):
+    out = subprocess.run(["bash", "launch/tpu_vm.sh", *where, *argv], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+  tpu("--accelerator=v4-16", "--config=tests/train_toy_method.py", "--module=tests.train_toy_method",
+      "--skip_setup", "--", "--config.total_steps=100000", "--config.toy.tasks=cross",
+      "--config.checkpoint_every_steps=0")
+  calls = _jsonl(state / "calls.jsonl")
+  assert calls[0][3:5] == ["describe", "mmrs-t"] and calls[1][3] == "create" and "--accelerator-type=v4-16" in calls[1]
+  assert (state / "worker1" / "mmrs" / "launch" / "main.py").exists() and not (state / "worker1" / "mmrs" / ".git").exists()
+  _wait_for(lambda: any(r["step"] >= 3 for r in _metrics(workdir)), "training steps on the workers")
+  assert tpu("--status").count(": running (pid") == 2
+  tpu("--stop")
+  codes = [state / f"worker{i}" / "mmrs_logs" / "run" / "exit_code" for i in range(2)]
+  _wait_for(lambda: all(c.exists() for c in codes), "both workers to exit")
+  assert [c.read_text().strip() for c in codes] == [str(PREEMPTED)] * 2
+  assert tpu("--status").count(f": exited {PREEMPTED}") == 2
+  assert "Preemption: saving step" in tpu("--logs")
+  steps = [p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(steps) == 1 and int(steps[0]) >= 3
+
+
+def test_tpu_vm_rejects_bad_input(tmp_path):
+  def run(*argv):
+    return subprocess.run(["bash", "launch/tpu_vm.sh", "--dry_run", *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+  base = ["--name=x", "--zone=z", "--config=c.py", "--workdir=gs://b/r"]
+  out = run(*base)
+  assert out.returncode == 2 and out.stderr.strip() == "tpu_vm.sh: --accelerator is required (see --help)"
+  out = run(*base, "--accelerator=v3-8")
+  assert out.returncode == 2 and "not a single-slice v4/v5e/v5p/v6e type" in out.stderr
+  out = run("--name=x", "--zone=z", "--status")
+  assert out.returncode == 2 and "--workdir is required" in out.stderr
+  for accel, image in [("v5litepod-16", "v2-alpha-tpuv5-lite"), ("v5p-8", "v2-alpha-tpuv5"), ("v6e-8", "v2-alpha-tpuv6e")]:
+    out = run(*base, f"--accelerator={accel}")
+    assert out.returncode == 0 and f"--version={image}" in out.stdout
