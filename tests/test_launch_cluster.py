@@ -253,6 +253,17 @@ def test_tpu_vm_launcher_runs_detached_on_every_worker_and_stops_on_request(tmp_
   steps = [p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
   assert len(steps) == 1 and int(steps[0]) >= 3
 
+  # The spot VM is preempted; --watch recreates it, restarts training (which resumes) and ends when it finishes.
+  (state / "vm_mmrs-t").write_text("PREEMPTED")
+  out = tpu("--accelerator=v4-16", "--config=tests/train_toy_method.py", "--module=tests.train_toy_method",
+            "--skip_setup", "--watch", "--watch_interval=1", "--", f"--config.total_steps={int(steps[0]) + 2}",
+            "--config.toy.tasks=cross", "--config.checkpoint_every_steps=0")
+  assert "the run finished" in out
+  verbs = [c[3] for c in _jsonl(state / "calls.jsonl")[len(calls):]]
+  assert "delete" in verbs and verbs.index("create") > verbs.index("delete")
+  assert [c.read_text().strip() for c in codes] == ["0", "0"]
+  assert f"Resumed {workdir} at step {steps[0]}" in tpu("--logs")
+
 
 def test_tpu_vm_rejects_bad_input(tmp_path):
   def run(*argv):
