@@ -124,7 +124,7 @@ create_vm() {
 deploy() {
   # The code: tracked and untracked files of this checkout, without local runs, data, venv or git history.
   local tarball
-  tarball="$(mktemp -d)/mmrs_${RUN}.tgz"
+  if ((DRY)); then tarball="${TMPDIR:-/tmp}/mmrs_${RUN}.tgz"; else tarball="$(mktemp -d)/mmrs_${RUN}.tgz"; fi
   ((DRY)) && echo "# 2. copy the code to every worker"
   run tar -C "$REPO" --exclude=./.venv --exclude=./.git --exclude=./runs --exclude=./data --exclude=__pycache__ \
     --exclude='*.array_record' -czf "$tarball" .
