@@ -46,11 +46,13 @@ class HookedIterator:
 
 
 def _fail_restores_here(process_index: int) -> None:
-  if os.environ.get("MMRS_TEST_RESTORE_ERROR", "") != str(process_index):
+  if not os.environ.get("MMRS_TEST_RESTORE_ERROR"):
     return
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from mmrs.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  ckpt_lib.RESTORE_BACKOFF_S = 0.01
+  ckpt_lib.RESTORE_BACKOFF_S = 0.01  # every process retries together: the same (short) waits everywhere
+  if os.environ["MMRS_TEST_RESTORE_ERROR"] != str(process_index):
+    return
   real = ocp.CheckpointManager.restore
 
   def restore(self, step, *args, **kwargs):
