@@ -1,20 +1,38 @@
 #!/usr/bin/env bash
-# Pretraining on GPUs with SLURM: one process per GPU (srun), process 0's node as the JAX coordinator.
-# Writes an sbatch script to <workdir>/mmrs_slurm.sbatch and submits it; inside an existing allocation
-# (--in_allocation) it runs the srun line directly. The job asks for SIGTERM 5 minutes before its time limit, so the
-# run checkpoints and exits cleanly; `--requeue` lets SLURM restart it, and the restart resumes from that checkpoint.
+# Pretraining on NVIDIA GPUs with SLURM: ONE PROCESS PER NODE driving all GPUs of its node, process 0's node as the
+# JAX coordinator. Writes an sbatch script to <workdir>/mmrs_slurm.sbatch and submits it; inside an existing
+# allocation (--in_allocation) it runs the job body directly.
 #
 # Usage:
+#   launch/gpu_slurm.sh --install [--venv=.venv] [--python=python3.11]   # once, on a login node (shared FS)
 #   launch/gpu_slurm.sh --nodes=2 --gpus_per_node=8 --config=configs/mixmae.py:vit_b --workdir=/shared/runs/m1 \
-#     [--partition=P] [--account=A] [--time=24:00:00] [--cpus_per_gpu=8] [--port=29500] [--venv=.venv] \
-#     [--in_allocation] [--dry_run] [-- --config.key=value ...]
-#   --dry_run prints the sbatch script and the command instead of running them.
+#     [--partition=P] [--account=A] [--time=24:00:00] [--cpus_per_node=64] [--port=29500] [--venv=.venv] \
+#     [--signal_seconds=300] [--module=launch.main] [--in_allocation] [--dry_run] [-- --config.key=value ...]
+#   --install creates the venv with requirements-gpu.txt (jax[cuda12] pinned to requirements.txt's jax).
+#   --dry_run prints the sbatch script and the submit command instead of running them.
+#
+# Why one process per node (not one per GPU): JAX's SLURM auto-detection binds process i of a node to GPU
+# $SLURM_LOCALID among the GPUs it can see; with --gpus-per-task=1 each task sees only GPU 0, so every task but the
+# first asks for a GPU that does not exist (jax-ml/jax#23452, #28194). One process per node sees its node's GPUs as
+# ordinals 0..G-1 whatever physical GPUs SLURM picked, and mmrs/train/distributed.py passes them explicitly as
+# local_device_ids (MMRS_LOCAL_DEVICE_IDS), so no auto-detection guess is involved. It is also the TPU layout (one
+# process per host): one grain pipeline per node with all its CPUs for workers, one data-iterator state per node,
+# and 8x fewer processes in the coordination service.
+#
+# Preemption and time limit: the job asks SLURM for SIGUSR1 to the batch shell <signal_seconds> before its time
+# limit (--signal=B:USR1@N). The trap sends SIGTERM to the training processes (scancel --signal=TERM: job steps
+# only), every process saves a checkpoint of the same step (JAX's preemption sync point) and exits 75; the script
+# then runs `scontrol requeue` so the job restarts and resumes from that checkpoint. Any other SIGTERM that makes the
+# run exit 75 (e.g. preemption with a grace time) is requeued the same way. --requeue covers node failures.
+# Exit codes of the job (= launch.main's): 0 finished, 2 config/flag error, 3 NaN/inf, 4 processes could not
+# connect, 75 preempted with a checkpoint saved (requeued), other = crash (the last checkpoint is kept).
 set -euo pipefail
 
-NODES=1 GPN=8 CONFIG="" WORKDIR="" PARTITION="" ACCOUNT="" TIME="24:00:00" CPG=8 PORT=29500 VENV=".venv"
-IN_ALLOC=0 DRY=0
+NODES="" GPN="" CONFIG="" WORKDIR="" PARTITION="" ACCOUNT="" TIME="24:00:00" CPN="" PORT=29500 VENV=".venv"
+SIGNAL_S=300 MODULE="launch.main" PYTHON="python3.11" IN_ALLOC=0 DRY=0 INSTALL=0
 EXTRA=()
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+die() { echo "gpu_slurm.sh: $*" >&2; exit 2; }
 while (($#)); do
   case "$1" in
     --nodes=*) NODES="${1#*=}" ;;
@@ -24,57 +42,102 @@ while (($#)); do
     --partition=*) PARTITION="${1#*=}" ;;
     --account=*) ACCOUNT="${1#*=}" ;;
     --time=*) TIME="${1#*=}" ;;
-    --cpus_per_gpu=*) CPG="${1#*=}" ;;
+    --cpus_per_node=*) CPN="${1#*=}" ;;
     --port=*) PORT="${1#*=}" ;;
     --venv=*) VENV="${1#*=}" ;;
+    --signal_seconds=*) SIGNAL_S="${1#*=}" ;;
+    --module=*) MODULE="${1#*=}" ;;
+    --python=*) PYTHON="${1#*=}" ;;
+    --install) INSTALL=1 ;;
     --in_allocation) IN_ALLOC=1 ;;
     --dry_run) DRY=1 ;;
     -h|--help) usage 0 ;;
     --) shift; EXTRA=("$@"); break ;;
-    *) echo "gpu_slurm.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    *) die "unknown argument '$1' (see --help)" ;;
   esac
   shift
 done
-if [[ -z "$CONFIG" || -z "$WORKDIR" ]]; then
-  echo "gpu_slurm.sh: --config and --workdir are required (see --help)" >&2
-  exit 2
-fi
-for v in NODES GPN CPG PORT; do
-  [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || { echo "gpu_slurm.sh: ${v} must be a positive integer, got '${!v}'" >&2; exit 2; }
-done
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-TRAIN="python -m launch.main --config=$CONFIG --workdir=$WORKDIR"
+[[ "$VENV" = /* ]] || VENV="$REPO/$VENV"
+
+if ((INSTALL)); then
+  # The GPU install path (README "Run on a GPU cluster"): CUDA 12 wheels of jax (jax-cuda12-plugin/pjrt bring
+  # cuDNN/NCCL/cuBLAS as pip packages; only an NVIDIA driver >= 525 is needed on the nodes).
+  CMD="$PYTHON -m venv $VENV && $VENV/bin/pip install -q --upgrade pip && $VENV/bin/pip install -r $REPO/requirements-gpu.txt"
+  if ((DRY)); then echo "$CMD"; exit 0; fi
+  command -v "$PYTHON" >/dev/null || die "$PYTHON not found: the pins need Python 3.11 (module load python/3.11, or uv python install 3.11 and --python=\$(uv python find 3.11))"
+  eval "$CMD"
+  exit
+fi
+
+for v in NODES GPN CONFIG WORKDIR; do
+  if [[ -z "${!v}" ]]; then
+    flag=$(tr '[:upper:]' '[:lower:]' <<<"$v"); flag=${flag/gpn/gpus_per_node}
+    die "--$flag is required (see --help)"
+  fi
+done
+[[ -n "$CPN" ]] || CPN=$((GPN * 8))
+for v in NODES GPN CPN PORT SIGNAL_S; do
+  [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "${v/CPN/cpus_per_node} must be a positive integer, got '${!v}'"
+done
+((PORT < 65536)) || die "--port must be below 65536, got $PORT"
+[[ "$TIME" =~ ^([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}$ ]] || die "--time must be SLURM's [D-]HH:MM:SS, got '$TIME'"
+[[ "$WORKDIR" = /* ]] || WORKDIR="$(pwd)/$WORKDIR"  # the job runs from the repo: a relative path would move
+if ((!DRY)) && [[ ! -x "$VENV/bin/python" ]]; then
+  die "no Python environment at $VENV: run 'launch/gpu_slurm.sh --install --venv=$VENV' first (or pass --venv)"
+fi
+
+DEVICES=$(seq -s, 0 $((GPN - 1)))
+TRAIN="$VENV/bin/python -m $MODULE --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")"
 for a in "${EXTRA[@]+"${EXTRA[@]}"}"; do TRAIN+=" $(printf '%q' "$a")"; done
-# Each task learns its rank from SLURM at run time (single quotes: expanded by the task's shell, not here).
-SRUN="srun --kill-on-bad-exit=1 --ntasks-per-node=$GPN --gpus-per-task=1 bash -c 'MMRS_PROCESS_ID=\$SLURM_PROCID exec $TRAIN'"
-ENV_LINES="export MMRS_COORDINATOR_ADDRESS=\"\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | head -n1):$PORT\"
-export MMRS_NUM_PROCESSES=\"\$SLURM_NTASKS\""
+
+# The job body (also what --in_allocation runs). Single-quoted parts are expanded by the task's shell at run time.
+BODY="cd $(printf '%q' "$REPO")
+export MMRS_COORDINATOR_ADDRESS=\"\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | head -n1):$PORT\"
+export MMRS_LOCAL_DEVICE_IDS=$DEVICES  # all GPUs the task sees (ordinals within its CUDA_VISIBLE_DEVICES)
+export SRUN_CPUS_PER_TASK=$CPN  # since SLURM 22.05 srun does not inherit sbatch's --cpus-per-task
+on_time_limit() {
+  echo \"mmrs: time limit in ${SIGNAL_S}s: asking the training processes to checkpoint and stop\" >&2
+  scancel --signal=TERM \"\$SLURM_JOB_ID\"  # job steps only, not this shell
+}
+trap on_time_limit USR1
+srun --kill-on-bad-exit=1 --nodes=$NODES --ntasks-per-node=1 --gpus-per-node=$GPN --cpus-per-task=$CPN \\
+  bash -c 'MMRS_NUM_PROCESSES=\$SLURM_NTASKS MMRS_PROCESS_ID=\$SLURM_PROCID exec $TRAIN' &
+srun_pid=\$!
+while :; do  # wait returns early when the trap runs; keep waiting for srun itself
+  rc=0; wait \$srun_pid || rc=\$?
+  kill -0 \$srun_pid 2>/dev/null || break
+done
+if ((rc == 75)); then
+  echo \"mmrs: preempted, checkpoint saved: requeueing job \$SLURM_JOB_ID to resume\" >&2
+  scontrol requeue \"\$SLURM_JOB_ID\" || echo \"mmrs: scontrol requeue failed: resubmit to resume\" >&2
+fi
+exit \$rc"
 
 SCRIPT="#!/bin/bash
 #SBATCH --job-name=mmrs-$(basename "$WORKDIR")
 #SBATCH --nodes=$NODES
-#SBATCH --ntasks-per-node=$GPN
-#SBATCH --gpus-per-task=1
-#SBATCH --cpus-per-task=$CPG
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=$GPN
+#SBATCH --cpus-per-task=$CPN
 #SBATCH --time=$TIME
-#SBATCH --signal=TERM@300
+#SBATCH --signal=B:USR1@$SIGNAL_S
 #SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --output=$WORKDIR/slurm-%j.out"
 [[ -n "$PARTITION" ]] && SCRIPT+=$'\n'"#SBATCH --partition=$PARTITION"
 [[ -n "$ACCOUNT" ]] && SCRIPT+=$'\n'"#SBATCH --account=$ACCOUNT"
 SCRIPT+="
-set -euo pipefail
-cd $REPO
-source $VENV/bin/activate
-$ENV_LINES
-$SRUN"
+# Generated by launch/gpu_slurm.sh. Exit codes: 0 finished, 2 config error, 3 NaN/inf, 4 no coordinator,
+# 75 preempted with a checkpoint saved (requeued).
+set -uo pipefail
+$BODY"
 
 if ((IN_ALLOC)); then
-  CMD="$ENV_LINES
-$SRUN"
-  if ((DRY)); then echo "$CMD"; else eval "$CMD"; fi
-  exit
+  if ((DRY)); then echo "$BODY"; exit 0; fi
+  [[ -n "${SLURM_JOB_ID:-}" ]] || die "--in_allocation needs to run inside salloc/sbatch (no \$SLURM_JOB_ID)"
+  exec bash -c "set -uo pipefail; $BODY"
 fi
 FILE="$WORKDIR/mmrs_slurm.sbatch"
 if ((DRY)); then
@@ -83,7 +146,8 @@ if ((DRY)); then
   echo "# submit:"
   echo "sbatch $FILE"
 else
+  command -v sbatch >/dev/null || die "sbatch not found: run this on a SLURM login node"
   mkdir -p "$WORKDIR"
-  echo "$SCRIPT" >"$FILE"
+  printf '%s\n' "$SCRIPT" >"$FILE.tmp" && mv "$FILE.tmp" "$FILE"
   sbatch "$FILE"
 fi

@@ -4,7 +4,18 @@ Pretraining configs go to `mmrs.train.loop.train`; configs with a truthy `finetu
 The same command resumes: if DIR holds checkpoints, the run continues from the latest good one. Multi-host: run the
 same command on every host, with --multihost on TPU VM slices (launch/tpu_vm.sh does); SLURM jobs are detected;
 otherwise pass --coordinator_address, --num_processes and --process_id, or set MMRS_COORDINATOR_ADDRESS /
-MMRS_NUM_PROCESSES / MMRS_PROCESS_ID (launch/gpu_slurm.sh does).
+MMRS_NUM_PROCESSES / MMRS_PROCESS_ID / MMRS_LOCAL_DEVICE_IDS (launch/gpu_slurm.sh does).
+
+Exit codes (wrappers and launch/gpu_slurm.sh act on them):
+  0   finished: total_steps reached (a final checkpoint is saved)
+  1   an unexpected error (traceback on stderr)
+  2   a config, flag or resume problem, found before training (or on resume); nothing was overwritten
+  3   training stopped on a NaN/inf (config.on_nonfinite="stop"); the last good checkpoint is kept
+  4   the processes could not connect (unreachable coordinator, busy port)
+  5   the latest checkpoint could not be read (storage errors after retries) and is not proven damaged: nothing was
+      moved; rerun when the storage is back
+  75  preempted (SIGTERM / a SLURM time-limit signal): a checkpoint of the current step was saved on every
+      process; run the same command again to resume (EX_TEMPFAIL: "try again later")
 """
 from __future__ import annotations
 
@@ -22,6 +33,9 @@ flags.DEFINE_string("logdir", None, "Where metrics.jsonl / TensorBoard go (defau
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.DEFINE_list("local_device_ids", None, "Device ordinals this process drives (default: "
+                  "$MMRS_LOCAL_DEVICE_IDS, else all visible ones; gpu_slurm.sh sets all GPUs of the node).")
+flags.DEFINE_integer("init_timeout", None, "Seconds to wait for the coordinator (default $MMRS_INIT_TIMEOUT or 300).")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with cluster auto-detection (TPU VM slices: "
                   "launch/tpu_vm.sh sets it; SLURM and GKE are detected without it).")
 flags.DEFINE_bool("allow_config_change", False,
@@ -30,6 +44,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_CONFIG_ERROR = 2  # a config / resume problem, found before training (or on resume)
 EXIT_NONFINITE = 3  # training stopped on a NaN/inf (config.on_nonfinite="stop")
+EXIT_START_FAILED = 4  # the processes could not connect
+EXIT_CHECKPOINT_UNAVAILABLE = 5  # a checkpoint read failed transiently after retries; nothing moved
+EXIT_PREEMPTED = 75  # preempted, checkpoint saved: run again to resume (sysexits.h EX_TEMPFAIL)
 
 
 def _default_logdir(workdir: str) -> str:
@@ -57,8 +74,15 @@ def main(argv, *, method=None, task_data=None):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from mmrs.train import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
-                         auto=flags.FLAGS.multihost)
+  try:
+    distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
+                           auto=flags.FLAGS.multihost, timeout_s=flags.FLAGS.init_timeout,
+                           local_device_ids=[int(i) for i in flags.FLAGS.local_device_ids]
+                           if flags.FLAGS.local_device_ids else None)
+  except distributed.DistributedStartError as e:
+    _fail(e, EXIT_START_FAILED)
+  except ValueError as e:
+    _fail(e, EXIT_CONFIG_ERROR)
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir
   kwargs = dict(logdir=flags.FLAGS.logdir or _default_logdir(workdir),
@@ -74,15 +98,28 @@ def main(argv, *, method=None, task_data=None):
     else:
       summary = loop.train(config, workdir, method=method, task_data=task_data, **kwargs)
   except (config_check.ConfigError, ckpt_lib.CheckpointMismatch) as e:
-    logging.error("%s", e)
-    print(f"\nERROR: {e}", file=sys.stderr)
-    sys.exit(EXIT_CONFIG_ERROR)
+    _fail(e, EXIT_CONFIG_ERROR)
   except loop.NonFiniteError as e:
-    logging.error("%s", e)
-    print(f"\nERROR: {e}", file=sys.stderr)
-    sys.exit(EXIT_NONFINITE)
+    _fail(e, EXIT_NONFINITE)
+  except ckpt_lib.CheckpointUnavailable as e:
+    # The processes may have left Orbax's barriers out of step: JAX's shutdown barrier at exit would then abort
+    # this process (SIGABRT) and hide the exit code, so leave without it.
+    _fail(e, EXIT_CHECKPOINT_UNAVAILABLE, skip_shutdown=True)
   logging.info("Done: %s", {k: v for k, v in summary.items() if k != "state"})
   print(f"done step={summary['step']} preempted={summary['preempted']}", flush=True)
+  if summary["preempted"]:
+    # Not 0: a wrapper must be able to tell "stopped early, resume me" from "finished".
+    sys.exit(EXIT_PREEMPTED)
+
+
+def _fail(error: Exception, code: int, skip_shutdown: bool = False):
+  logging.error("%s", error)
+  print(f"\nERROR: {error}", file=sys.stderr, flush=True)
+  if skip_shutdown:
+    import os  # pylint: disable=g-import-not-at-top
+    sys.stdout.flush()
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -129,9 +129,13 @@ def test_tpu_vm_dry_run_prints_the_commands():
   assert out.returncode == 0, out.stderr
   text = out.stdout
   assert "gcloud compute tpus tpu-vm create mmrs-test" in text and "--accelerator-type=v4-32" in text
-  assert "--worker=all" in text
+  assert "--version=tpu-ubuntu2204-base" in text and "--worker=all" in text
+  assert "--exclude=./runs --exclude=./data" in text  # local runs and data stay home
+  assert "uv python install 3.11" in text and "requirements-tpu.txt" in text
+  assert "setsid nohup" in text  # detached from the ssh session
+  train = text.replace("\\", "")
   assert "python -m launch.main --config=configs/mixmae.py:vit_b --workdir=gs://bucket/runs/m1 --multihost " \
-         "--config.total_steps=10" in text
+         "--config.total_steps=10" in train
 
 
 def test_tpu_vm_needs_a_gs_workdir():
@@ -146,8 +150,11 @@ def test_gpu_slurm_dry_run_prints_the_job(tmp_path):
                         "--", "--config.batch_size=256"], cwd=REPO, capture_output=True, text=True, timeout=60)
   assert out.returncode == 0, out.stderr
   text = out.stdout
-  assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=8" in text and "#SBATCH --gpus-per-task=1" in text
-  assert "MMRS_COORDINATOR_ADDRESS" in text and "MMRS_PROCESS_ID=$SLURM_PROCID" in text
-  assert "srun" in text and "python -m launch.main --config=configs/mixmae.py:vit_b" in text
-  assert "--config.batch_size=256" in text
-  assert "sbatch" in text
+  # One process per node driving its 8 GPUs, passed explicitly as local device ids (see the script's header).
+  assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=1" in text and "#SBATCH --gpus-per-node=8" in text
+  assert "MMRS_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in text and "MMRS_PROCESS_ID=$SLURM_PROCID" in text
+  assert "--cpus-per-task=64" in text.split("srun ", 1)[1]  # on srun itself, not only on sbatch
+  assert "#SBATCH --signal=B:USR1@300" in text and "scontrol requeue" in text
+  assert "-m launch.main --config=configs/mixmae.py:vit_b" in text and "--config.batch_size=256" in text
+  assert f"sbatch {tmp_path}/run/mmrs_slurm.sbatch" in text
+  assert not (tmp_path / "run").exists()  # a dry run writes nothing

@@ -122,6 +122,15 @@ def tune_malloc(*_unused) -> None:
     pass
 
 
+def worker_init(*_unused) -> None:
+  """grain worker start-up: tune_malloc, and ignore SIGTERM. A preemption notice (SLURM, a spot VM's shutdown)
+  signals every process of the job; a worker killed by it would fail the training process's next batch before it
+  reaches the checkpoint. The training process stops its workers itself (grain: stop event, join, SIGKILL)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  tune_malloc()
+
+
 class PermutationShuffle(grain.MapDataset):
   """Seeded global shuffle, a fresh order each epoch, from a materialized permutation per epoch.
 
@@ -441,7 +450,7 @@ def make_pipeline(data_cfg, *, modalities: tuple[str, ...], global_batch_size: i
       # Each worker builds whole batches k = w, w + W, ...; grain hands them back in order.
       it = it.mp_prefetch(grain.MultiprocessingOptions(
           num_workers=workers, per_worker_buffer_size=int(data_cfg.get("worker_buffer_size", 2))),
-                          worker_init_fn=tune_malloc)
+                          worker_init_fn=worker_init)
     else:
       tune_malloc()
       prefetch = int(data_cfg.get("thread_prefetch", 2))

@@ -37,6 +37,19 @@ class CheckpointMismatch(RuntimeError):
   """The checkpoint is intact but cannot be resumed by this run; the message says what differs and what to do."""
 
 
+class CheckpointUnavailable(RuntimeError):
+  """A checkpoint could not be read (after retries) but is not proven damaged: nothing was moved; rerun later."""
+
+
+RESTORE_TRIES = 3  # attempts per step and process before its failure counts
+RESTORE_BACKOFF_S = 2.0  # first wait between attempts (doubles)
+# Substrings of errors from storage outages (gRPC/tensorstore status names, HTTP throttling, sockets): such a
+# failure says nothing about the checkpoint's files, so it never leads to a quarantine.
+_TRANSIENT_MARKERS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED",
+                      "Connection reset", "Connection refused", "timed out", "Timeout", "Too Many Requests", "SlowDown",
+                      "Service Unavailable", "Temporary failure")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The data-iterator item: per-process JSON, any iterator whose get_state() is JSON-able (or bytes).
 
@@ -190,8 +203,16 @@ class Checkpointer:
 
     `check_meta(meta)` may raise `CheckpointMismatch` (e.g. an incompatible config): that stops the search, since
     it is not damage. A state whose saved tree differs from `abstract_state` also raises `CheckpointMismatch`.
+
+    Failures are retried RESTORE_TRIES times with backoff (storage hiccups). A step is moved aside only when it is
+    proven damaged: some process still fails after its retries with an error that is not a storage outage (a
+    missing, truncated or undecodable file, NaN values) and no process saw an outage-like error; the processes
+    decide together (all-gather of their verdicts). A step that still fails with an outage-like error on some
+    process is left in place and `CheckpointUnavailable` stops the run: one host's flaky read never discards a
+    checkpoint.
     """
-    for step in sorted(self._manager.all_steps(), reverse=True):
+    attempts = _Attempts(sorted(self._manager.all_steps(), reverse=True), self._manager)
+    for step in attempts:
       restored, error = None, None
       try:
         meta = self.read_meta(step)
@@ -211,17 +232,39 @@ class Checkpointer:
         _check_finite(restored.state)
       except CheckpointMismatch:
         raise
-      except Exception as e:  # pylint: disable=broad-except  (any unreadable checkpoint: fall back)
+      except Exception as e:  # pylint: disable=broad-except  (retried, then judged with the other processes)
         error = e
-      if _all_processes_ok(error is None):
+      if self._settle(step, error, attempts):
         return restored
-      self._quarantine(step, error)
     return None
 
-  def _quarantine(self, step: int, error: Exception | None) -> None:
-    logging.warning("Checkpoint step %d in %s cannot be restored (%s); moving it aside and falling back to the "
-                    "previous checkpoint.", step, self.directory,
-                    f"{type(error).__name__}: {error}" if error else "failed on another process")
+  def _settle(self, step: int, error: Exception | None, attempts: "_Attempts") -> bool:
+    """The processes' joint verdict on this attempt at `step`: True = restored on every process. Otherwise every
+    process retries (together: Orbax's restore is collective, a process retrying alone would pair its barriers with
+    the others' next ones) until RESTORE_TRIES; then the step is moved aside if proven damaged, or
+    CheckpointUnavailable is raised when some process could not tell."""
+    # 0 restored, 1 failed with a damage-like error, 2 failed with a storage-outage-like one. A value that is none
+    # of these means the processes' collectives got out of step (one failed before a barrier the others reached):
+    # no evidence of damage either.
+    verdicts = [v if v in (0, 1, 2) else 2
+                for v in _all_processes(0 if error is None else 2 if _looks_transient(error) else 1)]
+    if not any(verdicts):
+      return True
+    if attempts.retry(step, error, verdicts):
+      return False
+    failed = [i for i, v in enumerate(verdicts) if v]
+    if 2 in verdicts:
+      raise CheckpointUnavailable(
+          f"Checkpoint step {step} in {self.directory} could not be read on process(es) {failed} after "
+          f"{RESTORE_TRIES} tries ({_describe(error) if error else 'an error on another process'}); it is not "
+          "proven damaged, so nothing was moved. Check the storage and rerun the same command to resume.")
+    self._quarantine(step, error, failed)
+    return False
+
+  def _quarantine(self, step: int, error: Exception | None, failed: list[int]) -> None:
+    logging.warning("Checkpoint step %d in %s is damaged (process(es) %s, %d tries each: %s); moving it aside and "
+                    "falling back to the previous checkpoint.", step, self.directory, failed, RESTORE_TRIES,
+                    _describe(error) if error else "failed on another process")
     if jax.process_index() == 0:
       src = self.directory / str(step)
       if src.exists():
@@ -271,10 +314,53 @@ def _check_finite(state) -> None:
     raise ValueError("the restored state has NaN/inf values")
 
 
-def _all_processes_ok(ok: bool) -> bool:
+class _Attempts:
+  """Iterates over checkpoint steps, yielding a step again (after a backoff) while `retry` allows: each process
+  retries its own failures before the processes compare verdicts."""
+
+  def __init__(self, steps: list[int], manager: ocp.CheckpointManager):
+    self.steps, self.manager, self._again, self._tries = steps, manager, False, 0
+
+  def __iter__(self):
+    for step in self.steps:
+      self._tries = 1
+      yield step
+      while self._again:
+        self._again = False
+        self._tries += 1
+        yield step
+
+  def retry(self, step: int, error: Exception | None, verdicts: list[int]) -> bool:
+    if self._tries >= RESTORE_TRIES:
+      return False
+    wait = RESTORE_BACKOFF_S * 2 ** (self._tries - 1)
+    logging.warning("Restoring checkpoint step %d failed on process(es) %s (here: %s); retry %d/%d in %.1fs.", step,
+                    [i for i, v in enumerate(verdicts) if v], _describe(error) if error else "restored",
+                    self._tries, RESTORE_TRIES - 1, wait)
+    time.sleep(wait)
+    self.manager.reload()
+    self._again = True
+    return True
+
+
+def _all_processes(value: int) -> list[int]:
+  """Every process's `value`, in process order (the same list on every process)."""
   if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+    return [int(value)]
+  return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.asarray(value, np.int32))).reshape(-1)]
+
+
+def _looks_transient(error: Exception) -> bool:
+  if isinstance(error, (TimeoutError, ConnectionError)):
+    return True
+  if isinstance(error, AssertionError) and "sync_global_devices" in str(error):
+    return True  # processes out of step in Orbax's barriers (another one failed first): says nothing of the files
+  text = f"{type(error).__name__}: {error}"
+  return any(m in text for m in _TRANSIENT_MARKERS)
+
+
+def _describe(error: Exception) -> str:
+  return f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
 
 
 def _barrier(name: str) -> None:

@@ -1,0 +1,281 @@
+"""Multi-host by simulation: launch/gpu_slurm.sh's job run by fake SLURM commands as 2 local tasks x 2 CPU devices
+(gloo), preemption across processes, and start-up errors. Exit codes are launch/main.py's (75 = preempted)."""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import fake_slurm
+from sample_data import shards  # pylint: disable=unused-import  (fixture)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PREEMPTED = 75
+
+
+def _env(tmp_path, devices=2, **extra):
+  return dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+              # -O0: halves CPU compile time (every run compared in a test uses it).
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
+              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _wait_for(predicate, what, timeout=600):
+  deadline = time.monotonic() + timeout
+  while not predicate():
+    if time.monotonic() > deadline:
+      pytest.fail(f"timed out waiting for {what}")
+    time.sleep(0.2)
+
+
+def _metrics(workdir):
+  path = workdir / "metrics.jsonl"
+  return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+def _jsonl(path):
+  return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+class _Job:
+  """One `launch/gpu_slurm.sh` submission through the fake sbatch (which runs the job in the foreground)."""
+
+  def __init__(self, tmp_path, workdir, argv, env):
+    self.state = tmp_path / "slurm"
+    for name in ("batch.rc", "batch.pid", "tasks.pids"):
+      (self.state / name).unlink(missing_ok=True)
+    self.workdir = workdir
+    self.proc = subprocess.Popen(["bash", "launch/gpu_slurm.sh", *argv], cwd=REPO, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+  def log(self):
+    path = self.workdir / "slurm-4242.out"
+    return path.read_text() if path.exists() else ""
+
+  def wait_for(self, predicate, what):
+    def check():
+      if self.proc.poll() is not None and not (self.state / "batch.rc").exists():
+        pytest.fail(f"gpu_slurm.sh exited ({self.proc.returncode}): {self.proc.stdout.read()}")
+      if (self.state / "batch.rc").exists() and not predicate():
+        pytest.fail(f"the job ended before {what}:\n{self.log()[-5000:]}")
+      return predicate()
+    _wait_for(check, what)
+
+  def tasks(self):
+    return [int(p) for p in (self.state / "tasks.pids").read_text().split()]
+
+  def rc(self):
+    _wait_for(lambda: (self.state / "batch.rc").exists(), "the batch script to end")
+    self.proc.wait(timeout=60)
+    return int((self.state / "batch.rc").read_text())
+
+
+def test_slurm_job_trains_survives_kill9_and_requeues_on_time_limit(tmp_path, shards):
+  """The generated job script, run as SLURM would (2 nodes, 1 task each, 2 devices per task, grain workers=1):
+  1. every task killed with SIGKILL while stuck after checkpoint 4: no requeue (a crash is not a preemption);
+  2. resubmitted: resumes at 4 and redoes steps 5-6 exactly (losses equal: state + grain iterator state restored);
+     then the time-limit signal to the batch shell: both tasks save the same step, exit 75, the job requeues."""
+  workdir = tmp_path / "run"
+  env = _env(tmp_path, **fake_slurm.install(tmp_path / "bin", tmp_path / "slurm"),
+             FAKE_SLURM_NODELIST="127.0.0.[1-2]")
+  argv = ["--nodes=2", "--gpus_per_node=2", "--cpus_per_node=2", f"--port={_free_port()}", f"--venv={sys.prefix}",
+          "--module=tests.launch_entry", f"--config=configs/mae_s2.py:tiny,shards={shards}", f"--workdir={workdir}",
+          "--", "--config.total_steps=40", "--config.checkpoint_every_steps=4", "--config.data.s2_only.workers=1"]
+
+  # 1. Both processes stall at their 8th batch (step 8): steps 1-7 ran, metrics up to 6 are written, 4 is saved.
+  job = _Job(tmp_path, workdir, argv, dict(env, MMRS_TEST_BLOCK_AT="7"))
+  job.wait_for(lambda: job.log().count("launch_entry: blocking at call 7") == 2, "both tasks to stall")
+  _wait_for(lambda: (workdir / "checkpoints" / "4").is_dir(), "checkpoint 4 to be committed")
+  for pid in job.tasks():  # like SLURM's cgroup kill: each task with its grain worker
+    os.killpg(pid, signal.SIGKILL)
+  assert job.rc() == 128 + signal.SIGKILL
+  assert not (tmp_path / "slurm" / "requeue.jsonl").exists()
+  first = {r["step"]: r["loss"] for r in _metrics(workdir)}
+  assert {5, 6} <= set(first) and max(first) < 8
+
+  srun = _jsonl(tmp_path / "slurm" / "srun.jsonl")[0]["options"]
+  assert srun["cpus-per-task"] == "2" and srun["ntasks-per-node"] == "1" and srun["gpus-per-node"] == "2"
+  script = (workdir / "mmrs_slurm.sbatch").read_text()
+  when = [l for l in script.splitlines() if l.startswith("#SBATCH --signal=")][0]
+  signame = when.split("=", 1)[1].split("@")[0].removeprefix("B:")
+
+  # 2. Resubmitted: resumes from 4. Once step 9 is logged the time limit nears: SLURM signals the batch shell.
+  job = _Job(tmp_path, workdir, argv, env)
+  job.wait_for(lambda: any(r["step"] >= 9 for r in _metrics(workdir)), "step 9")
+  os.kill(int((tmp_path / "slurm" / "batch.pid").read_text()), getattr(signal, "SIG" + signame))
+  assert job.rc() == PREEMPTED, job.log()[-5000:]
+  log = job.log()
+  assert log.count("at step 4.") == 2 and "Resumed" in log  # both processes restored step 4
+  again = {r["step"]: r["loss"] for r in _metrics(workdir)}
+  assert [again[s] for s in (5, 6)] == [first[s] for s in (5, 6)]  # exact resume, bit for bit
+  done = [l for l in log.splitlines() if l.startswith("done step=")]
+  assert len(done) == 2 and len(set(done)) == 1 and "preempted=True" in done[0]  # the same step on both
+  step = int(done[0].split()[1].split("=")[1])
+  assert 9 <= step < 40
+  data = workdir / "checkpoints" / str(step) / "data"
+  assert sorted(p.name for p in data.glob("process_*")) == ["process_0-of-2.json", "process_1-of-2.json"]
+  assert _jsonl(tmp_path / "slurm" / "requeue.jsonl") == [{"job": "4242"}]
+  assert _jsonl(tmp_path / "slurm" / "scancel.jsonl")[0]["args"] == ["--signal=TERM", "4242"]
+
+
+def _toy(tmp_path, workdir, n, port, *args, env_extra=None, devices=2):
+  return [subprocess.Popen([sys.executable, "-m", "tests.launch_entry", "--config=tests/train_toy_method.py",
+                            f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
+                            f"--num_processes={n}", f"--process_id={i}", *args],
+                           cwd=REPO, env=_env(tmp_path, devices, **(env_extra or {})), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True) for i in range(n)]
+
+
+def _communicate(procs, timeout=600):
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=timeout)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return outs
+
+
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+  workdir = tmp_path / "w"
+  procs = _toy(tmp_path, workdir, 2, _free_port(), "--config.total_steps=60", "--config.checkpoint_every_steps=0",
+               "--config.toy.tasks=cross", env_extra={"MMRS_TEST_SIGTERM_AT": "1:3"})
+  outs = _communicate(procs)
+  assert [p.returncode for p in procs] == [PREEMPTED, PREEMPTED], outs[1][-3000:]
+  done = [next(l for l in o.splitlines() if l.startswith("done step=")) for o in outs]
+  assert done[0] == done[1] and "preempted=True" in done[0]
+  step = int(done[0].split()[1].split("=")[1])
+  assert 3 <= step < 60
+  ckpts = workdir / "checkpoints"
+  assert sorted(p.name for p in ckpts.iterdir()) == [str(step)]
+  states = {p.name: json.loads(p.read_text())["states"] for p in (ckpts / str(step) / "data").glob("process_*")}
+  assert states == {f"process_{i}-of-2.json": {"cross": {"index": step}} for i in range(2)}
+
+  # A restart where only process 1 cannot read the checkpoint (a storage outage there): the run stops (process 1
+  # with exit code 5; process 0, whose Orbax barriers lost their partner, is aborted by JAX) and the checkpoint is
+  # not moved aside on one host's error.
+  procs = _toy(tmp_path, workdir, 2, _free_port(), "--config.total_steps=60", "--config.checkpoint_every_steps=0",
+               "--config.toy.tasks=cross", env_extra={"MMRS_TEST_RESTORE_ERROR": "1"})
+  outs = _communicate(procs)
+  assert procs[1].returncode == 5 and procs[0].returncode != 0, outs[1][-3000:]
+  assert f"ERROR: Checkpoint step {step} " in outs[1] and "not proven damaged, so nothing was moved" in outs[1]
+  assert sorted(p.name for p in ckpts.iterdir()) == [str(step)]
+
+
+def test_unreachable_coordinator_is_a_one_line_error(tmp_path):
+  workdir = tmp_path / "w"
+  out = subprocess.run([sys.executable, "-m", "launch.main", "--config=tests/train_toy_method.py",
+                        f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{_free_port()}",
+                        "--num_processes=2", "--process_id=1", "--init_timeout=2"],
+                       cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+  assert out.returncode == 4, out.stderr[-2000:]
+  errors = [l for l in out.stderr.splitlines() if l.startswith("ERROR:")]
+  assert len(errors) == 1 and "no coordinator answered at 127.0.0.1:" in errors[0] and "Traceback" not in out.stderr
+  assert not workdir.exists()
+
+
+def test_batch_that_does_not_split_over_the_processes_is_a_one_line_error(tmp_path):
+  workdir = tmp_path / "w"
+  outs = _communicate(_toy(tmp_path, workdir, 2, _free_port(), "--config.batch_size=7", devices=1), timeout=300)
+  for out in outs:
+    errors = [l for l in out.splitlines() if l.startswith("ERROR:")]
+    assert len(errors) == 1 and "config.batch_size=7" in errors[0], out[-2000:]
+  assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
+
+
+def test_gpu_slurm_rejects_bad_input(tmp_path):
+  def run(*argv):
+    return subprocess.run(["bash", "launch/gpu_slurm.sh", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+  base = ["--config=c.py", f"--workdir={tmp_path}/w"]
+  out = run("--nodes=2", *base)
+  assert out.returncode == 2 and out.stderr.strip() == "gpu_slurm.sh: --gpus_per_node is required (see --help)"
+  out = run("--nodes=0", "--gpus_per_node=8", *base)
+  assert out.returncode == 2 and "NODES must be a positive integer" in out.stderr
+  out = run("--nodes=1", "--gpus_per_node=8", "--time=soon", *base)
+  assert out.returncode == 2 and "--time" in out.stderr
+  out = run("--nodes=1", "--gpus_per_node=8", f"--venv={tmp_path}/none", *base)
+  assert out.returncode == 2 and "--install" in out.stderr and len(out.stderr.splitlines()) == 1
+  assert not (tmp_path / "w").exists()
+
+
+def test_tpu_vm_launcher_runs_detached_on_every_worker_and_stops_on_request(tmp_path):
+  """launch/tpu_vm.sh against a fake gcloud whose 2 workers are local home directories: the VM is created, the code
+  shipped, training starts detached on both workers (the ssh calls return) and reaches steps; --status, --stop
+  (checkpoint + exit 75 on both) and --logs work."""
+  import fake_gcloud  # pylint: disable=g-import-not-at-top
+  state = tmp_path / "gcloud"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **fake_gcloud.install(tmp_path / "bin", state, workers=2),
+             FAKE_GCLOUD_PORT=str(_free_port()),
+             XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
+  env.pop("PYTHONPATH", None)  # the workers must run the shipped copy
+  for i in range(2):  # the environment --skip_setup expects (the setup step itself needs the network)
+    (state / f"worker{i}").mkdir(parents=True)
+    (state / f"worker{i}" / "mmrs_venv").symlink_to(sys.prefix)
+  workdir = tmp_path / "run"
+  where = ["--name=mmrs-t", "--zone=us-central2-b", f"--workdir={workdir}", "--shared_workdir"]
+
+  def tpu(*argv):
+    out = subprocess.run(["bash", "launch/tpu_vm.sh", *where, *argv], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+  tpu("--accelerator=v4-16", "--config=tests/train_toy_method.py", "--module=tests.train_toy_method",
+      "--skip_setup", "--", "--config.total_steps=100000", "--config.toy.tasks=cross",
+      "--config.checkpoint_every_steps=0")
+  calls = _jsonl(state / "calls.jsonl")
+  assert calls[0][3:5] == ["describe", "mmrs-t"] and calls[1][3] == "create" and "--accelerator-type=v4-16" in calls[1]
+  assert (state / "worker1" / "mmrs" / "launch" / "main.py").exists() and not (state / "worker1" / "mmrs" / ".git").exists()
+  _wait_for(lambda: any(r["step"] >= 3 for r in _metrics(workdir)), "training steps on the workers")
+  assert tpu("--status").count(": running (pid") == 2
+  tpu("--stop")
+  codes = [state / f"worker{i}" / "mmrs_logs" / "run" / "exit_code" for i in range(2)]
+  _wait_for(lambda: all(c.exists() for c in codes), "both workers to exit")
+  assert [c.read_text().strip() for c in codes] == [str(PREEMPTED)] * 2
+  assert tpu("--status").count(f": exited {PREEMPTED}") == 2
+  assert "Preemption: saving step" in tpu("--logs")
+  steps = [p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(steps) == 1 and int(steps[0]) >= 3
+
+  # The spot VM is preempted; --watch recreates it, restarts training (which resumes) and ends when it finishes.
+  (state / "vm_mmrs-t").write_text("PREEMPTED")
+  out = tpu("--accelerator=v4-16", "--config=tests/train_toy_method.py", "--module=tests.train_toy_method",
+            "--skip_setup", "--watch", "--watch_interval=1", "--", f"--config.total_steps={int(steps[0]) + 2}",
+            "--config.toy.tasks=cross", "--config.checkpoint_every_steps=0")
+  assert "the run finished" in out
+  verbs = [c[3] for c in _jsonl(state / "calls.jsonl")[len(calls):]]
+  assert "delete" in verbs and verbs.index("create") > verbs.index("delete")
+  assert [c.read_text().strip() for c in codes] == ["0", "0"]
+  assert f"Resumed {workdir} at step {steps[0]}" in tpu("--logs")
+
+
+def test_tpu_vm_rejects_bad_input(tmp_path):
+  def run(*argv):
+    return subprocess.run(["bash", "launch/tpu_vm.sh", "--dry_run", *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+  base = ["--name=x", "--zone=z", "--config=c.py", "--workdir=gs://b/r"]
+  out = run(*base)
+  assert out.returncode == 2 and out.stderr.strip() == "tpu_vm.sh: --accelerator is required (see --help)"
+  out = run(*base, "--accelerator=v3-8")
+  assert out.returncode == 2 and "not a single-slice v4/v5e/v5p/v6e type" in out.stderr
+  out = run("--name=x", "--zone=z", "--status")
+  assert out.returncode == 2 and "--workdir is required" in out.stderr
+  for accel, image in [("v5litepod-16", "v2-alpha-tpuv5-lite"), ("v5p-8", "v2-alpha-tpuv5"), ("v6e-8", "v2-alpha-tpuv6e")]:
+    out = run(*base, f"--accelerator={accel}")
+    assert out.returncode == 0 and f"--version={image}" in out.stdout
