@@ -38,7 +38,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run(args, processes, devices, cache, timeout=900):
+def _run(args, processes, devices, cache, timeout=1200):
   port = _free_port()
   extra = (lambda i: [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
                       f"--process_id={i}"]) if processes > 1 else (lambda i: [])
@@ -51,7 +51,8 @@ def _run(args, processes, devices, cache, timeout=900):
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()
-      pytest.fail(f"run {args} timed out")
+      tails = [q.communicate()[0][-3000:] for q in procs]
+      pytest.fail(f"run {args} timed out; output tails:\n" + "\n---\n".join(tails))
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-5000:]
 
