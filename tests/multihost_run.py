@@ -42,7 +42,7 @@ def config_for(shards: str):
   c.mesh = "data=2,fsdp=2"
   c.fsdp_min_size = 16  # shard the mu-size kernels too
   c.optimizer.update(dict(name="adafactor", adafactor_min_dim_to_factor=8, learning_rate=1e-3, weight_decay=0.0))
-  c.total_steps, c.log_every_steps, c.checkpoint_every_steps, c.keep_checkpoints = 4, 1, 1, 10
+  c.total_steps, c.log_every_steps, c.checkpoint_every_steps, c.keep_checkpoints = 4, 1, 2, 10
   c.visualize_every_steps = 0
   c.xla_compiler_options = {"xla_backend_optimization_level": 0}  # halves CPU compile time
   return c

