@@ -117,9 +117,13 @@ def run_jax(args) -> dict:
   from benchmarks import step_throughput  # pylint: disable=import-outside-toplevel
   out = step_throughput.benchmark(mmrs_config(args), steps=args.steps, warmup=args.warmup,
                                   devices=jax.devices()[:1])
-  return {"images_per_s": out["images_per_s"], "params": out["params"], "device_kind": out["device_kind"],
-          "compile_s": sum(out["compile_s"].values()), "last_loss": out["last_loss"],
-          "memory_mib": out["memory_mib"], "mfu": out["mfu"], "peak_source": out["peak_source"]}
+  stats = jax.devices()[0].memory_stats() or {}  # None on CPU
+  res = {"images_per_s": out["images_per_s"], "params": out["params"], "device_kind": out["device_kind"],
+         "compile_s": sum(out["compile_s"].values()), "last_loss": out["last_loss"],
+         "memory_mib": out["memory_mib"], "mfu": out["mfu"], "peak_source": out["peak_source"]}
+  if "peak_bytes_in_use" in stats:
+    res["peak_memory_mib"] = stats["peak_bytes_in_use"] / 2**20
+  return res
 
 
 def run_torch(args, compile_model: bool) -> dict:

@@ -4,6 +4,7 @@ Skipped only where torch (an optional benchmark dependency, requirements-bench.t
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -81,14 +82,23 @@ def test_mixmae_forward_matches_mmrs_on_the_same_weights():
   np.testing.assert_allclose(float(t_loss), float(loss), rtol=1e-4)
 
 
-def test_peer_benchmark_runs_and_prints_the_json_line(tmp_path):
-  out = tmp_path / "peer.jsonl"
-  cmd = [sys.executable, "-m", "benchmarks.peer", "--method=mixmae", "--size=mu", "--decoder=mu", "--decoder_depth=1",
-         "--image_size=16", "--patch_size=8", "--batch=2", "--steps=1", "--warmup=1", "--repeats=1",
-         "--fast_compile", f"--json_out={out}"]
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_gpu_suite_cpu_smoke_runs_the_peer_and_appends_a_results_section(tmp_path):
+  """`gpu_suite.sh --cpu_smoke`: a tiny benchmarks.peer run (its JSON line), the step, the pipeline, the section."""
+  results = tmp_path / "RESULTS.md"
+  results.write_text("# Benchmark results\n")
+  real = os.path.join(REPO, "benchmarks", "RESULTS.md")
+  before = open(real, encoding="utf-8").read()
+  out = tmp_path / "suite"
+  env = {**os.environ, "PYTHON": sys.executable}
+  env.pop("XLA_FLAGS", None)  # one CPU device in the children, as a user's run
+  proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_suite.sh"), "--cpu_smoke", f"--out={out}",
+                         f"--results={results}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+                        check=False)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert open(real, encoding="utf-8").read() == before  # the real RESULTS.md is untouched
+
+  # benchmarks.peer's last line: exactly the issue's JSON keys, equal parameter counts.
+  summary = json.loads((out / "peer_mixmae.log").read_text().strip().splitlines()[-1])
   assert list(summary) == ["method", "jax_images_per_s", "torch_images_per_s", "torch_compile_images_per_s",
                            "ratio_vs_eager", "ratio_vs_compile", "params_jax", "params_torch", "device_kind"]
   assert summary["method"] == "mixmae" and summary["params_jax"] == summary["params_torch"] > 0
@@ -96,5 +106,12 @@ def test_peer_benchmark_runs_and_prints_the_json_line(tmp_path):
   assert summary["torch_compile_images_per_s"] is None and summary["ratio_vs_compile"] is None
   assert summary["ratio_vs_eager"] == pytest.approx(summary["jax_images_per_s"] / summary["torch_images_per_s"],
                                                      rel=1e-3)
-  record = json.loads(out.read_text().splitlines()[-1])
+  record = json.loads((out / "peer.jsonl").read_text().splitlines()[-1])
   assert {r["side"] for r in record["runs"]} == {"jax", "torch"} and record["batch"] == 2
+
+  text = results.read_text()
+  assert text.startswith("# Benchmark results\n") and "## GPU suite (`benchmarks/gpu_suite.sh`)" in text
+  assert "| mixmae | ViT-mu/16px, decoder mux1, b2, float32 |" in text  # the peer row
+  assert "step_mixmae_b4_noremat" in text and "| data_w0 |" in text  # the second batch size, the pipeline
+  png = re.search(r"!\[mmrs vs PyTorch\]\((.+?)\)", text)
+  assert png and (tmp_path / png.group(1)).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
