@@ -30,16 +30,25 @@ Prints a table, then (last line) one JSON object:
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import math
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDES = ("jax", "torch", "torch_compile")
-LABELS = {"jax": "mmrs (JAX/XLA)", "torch": "PyTorch eager", "torch_compile": "PyTorch torch.compile"}
+LABELS = {"jax": "mmrs (JAX/XLA)", "torch": "PyTorch eager", "torch_compile": "PyTorch torch.compile",
+          "jax_baseline": "mmrs @ baseline"}
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
+_HLO_INST = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+) = (\w+)\[([\d,]*)\]\S* (\w+)\(")
 
 
 def parse_args(argv=None):
@@ -60,6 +69,10 @@ def parse_args(argv=None):
   p.add_argument("--threads", type=int, default=0, help="Pin both sides to N cores/threads (0 = defaults).")
   p.add_argument("--fast_compile", action="store_true",
                  help="XLA backend optimization level 0 (tests only: quicker compile, unrepresentative speed).")
+  p.add_argument("--baseline_rev", default="",
+                 help="Also run mmrs's step as of this git revision (an exported copy), alternating: before/after.")
+  p.add_argument("--hlo_stats", action="store_true",
+                 help="Count the layout copies/transposes and dots in mmrs's optimized step HLO (an XLA dump).")
   p.add_argument("--json_out", default="", help="Append a full JSON record (for benchmarks/plot.py) to this file.")
   p.add_argument("--side", choices=SIDES, default=None, help=argparse.SUPPRESS)  # internal: one child's side
   args = p.parse_args(argv)
@@ -163,6 +176,33 @@ def run_torch(args, compile_model: bool) -> dict:
   return out
 
 
+def hlo_stats(dump_dir: str) -> dict:
+  """Materialised layout copies (copy/transpose instructions and copy/transpose fusions outside fused computations)
+  and dots in the largest optimized module of an XLA dump (the train step)."""
+  files = glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))
+  if not files:
+    return {}
+  text = open(max(files, key=os.path.getsize), encoding="utf-8").read()
+  stats = {"copies": 0, "copy_mib": 0.0, "dots": 0}
+  fused = False
+  for line in text.splitlines():
+    if line and not line[0].isspace():  # a computation header: fusion bodies are not materialised
+      fused = "fused" in line.split("(")[0] or "ynn" in line.split("(")[0]
+      continue
+    m = _HLO_INST.match(line)
+    if fused or not m:
+      continue
+    name, dtype, dims, opcode = m.groups()
+    size = _DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+    if opcode in ("copy", "transpose") or (opcode == "fusion" and name.startswith(("copy", "transpose"))):
+      stats["copies"] += 1
+      stats["copy_mib"] += size / 2**20
+    elif opcode == "dot" or (opcode == "fusion" and "dot" in name):
+      stats["dots"] += 1
+  stats["copy_mib"] = round(stats["copy_mib"], 1)
+  return stats
+
+
 def run_side(args) -> dict:
   _pin_threads(args.threads)
   if args.side == "jax":
@@ -178,14 +218,39 @@ def child_args(argv: list[str], side: str) -> list[str]:
   return [a for a in argv if not a.startswith("--side")] + [f"--side={side}"]
 
 
-def run_child(argv: list[str], side: str) -> dict:
-  cmd = [sys.executable, "-m", "benchmarks.peer", *child_args(argv, side)]
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+def export_revision(rev: str) -> str:
+  """`git archive REV` of this repository into a temporary folder (no git state touched); returns the folder."""
+  proc = subprocess.run(["git", "archive", "--format=tar", rev], cwd=REPO, capture_output=True, check=False)
+  if proc.returncode:
+    raise SystemExit(f"--baseline_rev={rev}: git archive failed: {proc.stderr.decode().strip()[-300:]}")
+  out = tempfile.mkdtemp(prefix="peer_baseline_")
+  tar_path = os.path.join(out, ".rev.tar")
+  with open(tar_path, "wb") as f:
+    f.write(proc.stdout)
+  with tarfile.open(tar_path) as tar:
+    tar.extractall(out, filter="data")
+  os.remove(tar_path)
+  return out
+
+
+def run_child(argv: list[str], side: str, tree: str = REPO, hlo: bool = False) -> dict:
+  cmd = [sys.executable, "-m", "benchmarks.peer",
+         *child_args([a for a in argv if not a.startswith(("--baseline_rev", "--hlo_stats", "--json_out"))],
+                     "jax" if side == "jax_baseline" else side)]
+  env = dict(os.environ)
+  dump = None
+  if hlo and side.startswith("jax"):
+    dump = tempfile.mkdtemp(prefix="peer_hlo_")
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={dump} --xla_dump_hlo_as_text".strip()
+  proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=False)
   lines = [l for l in proc.stdout.strip().splitlines() if l.startswith("{")]
   if proc.returncode or not lines:
     tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
     raise SystemExit(f"benchmarks.peer: the {LABELS[side]} side failed (exit {proc.returncode}):\n{tail}")
-  return json.loads(lines[-1])
+  out = json.loads(lines[-1])
+  if dump:
+    out["hlo"] = hlo_stats(dump)
+  return out
 
 
 def summarize(args, runs: dict[str, list[dict]]) -> dict:
@@ -211,7 +276,12 @@ def main(argv=None) -> dict:
   if args.side is not None:
     print(json.dumps(run_side(args)))
     return {}
-  sides = ["jax", "torch"] + (["torch_compile"] if args.torch_compile else [])
+  sides = (["jax_baseline"] if args.baseline_rev else []) + ["jax", "torch"] + (
+      ["torch_compile"] if args.torch_compile else [])
+  trees = {s: REPO for s in sides}
+  if args.baseline_rev:
+    trees["jax_baseline"] = export_revision(args.baseline_rev)
+    LABELS["jax_baseline"] = f"mmrs @ {args.baseline_rev}"
   enc, dec = model_dims(args)
   print(f"{args.method}: encoder {args.size} {enc}, decoder {args.decoder} {dec}, {args.image_size} px, "
         f"patch {args.patch_size}, batch {args.batch}, {args.dtype}, {args.repeats} x {args.steps} timed steps "
@@ -220,17 +290,20 @@ def main(argv=None) -> dict:
   rows = []
   for r in range(args.repeats):
     for side in sides:
-      out = run_child(argv, side)
+      out = run_child(argv, side, trees[side], hlo=args.hlo_stats and r == 0)
       runs[side].append(out)
       rows.append((side, r + 1, out))
       print(f"  {LABELS[side]:<22} repeat {r + 1}: {out['images_per_s']:8.2f} images/s "
             f"({1e3 * args.batch / out['images_per_s']:8.1f} ms/step), {out['params']:,} params, "
-            f"compile+warm-up {out['compile_s']:.1f}s, loss {out['last_loss']:.4f}", flush=True)
-      if side != "jax" and len(runs["jax"]) == 1 and len(runs[side]) == 1:
+            f"compile+warm-up {out['compile_s']:.1f}s, loss {out['last_loss']:.4f}"
+            + (f", HLO {out['hlo']}" if out.get("hlo") else ""), flush=True)
+      if not side.startswith("jax") and len(runs["jax"]) == 1 and len(runs[side]) == 1:
         pj, pt = runs["jax"][0]["params"], out["params"]
         if abs(pj - pt) > 1e-3 * pj:
           raise SystemExit(f"benchmarks.peer: parameter counts differ by more than 0.1 %: mmrs {pj:,} vs PyTorch "
                            f"{pt:,}; the two models are not the same architecture.")
+  if args.baseline_rev:
+    shutil.rmtree(trees["jax_baseline"], ignore_errors=True)
   summary = summarize(args, runs)
   print()
   print(f"| side | {' | '.join(f'repeat {i + 1}' for i in range(args.repeats))} | median images/s | vs eager |")
@@ -244,7 +317,8 @@ def main(argv=None) -> dict:
   if args.json_out:
     record = {**summary, "size": args.size, "decoder": args.decoder, "decoder_depth": args.decoder_depth,
               "image_size": args.image_size, "batch": args.batch, "dtype": args.dtype, "steps": args.steps,
-              "repeats": args.repeats, "threads": args.threads, "ld_preload": os.environ.get("LD_PRELOAD", ""),
+              "repeats": args.repeats, "threads": args.threads, "baseline_rev": args.baseline_rev,
+              "ld_preload": os.environ.get("LD_PRELOAD", ""),
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "runs": [{"side": s, "repeat": r, **o} for s, r, o in rows]}
     with open(args.json_out, "a", encoding="utf-8") as f:
