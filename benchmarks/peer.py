@@ -177,13 +177,13 @@ def run_torch(args, compile_model: bool) -> dict:
 
 
 def hlo_stats(dump_dir: str) -> dict:
-  """Materialised layout copies (copy/transpose instructions and copy/transpose fusions outside fused computations)
-  and dots in the largest optimized module of an XLA dump (the train step)."""
+  """Materialised layout copies (copy/transpose instructions and copy/transpose fusions outside fused computations,
+  with their MiB), Eigen dots and YNN (XNNPACK) fusions in the largest optimized module of an XLA dump (the step)."""
   files = glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))
   if not files:
     return {}
   text = open(max(files, key=os.path.getsize), encoding="utf-8").read()
-  stats = {"copies": 0, "copy_mib": 0.0, "dots": 0}
+  stats = {"copies": 0, "copy_mib": 0.0, "dots": 0, "ynn_fusions": 0}
   fused = False
   for line in text.splitlines():
     if line and not line[0].isspace():  # a computation header: fusion bodies are not materialised
@@ -197,8 +197,10 @@ def hlo_stats(dump_dir: str) -> dict:
     if opcode in ("copy", "transpose") or (opcode == "fusion" and name.startswith(("copy", "transpose"))):
       stats["copies"] += 1
       stats["copy_mib"] += size / 2**20
-    elif opcode == "dot" or (opcode == "fusion" and "dot" in name):
+    elif opcode == "dot":  # XLA's own (Eigen) dot
       stats["dots"] += 1
+    elif opcode == "fusion" and name.startswith("ynn"):  # XNNPACK-family fusions (most matmuls, some reductions)
+      stats["ynn_fusions"] += 1
   stats["copy_mib"] = round(stats["copy_mib"], 1)
   return stats
 
