@@ -13,6 +13,8 @@ Conventions (shared with mmrs/methods and the checkpoint export):
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -24,6 +26,30 @@ from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 _ACT = ("batch", "length", "embed")  # logical axes of the main (B, N, D) activations
+
+
+def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """`lax.dot_general` of activations (..., K1..Kk) with a kernel (K1..Kk, F...), as ONE 2-D matmul over the
+  flattened leading and contracted dims. The same math (the same products and sums).
+
+  Why: the kernel gradient of a (B, N, K) x (K, F) dot contracts two dims (B and N), and XLA:CPU lowers that by
+  materialising transposed copies of the activations and of their gradient (two full-size copies per layer in the
+  backward pass, ~1/4 of the MAE step's copy traffic); as (B*N, K) x (K, F) the gradient is a plain 2-D dot.
+  Other dimension numbers go to `lax.dot_general` unchanged.
+  """
+  (lc, rc), (lb, rb) = dimension_numbers
+  k = len(lc)
+  lead = lhs.ndim - k
+  if lb or rb or tuple(lc) != tuple(range(lead, lhs.ndim)) or tuple(rc) != tuple(range(k)) or lead < 2:
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+  y = jax.lax.dot_general(lhs.reshape(-1, math.prod(lhs.shape[lead:])), rhs.reshape(math.prod(rhs.shape[:k]), -1),
+                          (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=preferred_element_type)
+  return y.reshape(lhs.shape[:lead] + rhs.shape[k:])
+
+
+# Every Dense of the ViT runs its matmul through `flat_dot_general` (params and names as nn.Dense).
+_Dense = functools.partial(nn.Dense, dot_general=flat_dot_general)
 
 
 def _init(init, names):
@@ -88,11 +114,11 @@ class MlpBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_init(_xavier(), ("embed", "mlp")),
+    x = _Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_init(_xavier(), ("embed", "mlp")),
                  bias_init=_init(nn.initializers.zeros, ("mlp",)), name="fc1")(x)
     x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
     x = nn.gelu(x, approximate=False)  # exact GELU, as timm/MAE (export-compatible)
-    return nn.Dense(self.width, dtype=self.dtype, kernel_init=_init(_xavier(), ("mlp", "embed")),
+    return _Dense(self.width, dtype=self.dtype, kernel_init=_init(_xavier(), ("mlp", "embed")),
                     bias_init=_init(nn.initializers.zeros, ("embed",)), name="fc2")(x)
 
 
@@ -134,7 +160,8 @@ class Projection(nn.Module):
     init = _xavier(in_axis=tuple(range(self.in_ndim)), out_axis=tuple(range(self.in_ndim, self.in_ndim + n_out)))
     kernel = self.param("kernel", _init(init, self.kernel_axes), tuple(x.shape[-self.in_ndim:]) + self.features)
     bias = self.param("bias", _init(nn.initializers.zeros, self.bias_axes), self.features)
-    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.in_ndim)
+    contract = (tuple(range(x.ndim - self.in_ndim, x.ndim)), tuple(range(self.in_ndim)))
+    y = flat_dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
     return y + bias.astype(self.dtype)
 
 
@@ -280,7 +307,7 @@ class ViTEncoder(nn.Module):
   def setup(self):
     # Dict attributes get names "<attr>_<key>": patch_embed_s2, patch_embed_s1, ...
     self.patch_embed = {
-        m: nn.Dense(self.width, dtype=self.dtype, kernel_init=_init(_xavier(), ("patch", "embed")),
+        m: _Dense(self.width, dtype=self.dtype, kernel_init=_init(_xavier(), ("patch", "embed")),
                     bias_init=_init(nn.initializers.zeros, ("embed",)))
         for m in self.in_channels}
     self.modality_embeds = {
@@ -365,7 +392,7 @@ class ViTLiteDecoder(nn.Module):
     groups = len(out_dims)
     length = grid[0] * grid[1]
     slots = groups * length
-    x = nn.Dense(self.width, dtype=self.dtype, kernel_init=_init(_xavier(), (None, "embed")),
+    x = _Dense(self.width, dtype=self.dtype, kernel_init=_init(_xavier(), (None, "embed")),
                  bias_init=_init(nn.initializers.zeros, ("embed",)), name="input_proj")(tokens.astype(self.dtype))
     cls, x = (x[:, :1], x[:, 1:]) if has_cls else (None, x)
     mask_token = self.param("mask_token", _init(nn.initializers.normal(0.02), ("embed",)), (self.width,))
@@ -393,7 +420,7 @@ class ViTLiteDecoder(nn.Module):
       x = x[:, 1:]
     outs = []
     for g, dim in enumerate(out_dims):
-      head = nn.Dense(dim, dtype=self.dtype, kernel_init=_init(_xavier(), ("embed", "patch")),
+      head = _Dense(dim, dtype=self.dtype, kernel_init=_init(_xavier(), ("embed", "patch")),
                       bias_init=_init(nn.initializers.zeros, ("patch",)),
                       name="head" if isinstance(self.out_dim, int) else f"head_{g}")
       outs.append(head(x[:, g * length:(g + 1) * length]).astype(jnp.float32))

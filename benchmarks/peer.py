@@ -1,0 +1,333 @@
+"""mmrs's train step against the same model and step in PyTorch, alternately, in one run.
+
+  python -m benchmarks.peer --method=mae_s2 --size=S --image_size=128 --batch=32 [--dtype=float32|bfloat16]
+      [--torch_compile] [--repeats=2] [--steps=10] [--warmup=3] [--json_out=results.jsonl]
+
+mmrs side: the training step itself (benchmarks/step_throughput.py: config validation, `make_step_fn`,
+`compile_step`, Adafactor, global-norm clipping, the non-finite guard), on synthetic on-device batches.
+PyTorch side: benchmarks/torch_vit.py, an independent implementation of the same model, masking and loss with
+`torch.optim.Adafactor` and `clip_grad_norm_` (eager, and with `--torch_compile` also `torch.compile`d). Both
+count parameters; they must agree within 0.1 % or the run stops.
+
+Model: encoder `--size` (mmrs/models/sizes.py), ViT-Lite-style decoder `--decoder` x `--decoder_depth` (defaults:
+S -> tiny x 4, the ~24.9M-parameter MAE-S2 of the issue; B and larger -> lite x 8, the papers'), patch 16, S2 with
+`--s2_bands` bands (12 = L2A), S1 VV+VH for MixMAE, mask ratio 0.75 / k = L/2.
+
+Method of measurement: each side runs in its own child process (A/B/A/B... for `--repeats`), so neither side's
+thread pools, allocator state or compile caches touch the other; children inherit this process's environment, so an
+allocator preloaded with LD_PRELOAD (e.g. jemalloc) applies to both. Threads: each child uses its framework's
+default, all cores the process may use (XLA's CPU thread pool; torch's intra-op threads = physical cores);
+`--threads=N` pins both (torch.set_num_threads and the child's CPU affinity to N cores). Each child compiles,
+runs `--warmup` untimed steps, then times `--steps` steps (device-synchronised). Per side the median over repeats
+is reported. GPU: the PyTorch side uses CUDA when available (SDPA picks flash/efficient kernels in bf16; bf16 is
+autocast with float32 params, as mmrs's compute_dtype); mmrs uses whatever jax's default backend is.
+
+Prints a table, then (last line) one JSON object:
+{"method", "jax_images_per_s", "torch_images_per_s", "torch_compile_images_per_s" (or null), "ratio_vs_eager",
+"ratio_vs_compile" (or null), "params_jax", "params_torch", "device_kind"}. `--json_out` appends a fuller record
+(config, every repeat) for benchmarks/plot.py.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIDES = ("jax", "torch", "torch_compile")
+LABELS = {"jax": "mmrs (JAX/XLA)", "torch": "PyTorch eager", "torch_compile": "PyTorch torch.compile",
+          "jax_baseline": "mmrs @ baseline"}
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
+_HLO_INST = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+) = (\w+)\[([\d,]*)\]\S* (\w+)\(")
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(prog="python -m benchmarks.peer", description=__doc__.split("\n\n")[0])
+  p.add_argument("--method", choices=("mae_s2", "mixmae"), required=True)
+  p.add_argument("--size", default="S", help="Encoder size (mmrs/models/sizes.py): S, B, ...")
+  p.add_argument("--image_size", type=int, default=128)
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--torch_compile", action="store_true", help="Also time torch.compile (a third side).")
+  p.add_argument("--repeats", type=int, default=2)
+  p.add_argument("--steps", type=int, default=10, help="Timed steps per side and repeat.")
+  p.add_argument("--warmup", type=int, default=3, help="Untimed steps first (compilation included).")
+  p.add_argument("--decoder", default=None, help="Decoder size; default tiny for S and smaller, lite otherwise.")
+  p.add_argument("--decoder_depth", type=int, default=None, help="Default 4 (tiny) / 8 (lite).")
+  p.add_argument("--patch_size", type=int, default=16)
+  p.add_argument("--s2_bands", type=int, choices=(12, 13), default=12, help="12 = L2A, 13 = L1C.")
+  p.add_argument("--threads", type=int, default=0, help="Pin both sides to N cores/threads (0 = defaults).")
+  p.add_argument("--fast_compile", action="store_true",
+                 help="XLA backend optimization level 0 (tests only: quicker compile, unrepresentative speed).")
+  p.add_argument("--baseline_rev", default="",
+                 help="Also run mmrs's step as of this git revision (an exported copy), alternating: before/after.")
+  p.add_argument("--hlo_stats", action="store_true",
+                 help="Count the layout copies/transposes and dots in mmrs's optimized step HLO (an XLA dump).")
+  p.add_argument("--json_out", default="", help="Append a full JSON record (for benchmarks/plot.py) to this file.")
+  p.add_argument("--side", choices=SIDES, default=None, help=argparse.SUPPRESS)  # internal: one child's side
+  args = p.parse_args(argv)
+  if args.decoder is None:
+    args.decoder = "tiny" if args.size in ("mu", "tiny", "S") else "lite"
+  if args.decoder_depth is None:
+    args.decoder_depth = 4 if args.decoder == "tiny" else 8 if args.decoder == "lite" else 0
+  for name in ("repeats", "steps", "batch", "image_size"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name} must be >= 1")
+  if args.image_size % args.patch_size:
+    p.error(f"--image_size={args.image_size} must be a multiple of --patch_size={args.patch_size}")
+  return args
+
+
+def model_dims(args) -> tuple[dict, dict]:
+  """(encoder, decoder) dims {"width", "depth", "mlp_dim", "heads"} from mmrs's size table (a jax-free module)."""
+  from mmrs.models import sizes  # pylint: disable=import-outside-toplevel
+  enc, dec = sizes.vit_size(args.size), sizes.vit_size(args.decoder)
+  if args.decoder_depth:
+    dec["depth"] = args.decoder_depth
+  rename = lambda d: {"width": d["width"], "depth": d["depth"], "mlp_dim": d["mlp_dim"], "heads": d["num_heads"]}
+  return rename(enc), rename(dec)
+
+
+def _pin_threads(n: int) -> None:
+  if n > 0 and hasattr(os, "sched_setaffinity"):
+    cpus = sorted(os.sched_getaffinity(0))[:n]
+    os.sched_setaffinity(0, cpus)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two sides (each runs in a child process).
+
+
+def mmrs_config(args):
+  """The mmrs config of this comparison: configs/<method>.py:vit_b (Adafactor, clip 1.0), resized."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  from mmrs import bands as bands_lib  # pylint: disable=import-outside-toplevel
+  c = importlib.import_module(f"configs.{args.method}").get_config("vit_b")
+  c.model.encoder, c.model.decoder, c.model.decoder_depth = args.size, args.decoder, args.decoder_depth
+  c.model.patch_size = args.patch_size
+  c.bands.s2 = ",".join(bands_lib.S2_L2A_BANDS if args.s2_bands == 12 else bands_lib.S2_L1C_BANDS)
+  for name in c.data:
+    c.data[name].image_size = args.image_size
+  c.batch_size = args.batch
+  c.compute_dtype = args.dtype
+  if args.fast_compile:
+    c.xla_compiler_options = {"xla_backend_optimization_level": 0}
+  return c
+
+
+def run_jax(args) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  from benchmarks import step_throughput  # pylint: disable=import-outside-toplevel
+  out = step_throughput.benchmark(mmrs_config(args), steps=args.steps, warmup=args.warmup,
+                                  devices=jax.devices()[:1])
+  stats = jax.devices()[0].memory_stats() or {}  # None on CPU
+  res = {"images_per_s": out["images_per_s"], "params": out["params"], "device_kind": out["device_kind"],
+         "compile_s": sum(out["compile_s"].values()), "last_loss": out["last_loss"],
+         "memory_mib": out["memory_mib"], "mfu": out["mfu"], "peak_source": out["peak_source"]}
+  if "peak_bytes_in_use" in stats:
+    res["peak_memory_mib"] = stats["peak_bytes_in_use"] / 2**20
+  return res
+
+
+def run_torch(args, compile_model: bool) -> dict:
+  import torch  # pylint: disable=import-outside-toplevel
+  from benchmarks import torch_vit  # pylint: disable=import-outside-toplevel
+  if args.threads > 0:
+    torch.set_num_threads(args.threads)
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  torch.manual_seed(0)
+  enc, dec = model_dims(args)
+  model = torch_vit.build(args.method, enc=enc, dec=dec, patch_size=args.patch_size, s2_channels=args.s2_bands)
+  model.to(device).train()
+  if device.type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on both sides (XLA: highest precision)
+  step = torch_vit.make_step(model, torch_vit.make_optimizer(model),
+                             torch.bfloat16 if args.dtype == "bfloat16" else torch.float32,
+                             compile_model=compile_model)
+  batch = torch_vit.synthetic_batch(args.method, args.batch, args.image_size, args.s2_bands, 2, device)
+  sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+  if device.type == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+  t0 = time.perf_counter()
+  for _ in range(args.warmup):
+    loss = step(batch)
+  sync()
+  warm_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(args.steps):
+    loss = step(batch)
+  sync()
+  seconds = time.perf_counter() - t0
+  kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+  out = {"images_per_s": args.steps * args.batch / seconds, "params": torch_vit.count_params(model),
+         "device_kind": kind, "compile_s": warm_s, "last_loss": float(loss), "threads": torch.get_num_threads()}
+  if device.type == "cuda":
+    out["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+  return out
+
+
+def hlo_stats(dump_dir: str) -> dict:
+  """Materialised layout copies (copy/transpose instructions and copy/transpose fusions outside fused computations,
+  with their MiB), Eigen dots and YNN (XNNPACK) fusions in the largest optimized module of an XLA dump (the step)."""
+  files = glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))
+  if not files:
+    return {}
+  text = open(max(files, key=os.path.getsize), encoding="utf-8").read()
+  stats = {"copies": 0, "copy_mib": 0.0, "dots": 0, "ynn_fusions": 0}
+  fused = False
+  for line in text.splitlines():
+    if line and not line[0].isspace():  # a computation header: fusion bodies are not materialised
+      fused = "fused" in line.split("(")[0] or "ynn" in line.split("(")[0]
+      continue
+    m = _HLO_INST.match(line)
+    if fused or not m:
+      continue
+    name, dtype, dims, opcode = m.groups()
+    size = _DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+    if opcode in ("copy", "transpose") or (opcode == "fusion" and name.startswith(("copy", "transpose"))):
+      stats["copies"] += 1
+      stats["copy_mib"] += size / 2**20
+    elif opcode == "dot":  # XLA's own (Eigen) dot
+      stats["dots"] += 1
+    elif opcode == "fusion" and name.startswith("ynn"):  # XNNPACK-family fusions (most matmuls, some reductions)
+      stats["ynn_fusions"] += 1
+  stats["copy_mib"] = round(stats["copy_mib"], 1)
+  return stats
+
+
+def run_side(args) -> dict:
+  _pin_threads(args.threads)
+  if args.side == "jax":
+    return run_jax(args)
+  return run_torch(args, compile_model=args.side == "torch_compile")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The parent: alternate the sides in child processes, then report.
+
+
+def child_args(argv: list[str], side: str) -> list[str]:
+  return [a for a in argv if not a.startswith("--side")] + [f"--side={side}"]
+
+
+def export_revision(rev: str) -> str:
+  """`git archive REV` of this repository into a temporary folder (no git state touched); returns the folder."""
+  proc = subprocess.run(["git", "archive", "--format=tar", rev], cwd=REPO, capture_output=True, check=False)
+  if proc.returncode:
+    raise SystemExit(f"--baseline_rev={rev}: git archive failed: {proc.stderr.decode().strip()[-300:]}")
+  out = tempfile.mkdtemp(prefix="peer_baseline_")
+  tar_path = os.path.join(out, ".rev.tar")
+  with open(tar_path, "wb") as f:
+    f.write(proc.stdout)
+  with tarfile.open(tar_path) as tar:
+    tar.extractall(out, filter="data")
+  os.remove(tar_path)
+  return out
+
+
+def run_child(argv: list[str], side: str, tree: str = REPO, hlo: bool = False) -> dict:
+  cmd = [sys.executable, "-m", "benchmarks.peer",
+         *child_args([a for a in argv if not a.startswith(("--baseline_rev", "--hlo_stats", "--json_out"))],
+                     "jax" if side == "jax_baseline" else side)]
+  env = dict(os.environ)
+  dump = None
+  if hlo and side.startswith("jax"):
+    dump = tempfile.mkdtemp(prefix="peer_hlo_")
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={dump} --xla_dump_hlo_as_text".strip()
+  proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=False)
+  lines = [l for l in proc.stdout.strip().splitlines() if l.startswith("{")]
+  if proc.returncode or not lines:
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+    raise SystemExit(f"benchmarks.peer: the {LABELS[side]} side failed (exit {proc.returncode}):\n{tail}")
+  out = json.loads(lines[-1])
+  if dump:
+    out["hlo"] = hlo_stats(dump)
+  return out
+
+
+def summarize(args, runs: dict[str, list[dict]]) -> dict:
+  med = {s: statistics.median(r["images_per_s"] for r in rs) for s, rs in runs.items()}
+  params_jax, params_torch = runs["jax"][0]["params"], runs["torch"][0]["params"]
+  compiled = med.get("torch_compile")
+  return {
+      "method": args.method,
+      "jax_images_per_s": round(med["jax"], 3),
+      "torch_images_per_s": round(med["torch"], 3),
+      "torch_compile_images_per_s": round(compiled, 3) if compiled is not None else None,
+      "ratio_vs_eager": round(med["jax"] / med["torch"], 4),
+      "ratio_vs_compile": round(med["jax"] / compiled, 4) if compiled is not None else None,
+      "params_jax": params_jax,
+      "params_torch": params_torch,
+      "device_kind": runs["jax"][0]["device_kind"],
+  }
+
+
+def main(argv=None) -> dict:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = parse_args(argv)
+  if args.side is not None:
+    print(json.dumps(run_side(args)))
+    return {}
+  sides = (["jax_baseline"] if args.baseline_rev else []) + ["jax", "torch"] + (
+      ["torch_compile"] if args.torch_compile else [])
+  trees = {s: REPO for s in sides}
+  if args.baseline_rev:
+    trees["jax_baseline"] = export_revision(args.baseline_rev)
+    LABELS["jax_baseline"] = f"mmrs @ {args.baseline_rev}"
+  enc, dec = model_dims(args)
+  print(f"{args.method}: encoder {args.size} {enc}, decoder {args.decoder} {dec}, {args.image_size} px, "
+        f"patch {args.patch_size}, batch {args.batch}, {args.dtype}, {args.repeats} x {args.steps} timed steps "
+        f"per side (after {args.warmup} warm-up); LD_PRELOAD={os.environ.get('LD_PRELOAD', '') or '-'}", flush=True)
+  runs: dict[str, list[dict]] = {s: [] for s in sides}
+  rows = []
+  for r in range(args.repeats):
+    for side in sides:
+      out = run_child(argv, side, trees[side], hlo=args.hlo_stats and r == 0)
+      runs[side].append(out)
+      rows.append((side, r + 1, out))
+      print(f"  {LABELS[side]:<22} repeat {r + 1}: {out['images_per_s']:8.2f} images/s "
+            f"({1e3 * args.batch / out['images_per_s']:8.1f} ms/step), {out['params']:,} params, "
+            f"compile+warm-up {out['compile_s']:.1f}s, loss {out['last_loss']:.4f}"
+            + (f", HLO {out['hlo']}" if out.get("hlo") else ""), flush=True)
+      if not side.startswith("jax") and len(runs["jax"]) == 1 and len(runs[side]) == 1:
+        pj, pt = runs["jax"][0]["params"], out["params"]
+        if abs(pj - pt) > 1e-3 * pj:
+          raise SystemExit(f"benchmarks.peer: parameter counts differ by more than 0.1 %: mmrs {pj:,} vs PyTorch "
+                           f"{pt:,}; the two models are not the same architecture.")
+  if args.baseline_rev:
+    shutil.rmtree(trees["jax_baseline"], ignore_errors=True)
+  summary = summarize(args, runs)
+  print()
+  print(f"| side | {' | '.join(f'repeat {i + 1}' for i in range(args.repeats))} | median images/s | vs eager |")
+  print(f"|---|{'---|' * args.repeats}---|---|")
+  for side in sides:
+    vals = [f"{r['images_per_s']:.2f}" for r in runs[side]]
+    med = statistics.median(r["images_per_s"] for r in runs[side])
+    print(f"| {LABELS[side]} | {' | '.join(vals)} | {med:.2f} | {med / summary['torch_images_per_s']:.3f}x |")
+  print(f"params: mmrs {summary['params_jax']:,}, PyTorch {summary['params_torch']:,}; "
+        f"device {summary['device_kind']}")
+  if args.json_out:
+    record = {**summary, "size": args.size, "decoder": args.decoder, "decoder_depth": args.decoder_depth,
+              "image_size": args.image_size, "batch": args.batch, "dtype": args.dtype, "steps": args.steps,
+              "repeats": args.repeats, "threads": args.threads, "baseline_rev": args.baseline_rev,
+              "ld_preload": os.environ.get("LD_PRELOAD", ""),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "runs": [{"side": s, "repeat": r, **o} for s, r, o in rows]}
+    with open(args.json_out, "a", encoding="utf-8") as f:
+      f.write(json.dumps(record) + "\n")
+  print(json.dumps(summary))
+  return summary
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,117 @@
+"""The PyTorch peer (benchmarks/torch_vit.py) is the same model as mmrs's, and benchmarks.peer runs end to end.
+
+Skipped only where torch (an optional benchmark dependency, requirements-bench.txt) is not installed.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+
+torch = pytest.importorskip("torch")
+
+from benchmarks import torch_vit  # pylint: disable=wrong-import-position
+from configs import mae_s2 as mae_config  # pylint: disable=wrong-import-position
+from configs import mixmae as mixmae_config  # pylint: disable=wrong-import-position
+from mmrs.methods import mae as mae_lib  # pylint: disable=wrong-import-position
+from mmrs.methods import masking  # pylint: disable=wrong-import-position
+from mmrs.methods import mixmae as mixmae_lib  # pylint: disable=wrong-import-position
+from mmrs.models import sizes  # pylint: disable=wrong-import-position
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def dims(config):
+  enc = sizes.vit_size(config.model.encoder)
+  dec = sizes.vit_size(config.model.decoder)
+  dec["depth"] = config.model.decoder_depth or dec["depth"]
+  rename = lambda d: {"width": d["width"], "depth": d["depth"], "mlp_dim": d["mlp_dim"], "heads": d["num_heads"]}
+  return rename(enc), rename(dec)
+
+
+def nchw(x):
+  return torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+
+
+def test_mae_s2_forward_matches_mmrs_on_the_same_weights():
+  config = mae_config.get_config("tiny")
+  method = mae_lib.build(config)
+  x = jax.random.normal(jax.random.key(3), (3, 32, 32, 12))
+  params, _ = method.init(jax.random.key(0), {"s2": x})
+  params = nn.meta.unbox(params)
+  rng = jax.random.key(7)
+  pred, mask = method.mae.forward(params["encoder"], params["decoder"], x, rng, False)
+  loss = method.mae.loss(params["encoder"], params["decoder"], x, rng, False)
+  keep_ids = masking.mask_to_ids(~mask, int((~mask[0]).sum()))
+
+  enc, dec = dims(config)
+  model = torch_vit.build("mae_s2", enc=enc, dec=dec, patch_size=config.model.patch_size, s2_channels=12)
+  torch_vit.load_mmrs_params(model, jax.device_get(params))
+  assert torch_vit.count_params(model) == sum(p.size for p in jax.tree.leaves(params))
+  with torch.no_grad():
+    t_loss, t_pred, t_mask = model(nchw(x), torch.from_numpy(np.array(keep_ids)).long())
+  np.testing.assert_array_equal(t_mask.numpy(), np.asarray(mask))
+  np.testing.assert_allclose(t_pred.numpy(), np.asarray(pred), atol=2e-4, rtol=1e-4)
+  np.testing.assert_allclose(float(t_loss), float(loss), rtol=1e-4)
+
+
+def test_mixmae_forward_matches_mmrs_on_the_same_weights():
+  config = mixmae_config.get_config("tiny")
+  method = mixmae_lib.build(config)
+  batch = {"s2": jax.random.normal(jax.random.key(3), (3, 32, 32, 12)),
+           "s1": jax.random.normal(jax.random.key(4), (3, 32, 32, 2))}
+  params, _ = method.init(jax.random.key(0), batch)
+  params = nn.meta.unbox(params)
+  rng = jax.random.key(7)
+  preds, take_s2 = method.forward(params, batch, rng, False)
+  loss, _ = method.loss(params, {}, batch, rng, False)
+
+  enc, dec = dims(config)
+  model = torch_vit.build("mixmae", enc=enc, dec=dec, patch_size=config.model.patch_size, s2_channels=12)
+  torch_vit.load_mmrs_params(model, jax.device_get(params))
+  assert torch_vit.count_params(model) == sum(p.size for p in jax.tree.leaves(params))
+  with torch.no_grad():
+    t_loss, t_preds, _ = model(nchw(batch["s2"]), nchw(batch["s1"]), torch.from_numpy(np.array(take_s2)))
+  for m in ("s2", "s1"):
+    np.testing.assert_allclose(t_preds[m].numpy(), np.asarray(preds[m]), atol=2e-4, rtol=1e-4)
+  np.testing.assert_allclose(float(t_loss), float(loss), rtol=1e-4)
+
+
+def test_gpu_suite_cpu_smoke_runs_the_peer_and_appends_a_results_section(tmp_path):
+  """`gpu_suite.sh --cpu_smoke`: a tiny benchmarks.peer run (its JSON line), the step, the pipeline, the section."""
+  results = tmp_path / "RESULTS.md"
+  results.write_text("# Benchmark results\n")
+  real = os.path.join(REPO, "benchmarks", "RESULTS.md")
+  before = open(real, encoding="utf-8").read()
+  out = tmp_path / "suite"
+  env = {**os.environ, "PYTHON": sys.executable}
+  env.pop("XLA_FLAGS", None)  # one CPU device in the children, as a user's run
+  proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_suite.sh"), "--cpu_smoke", f"--out={out}",
+                         f"--results={results}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+                        check=False)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert open(real, encoding="utf-8").read() == before  # the real RESULTS.md is untouched
+
+  # benchmarks.peer's last line: exactly the issue's JSON keys, equal parameter counts.
+  summary = json.loads((out / "peer_mixmae.log").read_text().strip().splitlines()[-1])
+  assert list(summary) == ["method", "jax_images_per_s", "torch_images_per_s", "torch_compile_images_per_s",
+                           "ratio_vs_eager", "ratio_vs_compile", "params_jax", "params_torch", "device_kind"]
+  assert summary["method"] == "mixmae" and summary["params_jax"] == summary["params_torch"] > 0
+  assert summary["jax_images_per_s"] > 0 and summary["torch_images_per_s"] > 0
+  assert summary["torch_compile_images_per_s"] is None and summary["ratio_vs_compile"] is None
+  assert summary["ratio_vs_eager"] == pytest.approx(summary["jax_images_per_s"] / summary["torch_images_per_s"],
+                                                     rel=1e-3)
+  record = json.loads((out / "peer.jsonl").read_text().splitlines()[-1])
+  assert {r["side"] for r in record["runs"]} == {"jax", "torch"} and record["batch"] == 2
+
+  text = results.read_text()
+  assert text.startswith("# Benchmark results\n") and "## GPU suite (`benchmarks/gpu_suite.sh`)" in text
+  assert "| mixmae | ViT-mu/16px, decoder mux1, b2, float32 |" in text  # the peer row
+  assert "step_mixmae_b4_noremat" in text and "| data_w0 |" in text  # the second batch size, the pipeline
+  png = re.search(r"!\[mmrs vs PyTorch\]\((.+?)\)", text)
+  assert png and (tmp_path / png.group(1)).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
