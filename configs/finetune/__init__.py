@@ -36,7 +36,7 @@ def finetune_config(arg, *, dataset: str, task: str, label_set: str, num_classes
   c.method = "finetune"
   c.init_from = arg.init_from
   c.model = ml_collections.ConfigDict(dict(backbone="vit", encoder="B", patch_size=16, use_cls_token=True,
-                                           dropout_rate=0.0))
+                                           dropout_rate=0.0, attention="auto"))
   c.bands = ml_collections.ConfigDict(dict(s2=",".join(s2_bands), s1=",".join(bands_lib.S1_BANDS)))
   c.finetune = ml_collections.ConfigDict(dict(
       dataset=dataset, task=task, head=arg.head or head, frozen=arg.frozen, label_fraction=arg.label_fraction,

@@ -105,6 +105,8 @@ class Finetune:
       self.pretrained = variables
       meta = dict(self.meta, bands={m: self.meta["bands"][m] for m in self.modalities})
       self.encoder = encoder_api.build_module(meta, self.dtype, config.model.get("dropout_rate", 0.0))
+      if self.meta["architecture"]["kind"] == "vit":  # run-time options of this run, not of the checkpoint
+        self.encoder = self.encoder.clone(attention=config.model.get("attention", "auto"))
       self.kind = self.meta["architecture"]["kind"]
     else:
       self.kind = "resnet" if config.model.get("backbone", "vit").startswith("resnet") else "vit"
@@ -132,7 +134,8 @@ class Finetune:
       in_channels[m] = len(names)
     return vit.ViTEncoder(**sizes.vit_size(config.model.encoder), patch_size=config.model.patch_size,
                           in_channels=in_channels, use_cls_token=config.model.use_cls_token, dtype=self.dtype,
-                          dropout_rate=config.model.get("dropout_rate", 0.0))
+                          dropout_rate=config.model.get("dropout_rate", 0.0),
+                          attention=config.model.get("attention", "auto"))
 
   def _head(self, config):
     ft = config.finetune
@@ -141,7 +144,7 @@ class Finetune:
       if ft.get("decoder_depth", 0):
         size["depth"] = ft.decoder_depth
       return heads_lib.SegmentationHead(self.num_classes, self.encoder.patch_size, ft.head, self.has_cls, size,
-                                        self.dtype)
+                                        self.dtype, config.model.get("attention", "auto"))
     return heads_lib.ClassifierHead(self.num_classes, ft.head, ft.get("pool", "mean"), self.has_cls,
                                     ft.get("mlp_hidden_dim", 128), self.dtype)
 
