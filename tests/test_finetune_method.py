@@ -136,3 +136,25 @@ def test_frozen_finetune_run_end_to_end(sample_shards, tmp_path):
 def finetune_state(workdir):
   params, state, _ = convert.read_checkpoint(workdir)
   return params, state
+
+
+@pytest.mark.parametrize("fusion,tokens", [("concat", 2 * 16), ("sum", 16)])
+def test_s1_s2_fusion_feeds_the_encoder_2l_tokens_or_l(fusion, tokens):
+  """concat: one token per (position, modality), as JointMAE/MixMAE pretrained; sum: one per position."""
+  from configs.finetune import sen12ms  # pylint: disable=g-import-not-at-top
+  config = sen12ms.get_config(f"tiny,fusion={fusion}")  # S1 + S2, 32 px, patch 8: L = 16
+  m = method_lib.build(config)
+  batch = _batch(m, config)
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "encode":
+      seen.append(args[0].shape)
+    return next_fun(*args, **kwargs)
+
+  params, state = jax.eval_shape(m.init, jax.random.key(0), batch)
+  with nn.intercept_methods(record):
+    out = jax.eval_shape(m.predict, nn.meta.unbox(params), state, batch)
+  assert out.shape == (2, 10) and seen[-1][1] == tokens
+  result = m.flops_per_sample("finetune")
+  assert result > 0

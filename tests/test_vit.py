@@ -49,19 +49,27 @@ def test_vit_encoder_finite_for_s2_s1_and_both(encoder_and_params, h, w):
   assert not np.allclose(outs[0], outs[1])  # each modality has its own entry layer
 
 
-def test_vit_encoder_both_modalities_sum_tokens_per_position(encoder_and_params):
+def test_vit_encoder_s1_s2_fusions_concat_tokens_or_sum_with_one_position_embedding(encoder_and_params):
   enc, variables = encoder_and_params
   params = nn.meta.unbox(variables)
   s2, s1 = _images(2, 2, 16, 24)
 
   @fast_jit
-  def both_ways(params, s2, s1):
+  def all_ways(params, s2, s1):
     tokens = enc.apply(params, {"s2": s2, "s1": s1}, method="embed")
-    return tokens, enc.apply(params, tokens["s2"] + tokens["s1"], method="encode"), enc.apply(params, s2=s2, s1=s1)
+    pos = vit.sincos_2d(2, 3, 32)[None]
+    concat = enc.apply(params, jnp.concatenate([tokens["s1"], tokens["s2"]], axis=1), method="encode")
+    summed = enc.apply(params, tokens["s2"] + tokens["s1"] - pos, method="encode")
+    return (tokens, concat, summed, enc.apply(params, s2=s2, s1=s1, fusion="concat"),
+            enc.apply(params, s2=s2, s1=s1, fusion="sum"))
 
-  tokens, expected, got = both_ways(params, s2, s1)
+  tokens, concat, summed, got_concat, got_sum = all_ways(params, s2, s1)
   assert tokens["s2"].shape == tokens["s1"].shape == (2, 2 * 3, 32)
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  assert got_concat.shape == (2, 1 + 2 * 2 * 3, 32)  # 2L tokens: one per (position, modality), as JointMAE saw
+  np.testing.assert_allclose(got_concat, concat, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_sum, summed, rtol=1e-5, atol=1e-5)  # the position embedding once, not twice
+  with pytest.raises(ValueError, match="finetune.fusion"):
+    enc.apply(params, s2=s2, s1=s1, fusion="max")
 
 
 def test_vit_encoder_rejects_image_size_not_multiple_of_patch(encoder_and_params):

@@ -5,7 +5,8 @@
 Variants: the dataset's paper-like default (`paper`), `demo` (the bundled BigEarthNet-MM sample; bigearthnet only),
 `tiny` (a "mu" encoder at 32 px: seconds on a CPU; give `shards=`).
 Keys (all variants): init_from (a converted encoder directory, "" = random init), frozen (True = only the head
-trains), head, label_fraction (0.01 / 0.1 / 0.5 / 1.0), subset_seed, modalities (s2 | s1 | s1+s2), shards,
+trains), head, label_fraction (0.01 / 0.1 / 0.5 / 1.0), subset_seed, modalities (s2 | s1 | s1+s2), fusion
+(concat | sum: how S1+S2 meet in the encoder, mmrs/finetune/method.py), shards,
 eval_shards, steps, batch_size, lr.
 
 Config keys read by mmrs/finetune:
@@ -23,7 +24,7 @@ from mmrs import bands as bands_lib
 
 SAMPLE_SHARDS = "runs/data/bigearthnet_mm_sample"
 ARG_DEFAULTS = dict(variant="paper", init_from="", frozen=False, head="", label_fraction=1.0, subset_seed=0,
-                    modalities="", shards="", eval_shards="", steps=0, batch_size=0, lr=0.0)
+                    modalities="", fusion="concat", shards="", eval_shards="", steps=0, batch_size=0, lr=0.0)
 
 
 def finetune_config(arg, *, dataset: str, task: str, label_set: str, num_classes: int, modalities: str,
@@ -41,6 +42,7 @@ def finetune_config(arg, *, dataset: str, task: str, label_set: str, num_classes
   c.finetune = ml_collections.ConfigDict(dict(
       dataset=dataset, task=task, head=arg.head or head, frozen=arg.frozen, label_fraction=arg.label_fraction,
       subset_mode="balanced", subset_seed=arg.subset_seed, modalities=arg.modalities or modalities,
+      fusion=arg.fusion,
       label_set=label_set, num_classes=num_classes, pool="mean", mlp_hidden_dim=128, decoder="lite",
       decoder_depth=0, class_names=()))
   c.eval_batch_size = 0  # 0 = batch_size

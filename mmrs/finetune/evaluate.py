@@ -118,7 +118,7 @@ def _describe(config, method, eval_cfg, step) -> dict[str, Any]:
   meta = method.meta or {}
   return dict(
       dataset=config.finetune.get("dataset", "") or ft.label_set, task=ft.task, label_set=ft.label_set,
-      modalities=list(method.modalities), head=ft.head, scenario="frozen" if ft.frozen else "finetuned",
+      modalities=list(method.modalities), fusion=method.fusion if len(method.modalities) > 1 else "", head=ft.head, scenario="frozen" if ft.frozen else "finetuned",
       label_fraction=float(ft.label_fraction), split=eval_cfg.get("split", "test"), shards=eval_cfg.shards,
       init_from=config.get("init_from", "") or "random init", encoder_source=meta.get("source", {}),
       step=step, num_classes=method.num_classes)
