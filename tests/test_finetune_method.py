@@ -78,10 +78,11 @@ def test_segmentation_heads_give_per_pixel_logits():
 
 def test_label_fraction_subset_from_the_shards_is_deterministic_and_covers_classes(sample_shards):
   config = bigearthnet.get_config(f"tiny,shards={sample_shards},label_fraction=0.5")
+  config.finetune.subset_mode = "balanced"
   rows = subsets.read_label_rows(config.data.train, ("s2",), "train", "ben19")
   assert rows.shape == (14, 19)  # pairs + S2-only records: the pipeline's index space for S2 input
-  idx = subsets.training_indices(config)
-  assert len(idx) == 7 and np.array_equal(idx, subsets.training_indices(config))
+  idx = subsets.training_indices(config, ("s2",))
+  assert len(idx) == 7 and np.array_equal(idx, subsets.training_indices(config, ("s2",)))
   method_lib.prepare_config(config)
   assert np.array_equal(config.data.train.indices, idx)
   pipe = pipeline.make_pipeline(config.data.train, modalities=("s2",), global_batch_size=4, seed=0, shuffle=False,
@@ -91,6 +92,22 @@ def test_label_fraction_subset_from_the_shards_is_deterministic_and_covers_class
   rare = np.argsort(rows.sum(0))
   present = [c for c in rare if rows[:, c].any()][:3]
   assert all(rows[idx, c].any() for c in present)  # the rarest classes are in the subset
+
+
+def test_default_subset_is_random_by_record_id_so_s2_and_s1_s2_runs_share_places(sample_shards):
+  config = bigearthnet.get_config(f"tiny,shards={sample_shards},label_fraction=0.5,subset_seed=3")
+  assert config.finetune.subset_mode == "random"
+  chosen = {}
+  for mods in (("s2",), ("s1", "s2")):
+    ids, _ = subsets.read_ids_and_label_rows(config.data.train, mods, "train", "ben19")
+    idx = subsets.training_indices(config, mods)
+    chosen[mods] = {ids[i] for i in idx}
+    want = {i for i in ids if subsets.id_hash(i, 3) < 0.5}
+    assert chosen[mods] == want
+  assert chosen[("s1", "s2")] <= chosen[("s2",)]  # the S1+S2 index space is the paired part of the S2 one
+  ids, _ = subsets.read_ids_and_label_rows(config.data.train, ("s1", "s2"), "train", "ben19")
+  assert chosen[("s1", "s2")] == chosen[("s2",)] & set(ids)
+  assert len(subsets.random_by_id([f"r{i}" for i in range(1000)], 0.1, 0)) == pytest.approx(100, abs=30)
 
 
 def _resnet_encoder(tmp_path):

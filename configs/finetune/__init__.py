@@ -11,7 +11,7 @@ eval_shards, steps, batch_size, lr.
 
 Config keys read by mmrs/finetune:
   init_from; finetune.{dataset, task (multilabel | class | segmentation), head (linear | mlp | vitlite), frozen,
-  label_fraction, subset_mode (balanced | stratified), subset_seed, modalities, label_set, num_classes, pool
+  label_fraction, subset_mode (random | balanced | stratified), subset_seed, modalities, label_set, num_classes, pool
   (mean | cls), mlp_hidden_dim, decoder (ViT size of the vitlite head), decoder_depth, class_names};
   model.{backbone (vit | resnet18/50...), encoder, patch_size, use_cls_token, dropout_rate} and bands.{s2, s1}
   for a random init (with init_from they are filled from encoder.json); data.train / data.eval (+ split,
@@ -41,7 +41,7 @@ def finetune_config(arg, *, dataset: str, task: str, label_set: str, num_classes
   c.bands = ml_collections.ConfigDict(dict(s2=",".join(s2_bands), s1=",".join(bands_lib.S1_BANDS)))
   c.finetune = ml_collections.ConfigDict(dict(
       dataset=dataset, task=task, head=arg.head or head, frozen=arg.frozen, label_fraction=arg.label_fraction,
-      subset_mode="balanced", subset_seed=arg.subset_seed, modalities=arg.modalities or modalities,
+      subset_mode="random", subset_seed=arg.subset_seed, modalities=arg.modalities or modalities,
       fusion=arg.fusion,
       label_set=label_set, num_classes=num_classes, pool="mean", mlp_hidden_dim=128, decoder="lite",
       decoder_depth=0, class_names=()))
