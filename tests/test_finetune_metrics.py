@@ -35,6 +35,19 @@ def test_multilabel_matches_sklearn():
   assert r["f1_macro"] == pytest.approx(100 * skm.f1_score(y, p >= 0.5, average="macro"), abs=1e-9)
 
 
+def test_multilabel_macro_f1_counts_an_absent_class_as_sklearn_does():
+  rng = np.random.default_rng(1)
+  y = (rng.random((50, 5)) < 0.4).astype(np.float32)
+  y[:, 3] = 0  # class 3: no label ...
+  logits = rng.normal(size=(50, 5)) + 2.0 * y
+  logits[:, 3] = -9.0  # ... and no prediction
+  acc = metrics.MultiLabelMetrics(5)
+  acc.update(logits, y)
+  p = 1 / (1 + np.exp(-logits))
+  want = skm.f1_score(y, p >= 0.5, average="macro", zero_division=0)
+  assert acc.result()["f1_macro"] == pytest.approx(100 * want, abs=1e-9)
+
+
 def test_class_metrics_match_sklearn():
   rng = np.random.default_rng(1)
   y = rng.integers(0, 6, 500)

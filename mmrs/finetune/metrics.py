@@ -8,8 +8,9 @@ batch) and `result() -> dict` with the metric names used in results tables:
   segmentation: miou, average_accuracy, pixel_accuracy, and iou_<name> per class (e.g. iou_water)
 Classification and segmentation metrics stream through a confusion matrix; average precision needs a ranking, so
 the multi-label accumulator keeps the scores (19 floats per image: 10 MB for BigEarthNet's 125k test images).
-Averages follow sklearn's conventions: macro F1 and weighted scores over the classes present in the labels or the
-predictions (zero_division=0); macro AP, mIoU and average accuracy over classes with at least one positive label
+Averages follow sklearn's conventions: multi-label macro F1 over every class column (a class absent from labels
+and predictions counts 0, as sklearn's f1_score(average="macro") on multi-hot arrays); single-label macro F1 and
+weighted scores over the classes present in the labels or the predictions (zero_division=0); macro AP, mIoU and average accuracy over classes with at least one positive label
 (mIoU: a non-empty union), so a class absent from a small split does not count as 0.
 """
 from __future__ import annotations
@@ -71,12 +72,13 @@ class MultiLabelMetrics:
     pred = scores >= self.threshold
     y = labels.astype(bool)
     tp, fp, fn = (pred & y).sum(0), (pred & ~y).sum(0), (~pred & y).sum(0)
-    present = (y | pred).any(0)
     return {
         "map_micro": 100 * average_precision(labels, scores),
         "map_macro": 100 * float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan"),
         "f1_micro": 100 * float(_f1_from_counts(tp.sum(), fp.sum(), fn.sum())),
-        "f1_macro": 100 * float(_f1_from_counts(tp, fp, fn)[present].mean()) if present.any() else 0.0,
+        # Over every class column, an absent one (no label, no prediction) counting 0: sklearn's multi-label
+        # f1_score(average="macro", zero_division=0).
+        "f1_macro": 100 * float(_f1_from_counts(tp, fp, fn).mean()),
         "num_examples": int(len(labels)),
     }
 
