@@ -111,3 +111,22 @@ def test_report_table_and_files(tmp_path):
   header = md.splitlines()[2]
   assert header.index("map_micro") < header.index("map_macro")
   assert "| bigearthnet | s1+s2 | linear | frozen | 10% | test | 5 | 60.00 | 51.23 |" in md
+
+
+def test_dfc2020_reports_the_papers_8_classes_and_keeps_the_10_class_figure():
+  from configs.finetune import dfc2020  # pylint: disable=g-import-not-at-top
+  config = dfc2020.get_config("tiny")
+  names = config.finetune.report_classes
+  assert len(names) == 8 and "Savanna" not in names and "Snow/Ice" not in names
+  rng = np.random.default_rng(2)
+  y = rng.integers(0, 10, size=(4, 16, 16))
+  pred = np.where(rng.random(y.shape) < 0.6, y, rng.integers(0, 10, size=y.shape))
+  keep = [c for c in range(10) if c not in (2, 7)]
+  acc = metrics.make_metrics("segmentation", 10, (), keep)
+  acc.update(pred, y)
+  r = acc.result()
+  jac = skm.jaccard_score(y.ravel(), pred.ravel(), labels=list(range(10)), average=None)
+  assert r["miou"] == pytest.approx(100 * jac[keep].mean(), abs=1e-9)
+  assert r["miou_all"] == pytest.approx(100 * jac.mean(), abs=1e-9)
+  rec = skm.recall_score(y.ravel(), pred.ravel(), labels=list(range(10)), average=None)
+  assert r["average_accuracy"] == pytest.approx(100 * rec[keep].mean(), abs=1e-9)

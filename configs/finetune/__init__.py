@@ -12,7 +12,8 @@ eval_shards, steps, batch_size, lr.
 Config keys read by mmrs/finetune:
   init_from; finetune.{dataset, task (multilabel | class | segmentation), head (linear | mlp | vitlite), frozen,
   label_fraction, subset_mode (random | balanced | stratified), subset_seed, modalities, label_set, num_classes, pool
-  (mean | cls), mlp_hidden_dim, decoder (ViT size of the vitlite head), decoder_depth, class_names};
+  (mean | cls), mlp_hidden_dim, decoder (ViT size of the vitlite head), decoder_depth, class_names, report_classes
+  (segmentation: the classes miou / average_accuracy average over; *_all = every class)};
   model.{backbone (vit | resnet18/50...), encoder, patch_size, use_cls_token, dropout_rate} and bands.{s2, s1}
   for a random init (with init_from they are filled from encoder.json); data.train / data.eval (+ split,
   label_set, indices: the label-fraction subset, filled by mmrs.finetune.method.prepare_config); eval_batch_size.
@@ -44,7 +45,7 @@ def finetune_config(arg, *, dataset: str, task: str, label_set: str, num_classes
       subset_mode="random", subset_seed=arg.subset_seed, modalities=arg.modalities or modalities,
       fusion=arg.fusion,
       label_set=label_set, num_classes=num_classes, pool="mean", mlp_hidden_dim=128, decoder="lite",
-      decoder_depth=0, class_names=()))
+      decoder_depth=0, class_names=(), report_classes=()))
   c.eval_batch_size = 0  # 0 = batch_size
   c.optimizer.update(dict(name="adamw", learning_rate=frozen_lr if arg.frozen else lr, warmup_steps=0,
                           schedule="cosine", weight_decay=0.0 if arg.frozen else 0.05, b1=0.9, b2=0.999,

@@ -69,7 +69,12 @@ def run_evaluation(config, params, state, workdir: str, *, method=None, step: in
   # Every process must run the same number of steps: its share is ceil or floor of N / processes.
   local_batch = batch_size // pcount
   steps = math.ceil(math.ceil(pipe.num_records / pcount) / local_batch)
-  acc = metrics_lib.make_metrics(ft.task, method.num_classes, _class_names(config, ft.label_set))
+  names = _class_names(config, ft.label_set)
+  reported = tuple(ft.get("report_classes", ()) or ())
+  unknown = [c for c in reported if c not in names]
+  if unknown:
+    raise ValueError(f"finetune.report_classes names {unknown}, not classes of {ft.label_set} ({list(names)}).")
+  acc = metrics_lib.make_metrics(ft.task, method.num_classes, names, [names.index(c) for c in reported])
   start = time.perf_counter()
   template = None
   for _ in range(steps):
