@@ -175,3 +175,12 @@ def test_s1_s2_fusion_feeds_the_encoder_2l_tokens_or_l(fusion, tokens):
   assert out.shape == (2, 10) and seen[-1][1] == tokens
   result = m.flops_per_sample("finetune")
   assert result > 0
+
+
+def test_paper_variants_finetune_with_the_papers_optimizer():
+  from configs.finetune import sen1floods11  # pylint: disable=g-import-not-at-top
+  assert bigearthnet.get_config("paper").optimizer.name == "adafactor"  # MixMAE paper: AdaFactor for all training
+  assert sen1floods11.get_config("paper").optimizer.name == "adafactor"
+  assert eurosat.get_config("paper").optimizer.name == "adamw"  # RS-BYOL's probe names none
+  assert bigearthnet.get_config("demo").optimizer.name == "adamw"
+  assert dfc2020.get_config("paper").finetune.report_classes[0] == "Forest"

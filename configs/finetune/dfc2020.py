@@ -23,6 +23,6 @@ def get_config(arg=None):
   c = finetune_config(arg, dataset="dfc2020", task="segmentation", label_set="dfc2020", num_classes=10,
                       modalities="s1,s2", s2_bands=bands_lib.S2_L1C_BANDS, image_size=256, head="vitlite",
                       shards="runs/data/dfc2020", train_split="val", eval_split="test", batch_size=64,
-                      steps=10_000)
+                      steps=10_000, paper_optimizer="adamw")
   c.finetune.report_classes = PAPER_CLASSES
   return c
