@@ -1,8 +1,8 @@
 """S2 MAE baseline: `--config=configs/mae_s2.py:VARIANT[,key=value...]`.
 
 Variants:
-- `vit_b` (default, the MixMAE paper's baseline): ViT-B/16 encoder, ViT-Lite decoder (512 wide, 8 blocks,
-  16 heads, ~25M params with norms), S2 L1C 13 bands, 128 px, mask 75%, Adafactor, batch 4096, 500K steps
+- `vit_b` (default, the MixMAE paper's baseline): ViT-B/16 encoder, ViT-Lite decoder (512 wide, 6 blocks,
+  16 heads, ~21M params: mmrs/models/sizes.py), S2 L1C 13 bands, 128 px, mask 75%, Adafactor, batch 4096, 500K steps
   (the number of S2-MAE updates AuxMAE makes in its 1M alternating steps), bfloat16 compute.
 - `demo`: the bundled real BigEarthNet-MM sample (120 px L2A chips, 12 bands) cropped to 96 px, patch 16,
   ViT-Tiny encoder, a 2-block 192-wide decoder, batch 16, 300 steps: CPU minutes.

@@ -23,7 +23,7 @@ def get_config(arg=None):
       zero_init_residual=False,  # torchvision's default
       mlp_hidden_dim=256,  # projector/predictor hidden width: 256 in the paper (BYOL: 4096)
       proj_dim=256,  # projection/prediction size (BYOL's 256)
-      vit=ml_collections.ConfigDict(dict(size="S", patch_size=16, pool="cls")),  # used when backbone = "vit"
+      vit=ml_collections.ConfigDict(dict(size="S", patch_size=16, pool="cls", attention="auto")),  # backbone = "vit"
   ))
   c.byol = ml_collections.ConfigDict(dict(
       tau=0.9,  # EMA decay of the target network (the paper's value; BYOL: 0.996)

@@ -158,3 +158,25 @@ def test_flops_count_both_views_and_both_networks():
   per_sample = method.flops_per_sample("byol")
   # ResNet-50 on a 1-channel 224 px view is ~8.0 GFLOPs forward; online fwd+bwd (~3x) + target fwd (1x), x2 views.
   assert 8 * 7.5e9 < per_sample < 8 * 8.5e9
+
+
+def test_loss_pairs_online_of_one_view_with_target_of_the_other(tiny):
+  """loss = mean[ l(q(online(view1)), target(view2)) + l(q(online(view2)), target(view1)) ]; pairing a view with
+  itself (l(q1, t1) + l(q2, t2)) gives another number. Train mode, as training runs: both views go through each
+  network in one batch (BatchNorm statistics over both), so the outputs are computed that way here too."""
+  method, params, state, batch = tiny["method"], tiny["params"], tiny["state"], tiny["batch"]
+  # A target that differs from the online network, so that which network sees which view matters.
+  target = jax.tree.map(lambda x: x * 1.1 + 0.01, state["target"])
+  state = {**state, "target": target}
+  loss, _ = method.loss_fn(params, state, batch, KEY, True)
+  x = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
+  (_, q), _ = method.net.apply({"params": params["online"], "batch_stats": state["batch_stats"]}, x, train=True,
+                               mutable=["batch_stats"])
+  t, _ = method.net.apply({"params": target["params"], "batch_stats": target["batch_stats"]}, x, train=True,
+                          method=byol.BYOLNet.project, mutable=["batch_stats"])
+  b = batch["view1"].shape[0]
+  q1, q2, t1, t2 = q[:b], q[b:], t[:b], t[b:]
+  cross = jnp.mean(byol.regression_loss(q1, t2) + byol.regression_loss(q2, t1))
+  itself = jnp.mean(byol.regression_loss(q1, t1) + byol.regression_loss(q2, t2))
+  assert float(loss) == pytest.approx(float(cross), rel=1e-4, abs=1e-5)
+  assert abs(float(cross) - float(itself)) > 1e-2, (float(cross), float(itself))

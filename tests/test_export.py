@@ -126,7 +126,7 @@ def test_timm_names_shapes_and_sidecar(vit_params, tmp_path):
   qkv = vit_params["blocks_0"]["attn"]["qkv"]["kernel"]  # (D, 3, heads, head_dim)
   np.testing.assert_array_equal(sd["blocks.0.attn.qkv.weight"][WIDTH:2 * WIDTH], qkv[:, 1].reshape(WIDTH, WIDTH).T)
   np.testing.assert_allclose(sd["pos_embed"][0, 0], 0.0)
-  np.testing.assert_allclose(sd["pos_embed"][0, 1:], 2 * vit.sincos_2d(2, 2, WIDTH), atol=1e-6)
+  np.testing.assert_allclose(sd["pos_embed"][0, 1:], vit.sincos_2d(2, 2, WIDTH), atol=1e-6)  # once (fusion=sum)
   side = json.loads((tmp_path / "vit.json").read_text())
   with safe_open(str(path), "np") as f:
     assert json.loads(f.metadata()["mmrs"]) == side

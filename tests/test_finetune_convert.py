@@ -26,9 +26,11 @@ def _encoder(in_channels, patch=P):
   return vit.ViTEncoder(**ENC, patch_size=patch, in_channels=in_channels)
 
 
-def _random_params(module, **example):
+def _random_params(module, method=None, **example):
   """Random, well-scaled ViT params without compiling init; non-zero biases, so no mapping error hides behind 0s."""
-  abstract = jax.eval_shape(lambda: nn.meta.unbox(module.init(jax.random.key(0), **example))["params"])
+  init = (lambda: module.init(jax.random.key(0), **example)) if method is None else (
+      lambda: module.init(jax.random.key(0), example, method=method))
+  abstract = jax.eval_shape(lambda: nn.meta.unbox(init())["params"])
   rng = np.random.default_rng(1)
 
   def draw(path, leaf):
@@ -186,3 +188,26 @@ def test_convert_checkpoint_command_line(pretrained, tmp_path):
   bad = subprocess.run(cmd[:-1] + ["--bands=B02,XX"], cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert bad.returncode != 0 and "Unknown band name(s) ['XX']" in bad.stderr
+
+
+def test_jointmae_plain_checkpoint_converts_to_an_encoder_that_computes_the_plain_one():
+  """The plain baseline's single entry layer `patch_embed_s1s2` (S1 channels first) splits into S1 and S2 entry
+  layers: S1+S2 with fusion=sum is the plain encoder exactly; S2 alone is it with S1 at its mean (0)."""
+  plain = _encoder({"s1s2": 15})
+  enc = _random_params(plain, lambda mod, x: mod.encode(mod.embed(x)["s1s2"]), s1s2=jnp.zeros((1, SIZE, SIZE, 15)))
+  x1, x2 = _x(2, seed=3), _x(13, seed=4)
+
+  def run_plain(images):
+    return plain.apply({"params": enc}, plain.apply({"params": enc}, images, method="embed")["s1s2"],
+                       method="encode")
+
+  trained = {"s2": B.S2_L1C_BANDS, "s1": B.S1_BANDS}
+  both, _ = convert.convert({"encoder": enc}, {}, trained_bands=trained, normalization=_stats(),
+                            modalities="s1,s2", image_size=SIZE)
+  split = _encoder({"s2": 13, "s1": 2})
+  got = split.apply({"params": both["params"]}, s2=x2, s1=x1, fusion="sum")
+  np.testing.assert_allclose(got, run_plain({"s1s2": np.concatenate([x1, x2], -1)}), rtol=1e-4, atol=1e-5)
+  s2_only, _ = convert.convert({"encoder": enc}, {}, trained_bands=trained, normalization=_stats(),
+                               modalities="s2", image_size=SIZE)
+  got = _encoder({"s2": 13}).apply({"params": s2_only["params"]}, s2=x2)
+  np.testing.assert_allclose(got, run_plain({"s1s2": np.concatenate([0 * x1, x2], -1)}), rtol=1e-4, atol=1e-5)

@@ -78,6 +78,7 @@ def test_segmentation_heads_give_per_pixel_logits():
 
 def test_label_fraction_subset_from_the_shards_is_deterministic_and_covers_classes(sample_shards):
   config = bigearthnet.get_config(f"tiny,shards={sample_shards},label_fraction=0.5")
+  config.finetune.subset_mode = "balanced"
   rows = subsets.read_label_rows(config.data.train, ("s2",), "train", "ben19")
   assert rows.shape == (14, 19)  # pairs + S2-only records: the pipeline's index space for S2 input
   idx = subsets.training_indices(config, ("s2",))
@@ -91,6 +92,22 @@ def test_label_fraction_subset_from_the_shards_is_deterministic_and_covers_class
   rare = np.argsort(rows.sum(0))
   present = [c for c in rare if rows[:, c].any()][:3]
   assert all(rows[idx, c].any() for c in present)  # the rarest classes are in the subset
+
+
+def test_default_subset_is_random_by_record_id_so_s2_and_s1_s2_runs_share_places(sample_shards):
+  config = bigearthnet.get_config(f"tiny,shards={sample_shards},label_fraction=0.5,subset_seed=3")
+  assert config.finetune.subset_mode == "random"
+  chosen = {}
+  for mods in (("s2",), ("s1", "s2")):
+    ids, _ = subsets.read_ids_and_label_rows(config.data.train, mods, "train", "ben19")
+    idx = subsets.training_indices(config, mods)
+    chosen[mods] = {ids[i] for i in idx}
+    want = {i for i in ids if subsets.id_hash(i, 3) < 0.5}
+    assert chosen[mods] == want
+  assert chosen[("s1", "s2")] <= chosen[("s2",)]  # the S1+S2 index space is the paired part of the S2 one
+  ids, _ = subsets.read_ids_and_label_rows(config.data.train, ("s1", "s2"), "train", "ben19")
+  assert chosen[("s1", "s2")] == chosen[("s2",)] & set(ids)
+  assert len(subsets.random_by_id([f"r{i}" for i in range(1000)], 0.1, 0)) == pytest.approx(100, abs=30)
 
 
 def _resnet_encoder(tmp_path):
@@ -136,3 +153,34 @@ def test_frozen_finetune_run_end_to_end(sample_shards, tmp_path):
 def finetune_state(workdir):
   params, state, _ = convert.read_checkpoint(workdir)
   return params, state
+
+
+@pytest.mark.parametrize("fusion,tokens", [("concat", 2 * 16), ("sum", 16)])
+def test_s1_s2_fusion_feeds_the_encoder_2l_tokens_or_l(fusion, tokens):
+  """concat: one token per (position, modality), as JointMAE/MixMAE pretrained; sum: one per position."""
+  from configs.finetune import sen12ms  # pylint: disable=g-import-not-at-top
+  config = sen12ms.get_config(f"tiny,fusion={fusion}")  # S1 + S2, 32 px, patch 8: L = 16
+  m = method_lib.build(config)
+  batch = _batch(m, config)
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "encode":
+      seen.append(args[0].shape)
+    return next_fun(*args, **kwargs)
+
+  params, state = jax.eval_shape(m.init, jax.random.key(0), batch)
+  with nn.intercept_methods(record):
+    out = jax.eval_shape(m.predict, nn.meta.unbox(params), state, batch)
+  assert out.shape == (2, 10) and seen[-1][1] == tokens
+  result = m.flops_per_sample("finetune")
+  assert result > 0
+
+
+def test_paper_variants_finetune_with_the_papers_optimizer():
+  from configs.finetune import sen1floods11  # pylint: disable=g-import-not-at-top
+  assert bigearthnet.get_config("paper").optimizer.name == "adafactor"  # MixMAE paper: AdaFactor for all training
+  assert sen1floods11.get_config("paper").optimizer.name == "adafactor"
+  assert eurosat.get_config("paper").optimizer.name == "adamw"  # RS-BYOL's probe names none
+  assert bigearthnet.get_config("demo").optimizer.name == "adamw"
+  assert dfc2020.get_config("paper").finetune.report_classes[0] == "Forest"

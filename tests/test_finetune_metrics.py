@@ -35,6 +35,19 @@ def test_multilabel_matches_sklearn():
   assert r["f1_macro"] == pytest.approx(100 * skm.f1_score(y, p >= 0.5, average="macro"), abs=1e-9)
 
 
+def test_multilabel_macro_f1_counts_an_absent_class_as_sklearn_does():
+  rng = np.random.default_rng(1)
+  y = (rng.random((50, 5)) < 0.4).astype(np.float32)
+  y[:, 3] = 0  # class 3: no label ...
+  logits = rng.normal(size=(50, 5)) + 2.0 * y
+  logits[:, 3] = -9.0  # ... and no prediction
+  acc = metrics.MultiLabelMetrics(5)
+  acc.update(logits, y)
+  p = 1 / (1 + np.exp(-logits))
+  want = skm.f1_score(y, p >= 0.5, average="macro", zero_division=0)
+  assert acc.result()["f1_macro"] == pytest.approx(100 * want, abs=1e-9)
+
+
 def test_class_metrics_match_sklearn():
   rng = np.random.default_rng(1)
   y = rng.integers(0, 6, 500)
@@ -98,3 +111,22 @@ def test_report_table_and_files(tmp_path):
   header = md.splitlines()[2]
   assert header.index("map_micro") < header.index("map_macro")
   assert "| bigearthnet | s1+s2 | linear | frozen | 10% | test | 5 | 60.00 | 51.23 |" in md
+
+
+def test_dfc2020_reports_the_papers_8_classes_and_keeps_the_10_class_figure():
+  from configs.finetune import dfc2020  # pylint: disable=g-import-not-at-top
+  config = dfc2020.get_config("tiny")
+  names = config.finetune.report_classes
+  assert len(names) == 8 and "Savanna" not in names and "Snow/Ice" not in names
+  rng = np.random.default_rng(2)
+  y = rng.integers(0, 10, size=(4, 16, 16))
+  pred = np.where(rng.random(y.shape) < 0.6, y, rng.integers(0, 10, size=y.shape))
+  keep = [c for c in range(10) if c not in (2, 7)]
+  acc = metrics.make_metrics("segmentation", 10, (), keep)
+  acc.update(pred, y)
+  r = acc.result()
+  jac = skm.jaccard_score(y.ravel(), pred.ravel(), labels=list(range(10)), average=None)
+  assert r["miou"] == pytest.approx(100 * jac[keep].mean(), abs=1e-9)
+  assert r["miou_all"] == pytest.approx(100 * jac.mean(), abs=1e-9)
+  rec = skm.recall_score(y.ravel(), pred.ravel(), labels=list(range(10)), average=None)
+  assert r["average_accuracy"] == pytest.approx(100 * rec[keep].mean(), abs=1e-9)

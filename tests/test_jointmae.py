@@ -10,12 +10,16 @@ from configs import jointmae as jointmae_config
 from mmrs import bands, methods
 from mmrs.data import synthetic
 from mmrs.methods import jointmae
+from mmrs.methods import mae as mae_lib
+from mmrs.models import vit
 
 # An "rbg" key: init is mostly RNG, and XLA's RngBitGenerator compiles much faster than threefry on CPU.
 KEY = jax.random.key(0, impl="rbg")
 
 
-MASKS = jax.jit(jointmae.mask_module, static_argnums=(1, 2, 3))
+def MASKS(rng, batch_size, length, n_visible, probs):  # noqa: N802  (probs are static: they size the row groups)
+  probs = tuple(float(p) for p in probs)
+  return jax.jit(lambda r: jointmae.mask_module(r, batch_size, length, n_visible, probs))(rng)
 
 
 def _batch(batch=8, size=32, seed=0):
@@ -48,10 +52,13 @@ def test_each_scenario_occurs_at_its_configured_rate(drawn):
   np.testing.assert_allclose(rates, probs, atol=0.03)  # > 4 standard errors at n = 4000
 
 
-def test_every_sample_shows_the_same_number_of_tokens(drawn):
-  visible, _, _ = drawn
+def test_every_sample_shows_its_scenarios_number_of_tokens(drawn):
+  visible, scenario, _ = drawn
   assert visible.shape == (4000, 32) and visible.dtype == bool
-  assert (visible.sum(axis=1) == 8).all()
+  comp = scenario == 1
+  assert (visible[comp].sum(axis=1) == 16).all()  # complementary: L tokens, one per position
+  assert (visible[~comp].sum(axis=1) == 8).all()  # the others: floor(visible_fraction * 2L)
+  assert comp[:800].all() and not comp[800:].any()  # the static complementary group: round(B * p) first rows
 
 
 def test_scenarios_show_what_they_promise(drawn):
@@ -59,7 +66,8 @@ def test_scenarios_show_what_they_promise(drawn):
   s1, s2 = visible[:, :16], visible[:, 16:]
   ind, comp, drop_s1, drop_s2 = (scenario == i for i in range(4))
   assert not (s1[comp] & s2[comp]).any()  # complementary: never a position visible in both modalities
-  assert (s1[comp].sum(1) == 4).all() and (s2[comp].sum(1) == 4).all()
+  assert (s1[comp] ^ s2[comp]).all()  # ... and every position visible in exactly one
+  assert (s1[comp].sum(1) == 8).all() and (s2[comp].sum(1) == 8).all()
   assert not s1[drop_s1].any() and (s2[drop_s1].sum(1) == 8).all()  # one modality wholly masked, other partly
   assert not s2[drop_s2].any() and (s1[drop_s2].sum(1) == 8).all()
   assert (s1[ind].sum(1) == 4).all() and (s2[ind].sum(1) == 4).all()
@@ -67,6 +75,15 @@ def test_scenarios_show_what_they_promise(drawn):
   # Positions are spread uniformly: every position is visible in some samples of every scenario.
   for rows in (ind, comp):
     assert (s1[rows] | s2[rows]).any(axis=0).all()
+
+
+@pytest.mark.parametrize("n_visible", [4, 8, 16])
+def test_complementary_covers_every_position_once_whatever_the_visible_fraction(n_visible):
+  visible, scenario = MASKS(jax.random.key(3), 64, 16, n_visible, np.asarray([0.5, 0.5, 0.0, 0.0]))
+  visible, comp = np.asarray(visible), np.asarray(scenario) == 1
+  assert comp.sum() == 32
+  np.testing.assert_array_equal(visible[comp, :16] ^ visible[comp, 16:], True)
+  assert (visible[~comp].sum(1) == n_visible).all()
 
 
 def test_complementary_at_half_visible_covers_every_position_once():
@@ -146,7 +163,9 @@ def test_metrics_report_each_modality_and_the_scenarios(joint, plain):
   assert {"loss_s1", "loss_s2"} <= set(m) and {"loss_s1", "loss_s2"} <= set(plain["metrics"])
   counts = [float(m[f"scenario_{s}"]) for s in jointmae.SCENARIOS]
   assert sum(counts) == 8
-  assert float(m["visible_fraction"]) == pytest.approx(0.25)
+  b_c = jointmae.num_complementary(8, joint["method"].probs)  # round(8 / 3) = 3 rows show L of 2L tokens
+  assert float(m["scenario_complementary"]) == b_c
+  assert float(m["visible_fraction"]) == pytest.approx((b_c * 0.5 + (8 - b_c) * 0.25) / 8)
   assert float(plain["metrics"]["visible_fraction"]) == pytest.approx(0.25)
   params = joint["params"]
   assert set(params) == {"encoder", "decoder"}
@@ -194,3 +213,58 @@ def test_flops_count_the_visible_tokens_only():
     return methods.build(config).flops_per_sample(config.method)
   assert flops("vit_b", 0.5) > flops("vit_b", 0.25) > 0
   assert flops("vit_b,plain=True", 0.25) < flops("vit_b", 0.25)  # half the encoder tokens, half the slots
+
+
+def test_plain_baseline_is_a_plain_mae_on_the_concatenated_channels(plain):
+  """Every channel of a masked patch counts equally (S1's 2 channels are 2/14 of the loss, not lam = 1/2)."""
+  method, batch, params = plain["method"], plain["batch"], plain["params"]
+  (preds, visible, _), _ = plain["evaluate"](params, batch)
+  loss, metrics = method.loss_from(preds, batch, visible)
+  images = jnp.concatenate([batch["s1"], batch["s2"]], axis=-1)
+  p = method.patch_size
+  want = mae_lib.patch_mse(preds["s1s2"], vit.patchify(images, p), ~visible["s1"], method.norm_pix_loss)
+  assert float(loss) == pytest.approx(float(want), rel=1e-5)
+  c1, c2 = 2, 12
+  mixed = (c1 * metrics["loss_s1"] + c2 * metrics["loss_s2"]) / (c1 + c2)
+  assert float(loss) == pytest.approx(float(mixed), rel=1e-5)
+  assert abs(float(loss) - 0.5 * float(metrics["loss_s1"] + metrics["loss_s2"])) > 1e-3
+
+
+def _encoder_inputs(method, params, batch, rng):
+  """The token arrays `encode` receives (one per static row group), recorded by a flax method interceptor."""
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "encode":
+      seen.append(np.asarray(args[0]))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    preds, visible, scenario = method.forward(params, batch, rng, False)
+  return seen, visible, scenario
+
+
+def test_encoder_receives_exactly_the_visible_position_modality_tokens(joint):
+  """Input side: with non-zero entry layers every encoder token is the embedded token of one (position,
+  modality) pair, and the set of pairs is exactly the scenario's visible set."""
+  method, batch, params = joint["method"], joint["batch"], joint["params"]
+  for name in ("patch_embed_s1", "patch_embed_s2"):
+    assert np.abs(np.asarray(params["encoder"][name]["kernel"])).max() > 0
+  rng = jax.random.key(11)
+  inputs, visible, scenario = _encoder_inputs(method, params, batch, rng)
+  tokens = method.encoder.apply({"params": params["encoder"]}, {m: batch[m] for m in jointmae.MODALITIES},
+                                method="embed")
+  candidates = np.concatenate([np.asarray(tokens[m]) for m in jointmae.MODALITIES], axis=1)  # (B, 2L, D)
+  want = np.concatenate([np.asarray(visible[m]) for m in jointmae.MODALITIES], axis=1)
+  assert [g.shape[0] for g in inputs] == [3, 5]  # complementary rows and the others, each its own length
+  assert [g.shape[1] for g in inputs] == [16, 8]  # L tokens, floor(0.25 * 2L) tokens
+  b0 = 0
+  for group in inputs:
+    for r in range(group.shape[0]):
+      b = b0 + r
+      dist = np.linalg.norm(group[r][:, None, :] - candidates[b][None], axis=-1)  # (n, 2L)
+      hit = dist.argmin(axis=1)
+      np.testing.assert_allclose(dist.min(axis=1), 0.0, atol=1e-5)
+      assert sorted(hit.tolist()) == np.flatnonzero(want[b]).tolist(), (b, int(scenario[b]))
+    b0 += group.shape[0]
+  assert (np.asarray(scenario)[:3] == 1).all()

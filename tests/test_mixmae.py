@@ -107,3 +107,26 @@ def test_mixmae_tiny_config_loss_decreases(mix):
   batch = {"s2": smooth_images(0, config.batch_size, SIZE, 12), "s1": smooth_images(1, config.batch_size, SIZE, 2)}
   before, after = adam_losses(method, params, state, batch, config.optimizer.learning_rate)["mixmae"]
   assert np.isfinite(after) and after < before
+
+
+def test_mixmae_encoder_receives_the_s2_token_at_the_k_chosen_positions_and_the_s1_token_elsewhere(mix):
+  """Input side, with non-zero entry layers: a swapped mix (S1 where S2 was chosen) or a masked token fails."""
+  method, params, _, _, batch, _ = mix
+  received = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "encode":
+      received.append(np.asarray(args[0]))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    _, take_s2 = method.forward(params, batch, jax.random.key(7), False)
+  (tokens_in,) = received
+  take_s2 = np.asarray(take_s2)
+  assert (take_s2.sum(1) == L // 2).all()
+  embedded = method.encoder.apply({"params": params["encoder"]}, batch, method="embed")
+  s2, s1 = np.asarray(embedded["s2"]), np.asarray(embedded["s1"])
+  assert np.abs(s2 - s1).max() > 1e-3  # the two modalities' tokens differ
+  want = np.where(take_s2[..., None], s2, s1)
+  np.testing.assert_allclose(tokens_in, want, atol=1e-6)
+  assert np.abs(tokens_in - np.where(take_s2[..., None], s1, s2)).max() > 1e-3

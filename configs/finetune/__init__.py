@@ -2,17 +2,20 @@
 
 `--config=configs/finetune/<dataset>.py:VARIANT[,key=value...]`, run by `python -m launch.main` (a config with a
 `finetune` section trains `mmrs.finetune.method` with the same loop, then evaluates and writes results.json/.md).
-Variants: the dataset's paper-like default (`paper`), `demo` (the bundled BigEarthNet-MM sample; bigearthnet only),
+Variants: the dataset's paper-like default (`paper`: Adafactor for the MixMAE/JointMAE datasets, as the MixMAE
+paper finetunes; AdamW for RS-BYOL's EuroSAT/DFC2020 probes; demo / tiny: AdamW), `demo` (the bundled BigEarthNet-MM sample; bigearthnet only),
 `tiny` (a "mu" encoder at 32 px: seconds on a CPU; give `shards=`).
 Keys (all variants): init_from (a converted encoder directory, "" = random init), frozen (True = only the head
-trains), head, label_fraction (0.01 / 0.1 / 0.5 / 1.0), subset_seed, modalities (s2 | s1 | s1+s2), shards,
+trains), head, label_fraction (0.01 / 0.1 / 0.5 / 1.0), subset_seed, modalities (s2 | s1 | s1+s2), fusion
+(concat | sum: how S1+S2 meet in the encoder, mmrs/finetune/method.py), shards,
 eval_shards, steps, batch_size, lr.
 
 Config keys read by mmrs/finetune:
   init_from; finetune.{dataset, task (multilabel | class | segmentation), head (linear | mlp | vitlite), frozen,
-  label_fraction, subset_mode (balanced | stratified), subset_seed, modalities, label_set, num_classes, pool
-  (mean | cls), normalization (encoder: init_from's encoder.json statistics | dataset: the data's stats.json; see
-  mmrs/finetune/encoder_api.py), mlp_hidden_dim, decoder (ViT size of the vitlite head), decoder_depth, class_names};
+  label_fraction, subset_mode (random | balanced | stratified), subset_seed, modalities, fusion (concat | sum), label_set,
+  num_classes, pool (mean | cls), normalization (encoder: init_from's encoder.json statistics | dataset: the data's
+  stats.json; see mmrs/finetune/encoder_api.py), mlp_hidden_dim, decoder (ViT size of the vitlite head), decoder_depth,
+  class_names, report_classes (segmentation: the classes miou / average_accuracy average over; *_all = every class)};
   model.{backbone (vit | resnet18/50...), encoder, patch_size, use_cls_token, dropout_rate} and bands.{s2, s1}
   for a random init (with init_from they are filled from encoder.json); data.train / data.eval (+ split,
   label_set, indices: the label-fraction subset, filled by mmrs.finetune.method.prepare_config); eval_batch_size.
@@ -24,27 +27,26 @@ from mmrs import bands as bands_lib
 
 SAMPLE_SHARDS = "runs/data/bigearthnet_mm_sample"
 ARG_DEFAULTS = dict(variant="paper", init_from="", frozen=False, head="", label_fraction=1.0, subset_seed=0,
-                    modalities="", shards="", eval_shards="", steps=0, batch_size=0, lr=0.0)
+                    modalities="", fusion="concat", shards="", eval_shards="", steps=0, batch_size=0, lr=0.0)
 
 
 def finetune_config(arg, *, dataset: str, task: str, label_set: str, num_classes: int, modalities: str,
                     s2_bands: tuple[str, ...], image_size: int, head: str, shards: str, train_split: str = "train",
                     eval_split: str = "test", batch_size: int = 256, steps: int = 10_000, lr: float = 1e-4,
-                    frozen_lr: float = 1e-3, frozen: bool = False):
+                    frozen_lr: float = 1e-3, frozen: bool = False, paper_optimizer: str = "adafactor"):
   """The config shared by every dataset; `arg` is the command line's `VARIANT,key=value,...`."""
   arg = common.parse_arg(arg, **dict(ARG_DEFAULTS, frozen=frozen))
   c = common.base_config()
   c.method = "finetune"
   c.init_from = arg.init_from
   c.model = ml_collections.ConfigDict(dict(backbone="vit", encoder="B", patch_size=16, use_cls_token=True,
-                                           dropout_rate=0.0))
+                                           dropout_rate=0.0, attention="auto"))
   c.bands = ml_collections.ConfigDict(dict(s2=",".join(s2_bands), s1=",".join(bands_lib.S1_BANDS)))
   c.finetune = ml_collections.ConfigDict(dict(
       dataset=dataset, task=task, head=arg.head or head, frozen=arg.frozen, label_fraction=arg.label_fraction,
-      subset_mode="balanced", subset_seed=arg.subset_seed, modalities=arg.modalities or modalities,
-      label_set=label_set, num_classes=num_classes, pool="mean", normalization="encoder", mlp_hidden_dim=128,
-      decoder="lite",
-      decoder_depth=0, class_names=()))
+      subset_mode="random", subset_seed=arg.subset_seed, modalities=arg.modalities or modalities,
+      fusion=arg.fusion, label_set=label_set, num_classes=num_classes, pool="mean", normalization="encoder",
+      mlp_hidden_dim=128, decoder="lite", decoder_depth=0, class_names=(), report_classes=()))
   c.eval_batch_size = 0  # 0 = batch_size
   c.optimizer.update(dict(name="adamw", learning_rate=frozen_lr if arg.frozen else lr, warmup_steps=0,
                           schedule="cosine", weight_decay=0.0 if arg.frozen else 0.05, b1=0.9, b2=0.999,
@@ -52,6 +54,9 @@ def finetune_config(arg, *, dataset: str, task: str, label_set: str, num_classes
 
   variant = arg.variant
   if variant == "paper":
+    # The MixMAE paper: "For all training procedures we used a batch size of 4096 and the AdaFactor optimizer"
+    # (no lr or schedule given: mmrs keeps lr, warmup and cosine decay; batch: each dataset's file says why).
+    c.optimizer.name = paper_optimizer  # adamw for RS-BYOL's probes (the paper names no optimizer for them)
     c.batch_size, c.total_steps = batch_size, steps
     c.optimizer.warmup_steps = steps // 20
     c.log_every_steps, c.checkpoint_every_steps = 100, 2000

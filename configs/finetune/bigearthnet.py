@@ -1,10 +1,20 @@
 """BigEarthNet-MM, 19 classes, multi-label (mAP): `--config=configs/finetune/bigearthnet.py:VARIANT[,key=value...]`.
 
-paper: the MixMAE paper's setup: S2 L2A (12 bands; an L1C-pretrained encoder is converted with the L2A bands, i.e.
-B10 dropped), linear probe on the mean-pooled tokens, 112 px centre/random crops of the 120 px patches (a multiple
-of the patch size 16), batch 4096 would be the paper's: 256 here, 30K steps; shards from
-`python -m data_prep.bigearthnet_mm --splits_dir=...` (official train / val / test). modalities=s1 or s1,s2 give
-the JointMAE paper's S1 / S1+S2 rows (convert the encoder with those modalities).
+The papers' protocols:
+- MixMAE paper (Linial et al.): S2 L2A (an L1C-pretrained ViT-B/16 adapted to L2A by finetuning), 120 x 120 px,
+  19 classes, mAP; "for classification we used linear probing" with a finetune and a frozen row (Table 2), 30K
+  steps, batch 4096, Adafactor.
+- JointMAE paper (Zhang et al.): BigEarthNet-MM with S1, S2 and S1+S2 inputs (mAP), label fractions 1 / 10 / 50 /
+  100 % (label_fraction=0.01 ...; random subsets, the default subset_mode).
+paper variant: 12 L2A bands (B10 dropped when converting an L1C encoder), linear head on the mean-pooled tokens,
+Adafactor, 30K steps. Where mmrs differs: batch 256 (4096 does not fit one host; pass batch_size=4096 on a pod);
+112 px crops instead of 120 px: the patch size 16 does not divide 120 and the paper does not say how it handled
+that; cropping (random in training, centre in evaluation) keeps the sensor's pixels as they are (no resampling of
+the 10/20/60 m bands) and loses a 4 px border that image-level labels barely depend on, where resizing to 128 px
+would change the ground sampling distance the encoder was pretrained at (or give a 15 px effective patch).
+modalities=s1 or s1+s2 give the JointMAE paper's S1 / S1+S2 rows (convert the encoder with those modalities;
+fusion=concat|sum, see mmrs/finetune/method.py). Shards from `python -m data_prep.bigearthnet_mm --splits_dir=...`
+(official train / val / test); the evaluation split is test.
 demo / tiny: the bundled sample (one split: train = eval, a smoke test).
 """
 from configs.finetune import finetune_config

@@ -1,9 +1,14 @@
 """SEN12MS scene classification, 10 simplified IGBP classes (weighted precision / recall / F1):
 `--config=configs/finetune/sen12ms.py:VARIANT[,key=value...]`.
 
-paper: the JointMAE paper's setup: S1+S2 (13 L1C bands + VV, VH), finetuned ViT, linear head, 128 px centre crops of
-the 256 px patches, label fractions 1 / 10 / 50 / 100 % (label_fraction=0.01 ...); shards from
-`python -m data_prep.sen12ms --dataset=sen12ms` (label set "sen12ms" = the patch's majority class).
+The paper's protocol (JointMAE paper, Zhang et al.): the pretrained encoder finetuned on SEN12MS, "weighted
+Precision, Recall, and F1-score" on the validation set, label fractions 1 / 10 / 50 / 100 %. The paper gives no
+image size, head or schedule.
+paper variant: S1+S2 (13 L1C bands + VV, VH; fusion=concat, the 2L tokens JointMAE pretrained on), finetuned ViT,
+linear head, 128 px centre crops of the 256 px patches (mmrs's choice), label fractions by label_fraction=0.01 ...
+(random subsets by record id), Adafactor. Where mmrs differs: it reports the test split (the paper's "validation
+set" is not defined further). Shards from `python -m data_prep.sen12ms --dataset=sen12ms` (label set "sen12ms" =
+the patch's majority class).
 """
 from configs.finetune import finetune_config
 from mmrs import bands as bands_lib

@@ -1,8 +1,15 @@
 """Sen1Floods11 water segmentation (IoU of the water class, -1 ignored): `--config=configs/finetune/sen1floods11.py:...`.
 
-paper: the MixMAE paper's setup: S2 only (13 L1C bands; the paper drops S1), 512 px chips, ViT-Lite decoder +
-segmentation head, 30K steps (batch 4096 in the paper: 32 here); frozen=True for the frozen-encoder row. Shards
-from `python -m data_prep.sen1floods11` (hand-labelled train / val / test / bolivia splits).
+The paper's protocol (MixMAE paper, Linial et al.): S2 only ("we use only the Sentinel-2 images it provides, and
+dropped the Sentinel-1 images"), 13 L1C bands, 512 x 512 chips, 252 train / 90 test images, ViT-Lite decoder +
+segmentation head, 30K steps, batch 4096, Adafactor, finetuned and frozen encoders; "The model trains to predict
+the three provided classes: background, water, and clouds", and reports "the intersection-over-union (IoU) metric
+achieved on the water class" (Table 1: "Label Classes 2 (existence of water)").
+paper variant: the above with Adafactor and 30K steps. Where mmrs differs: batch 32 (4096 exceeds the 252 training
+chips); two classes (not water, water) with -1 ignored instead of three: the hand-labelled masks mark clouds and
+no-data with the same value -1, so a "cloud" class could only be trained on no-data pixels too; the reported
+metric, water IoU (`iou_water`), is the paper's. frozen=True gives the frozen-encoder row. Shards from
+`python -m data_prep.sen1floods11` (hand-labelled train / val / test / bolivia splits).
 """
 from configs.finetune import finetune_config
 from mmrs import bands as bands_lib

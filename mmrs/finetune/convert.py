@@ -235,10 +235,42 @@ def split_bands(spec: str | Sequence[str] | None, modalities: Sequence[str],
   return out
 
 
+def split_plain_entry(enc: Mapping[str, Any], trained_bands: Mapping[str, Sequence[str]],
+                      modalities: Sequence[str]) -> dict:
+  """JointMAE's plain baseline (`jointmae_plain`) has one entry layer `patch_embed_s1s2` over the S1 and S2 channels
+  concatenated (S1 first; patch pixels in (py, px, c) order). Splits it into per-modality entry layers that compute
+  exactly the plain encoder's token: W_s1 x_s1 + W_s2 x_s2 + bias + modality_embed_s1s2 (+ position). The bias and
+  the modality embedding go to S2 (to S1 when S1 is the only modality requested), the other modality gets zeros,
+  so S1+S2 input with finetune.fusion=sum is the plain encoder itself, and one modality alone is the plain encoder
+  with the other modality at its normalized mean (0)."""
+  if "patch_embed_s1s2" not in enc:
+    return dict(enc)
+  for m in ("s1", "s2"):
+    if m not in trained_bands:
+      raise ConversionError(f"A jointmae_plain checkpoint needs {m} bands in its metadata (it names "
+                            f"{sorted(trained_bands)}).")
+  c1, c2 = len(trained_bands["s1"]), len(trained_bands["s2"])
+  kernel, bias = np.asarray(enc["patch_embed_s1s2"]["kernel"]), np.asarray(enc["patch_embed_s1s2"]["bias"])
+  kin, width = kernel.shape
+  if kin % (c1 + c2):
+    raise ConversionError(f"patch_embed_s1s2 kernel has {kin} inputs, not p*p*{c1 + c2} for the checkpoint's S1 "
+                          f"and S2 bands.")
+  k = kernel.reshape(kin // (c1 + c2), c1 + c2, width)
+  carrier = "s1" if tuple(modalities) == ("s1",) else "s2"
+  zeros = np.zeros_like(bias)
+  out = {key: v for key, v in enc.items() if key not in ("patch_embed_s1s2", "modality_embed_s1s2")}
+  for m, part in (("s1", k[:, :c1]), ("s2", k[:, c1:])):
+    out[f"patch_embed_{m}"] = {"kernel": part.reshape(-1, width), "bias": bias if m == carrier else zeros}
+    out[f"modality_embed_{m}"] = (np.asarray(enc["modality_embed_s1s2"]) if m == carrier else
+                                  np.zeros_like(np.asarray(enc["modality_embed_s1s2"])))
+  return out
+
+
 def convert_vit(enc: Mapping[str, Any], trained_bands: Mapping[str, Sequence[str]], modalities: Sequence[str],
                 bands: Mapping[str, Sequence[str]], image_size: int,
                 patch_size: int | None = None) -> tuple[dict, dict]:
   """Returns (converted encoder params, architecture dict)."""
+  enc = split_plain_entry(enc, trained_bands, modalities)
   arch = vit_architecture(enc, trained_bands)
   have_mods = sorted(k[len("patch_embed_"):] for k in enc if k.startswith("patch_embed_"))
   missing = [m for m in modalities if m not in have_mods]

@@ -70,7 +70,12 @@ def run_evaluation(config, params, state, workdir: str, *, method=None, step: in
   # Every process must run the same number of steps: its share is ceil or floor of N / processes.
   local_batch = batch_size // pcount
   steps = math.ceil(math.ceil(pipe.num_records / pcount) / local_batch)
-  acc = metrics_lib.make_metrics(ft.task, method.num_classes, _class_names(config, ft.label_set))
+  names = _class_names(config, ft.label_set)
+  reported = tuple(ft.get("report_classes", ()) or ())
+  unknown = [c for c in reported if c not in names]
+  if unknown:
+    raise ValueError(f"finetune.report_classes names {unknown}, not classes of {ft.label_set} ({list(names)}).")
+  acc = metrics_lib.make_metrics(ft.task, method.num_classes, names, [names.index(c) for c in reported])
   start = time.perf_counter()
   template = None
   for _ in range(steps):
@@ -119,7 +124,7 @@ def _describe(config, method, eval_cfg, step) -> dict[str, Any]:
   meta = method.meta or {}
   return dict(
       dataset=config.finetune.get("dataset", "") or ft.label_set, task=ft.task, label_set=ft.label_set,
-      modalities=list(method.modalities), head=ft.head, scenario="frozen" if ft.frozen else "finetuned",
+      modalities=list(method.modalities), fusion=method.fusion if len(method.modalities) > 1 else "", head=ft.head, scenario="frozen" if ft.frozen else "finetuned",
       label_fraction=float(ft.label_fraction), split=eval_cfg.get("split", "test"), shards=eval_cfg.shards,
       init_from=config.get("init_from", "") or "random init", encoder_source=meta.get("source", {}),
       step=step, num_classes=method.num_classes)

@@ -3,10 +3,11 @@
 ViT (both formats): the per-modality entry layers are folded into ONE strided-conv patch embedding over the
 concatenated input channels, in the order [S2 bands..., S1 bands...] (written in the sidecar JSON):
   conv weight (D, C_s2 + C_s1, p, p) = the entry kernels side by side, bias = sum of entry biases + modality
-  embeddings. Position embeddings: mmrs adds the sin-cos table once per modality before summing S1 and S2 tokens, so
-  the exported learned table is n_modalities x sincos for the converted grid, with a zero CLS slot (mmrs gives the
-  CLS token no position). Hence exact for an S2-only export, an S1-only export, and an S1+S2 export fed both
-  modalities (the summed input); to use one modality of a two-modality encoder, export with `modalities=("s2",)`.
+  embeddings. Position embeddings: the sin-cos table once (mmrs's finetune.fusion=sum adds it once per position),
+  as a learned table for the converted grid with a zero CLS slot (mmrs gives the CLS token no position). Hence exact
+  for an S2-only export, an S1-only export, and an S1+S2 export fed both modalities, which represents fusion=SUM
+  (one token per position); finetune.fusion=concat (2L tokens) has no single-conv ViT form and is not exported.
+  To use one modality of a two-modality encoder, export with `modalities=("s2",)`.
   LayerNorm eps 1e-6 and exact GELU are written into config.json (HF defaults are 1e-12 and gelu).
   Fusion: an S1+S2 export therefore represents mmrs' `sum` fusion (S1 and S2 tokens added per position), the one
   `mmrs.load_encoder(...).embed(s2=..., s1=...)` computes; a per-modality token concatenation (2L tokens) is not a
@@ -61,7 +62,7 @@ def fold_entry_layers(params: Mapping[str, Any], meta: Mapping[str, Any], modali
     bias += np.asarray(params[f"patch_embed_{m}"]["bias"], np.float64)
     bias += np.asarray(params[f"modality_embed_{m}"], np.float64)
   g = meta["image_size"] // p
-  pos = len(modalities) * vit.sincos_2d(g, g, d)
+  pos = vit.sincos_2d(g, g, d)  # once: mmrs's fusion=sum keeps one position embedding per position
   pos = np.concatenate([np.zeros((1, d), np.float32), pos], axis=0)
   return np.concatenate(weights, axis=1), bias.astype(np.float32), pos.astype(np.float32)
 

@@ -70,6 +70,7 @@ class SegmentationHead(nn.Module):
   has_cls: bool = True
   decoder_size: Any = None  # dict(width, depth, mlp_dim, num_heads) for "vitlite"
   dtype: Any = jnp.float32
+  attention: str = "auto"  # config.model.attention (mmrs/models/vit.py attend())
 
   @nn.compact
   def __call__(self, tokens, grid: tuple[int, int], train: bool = False):
@@ -78,7 +79,8 @@ class SegmentationHead(nn.Module):
       x = tokens[:, int(self.has_cls):].astype(self.dtype)
       logits = _dense(p * p * k, ("embed", "patch"), "out", self.dtype)(x)
     elif self.kind == "vitlite":
-      decoder = vit.ViTLiteDecoder(**dict(self.decoder_size), out_dim=p * p * k, dtype=self.dtype, name="decoder")
+      decoder = vit.ViTLiteDecoder(**dict(self.decoder_size), out_dim=p * p * k, dtype=self.dtype,
+                                   attention=self.attention, name="decoder")
       logits = decoder(tokens, grid, None, self.has_cls, train)
     else:
       raise ValueError(f"finetune.head={self.kind!r} is not a segmentation head; choose one of "

@@ -11,6 +11,10 @@ Encoder weights: `init_from` = a converted encoder directory (launch.convert_che
 from config.model / config.bands (the from-scratch baseline). `prepare_config(config)` (called by `build`) copies
 the converted encoder's bands into config.bands (the data pipelines follow them) and fills the label-fraction
 subset into config.data.train.indices.
+S1+S2 input (`finetune.fusion`): "concat" (default) feeds the encoder 2L tokens, each with its modality embedding
+and one position embedding, as JointMAE's encoder saw them (MixMAE's per-position S1-or-S2 tokens are the L-token
+special case); classification heads mean-pool all 2L tokens, segmentation heads get the mean of each position's two
+tokens. "sum" adds the two modalities' tokens per position (one position embedding): a layout no method pretrained.
 Losses: multilabel = sigmoid cross-entropy (mean over classes), class = softmax cross-entropy, segmentation =
 per-pixel softmax cross-entropy over labelled pixels (-1 = ignore).
 """
@@ -35,6 +39,7 @@ from mmrs.methods.base import Task
 from mmrs.models import sizes
 
 TASKS = ("multilabel", "class", "segmentation")
+FUSIONS = ("concat", "sum")  # S1+S2 input: 2L tokens (as JointMAE/MixMAE pretrained) | one summed token per position
 
 
 def parse_modalities(spec: str) -> tuple[str, ...]:
@@ -95,6 +100,9 @@ class Finetune:
     self.config, self.task = config, ft.task
     self.modalities = parse_modalities(ft.modalities)
     self.frozen = bool(ft.frozen)
+    self.fusion = ft.get("fusion", "concat")
+    if self.fusion not in FUSIONS:
+      raise ValueError(f"finetune.fusion={self.fusion!r} is unknown; choose one of {FUSIONS}.")
     self.label_key = f"label_{ft.label_set}"
     self.num_classes = int(ft.num_classes)
     self.dtype = jnp.dtype(config.get("compute_dtype", "float32"))
@@ -105,6 +113,8 @@ class Finetune:
       self.pretrained = variables
       meta = dict(self.meta, bands={m: self.meta["bands"][m] for m in self.modalities})
       self.encoder = encoder_api.build_module(meta, self.dtype, config.model.get("dropout_rate", 0.0))
+      if self.meta["architecture"]["kind"] == "vit":  # run-time options of this run, not of the checkpoint
+        self.encoder = self.encoder.clone(attention=config.model.get("attention", "auto"))
       self.kind = self.meta["architecture"]["kind"]
     else:
       self.kind = "resnet" if config.model.get("backbone", "vit").startswith("resnet") else "vit"
@@ -137,7 +147,8 @@ class Finetune:
       in_channels[m] = len(names)
     return vit.ViTEncoder(**sizes.vit_size(config.model.encoder), patch_size=config.model.patch_size,
                           in_channels=in_channels, use_cls_token=config.model.use_cls_token, dtype=self.dtype,
-                          dropout_rate=config.model.get("dropout_rate", 0.0))
+                          dropout_rate=config.model.get("dropout_rate", 0.0),
+                          attention=config.model.get("attention", "auto"))
 
   def _head(self, config):
     ft = config.finetune
@@ -146,7 +157,7 @@ class Finetune:
       if ft.get("decoder_depth", 0):
         size["depth"] = ft.decoder_depth
       return heads_lib.SegmentationHead(self.num_classes, self.encoder.patch_size, ft.head, self.has_cls, size,
-                                        self.dtype)
+                                        self.dtype, config.model.get("attention", "auto"))
     return heads_lib.ClassifierHead(self.num_classes, ft.head, ft.get("pool", "mean"), self.has_cls,
                                     ft.get("mlp_hidden_dim", 128), self.dtype)
 
@@ -192,7 +203,13 @@ class Finetune:
     """(features, new encoder batch_stats)."""
     if self.kind == "vit":
       rngs = {"dropout": rng} if (train and rng is not None) else {}
-      return self.encoder.apply({"params": variables["params"]}, **images, train=train, rngs=rngs), {}
+      out = self.encoder.apply({"params": variables["params"]}, **images, train=train, fusion=self.fusion, rngs=rngs)
+      if len(images) == 2 and self.fusion == "concat" and self.task == "segmentation":
+        # Per-pixel heads read one token per position: average the position's S1 and S2 tokens.
+        cls = int(self.has_cls)
+        s1, s2 = jnp.split(out[:, cls:], 2, axis=1)
+        out = jnp.concatenate([out[:, :cls], 0.5 * (s1 + s2)], axis=1)
+      return out, {}
     x = next(iter(images.values()))
     stats = variables.get("batch_stats", {})
     if not train:
@@ -254,7 +271,8 @@ class Finetune:
     p, e = self.encoder.patch_size, self.encoder
     length = (size // p) ** 2
     entry = flops_lib.patch_embed_flops(length, p, channels, e.width)
-    enc = flops_lib.blocks_flops(length + int(self.has_cls), e.width, e.depth, e.mlp_dim)
+    tokens = length * (len(self.modalities) if self.fusion == "concat" else 1)
+    enc = flops_lib.blocks_flops(tokens + int(self.has_cls), e.width, e.depth, e.mlp_dim)
     head = 2.0 * e.width * self.num_classes
     if self.task == "segmentation" and self.head.kind == "vitlite":
       d = self.head.decoder_size

@@ -8,8 +8,9 @@ batch) and `result() -> dict` with the metric names used in results tables:
   segmentation: miou, average_accuracy, pixel_accuracy, and iou_<name> per class (e.g. iou_water)
 Classification and segmentation metrics stream through a confusion matrix; average precision needs a ranking, so
 the multi-label accumulator keeps the scores (19 floats per image: 10 MB for BigEarthNet's 125k test images).
-Averages follow sklearn's conventions: macro F1 and weighted scores over the classes present in the labels or the
-predictions (zero_division=0); macro AP, mIoU and average accuracy over classes with at least one positive label
+Averages follow sklearn's conventions: multi-label macro F1 over every class column (a class absent from labels
+and predictions counts 0, as sklearn's f1_score(average="macro") on multi-hot arrays); single-label macro F1 and
+weighted scores over the classes present in the labels or the predictions (zero_division=0); macro AP, mIoU and average accuracy over classes with at least one positive label
 (mIoU: a non-empty union), so a class absent from a small split does not count as 0.
 """
 from __future__ import annotations
@@ -71,12 +72,13 @@ class MultiLabelMetrics:
     pred = scores >= self.threshold
     y = labels.astype(bool)
     tp, fp, fn = (pred & y).sum(0), (pred & ~y).sum(0), (~pred & y).sum(0)
-    present = (y | pred).any(0)
     return {
         "map_micro": 100 * average_precision(labels, scores),
         "map_macro": 100 * float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan"),
         "f1_micro": 100 * float(_f1_from_counts(tp.sum(), fp.sum(), fn.sum())),
-        "f1_macro": 100 * float(_f1_from_counts(tp, fp, fn)[present].mean()) if present.any() else 0.0,
+        # Over every class column, an absent one (no label, no prediction) counting 0: sklearn's multi-label
+        # f1_score(average="macro", zero_division=0).
+        "f1_macro": 100 * float(_f1_from_counts(tp, fp, fn).mean()),
         "num_examples": int(len(labels)),
     }
 
@@ -137,9 +139,13 @@ class ClassMetrics:
 class SegmentationMetrics:
   """Per-pixel labels (B, H, W) with -1 = ignore, and logits (B, H, W, C) (or predicted classes (B, H, W))."""
 
-  def __init__(self, num_classes: int, class_names: Sequence[str] = ()):
+  def __init__(self, num_classes: int, class_names: Sequence[str] = (), report_classes: Sequence[int] = ()):
+    """report_classes: the class indices the paper averages over (e.g. DFC2020's 8 of 10: RS-BYOL "excluded
+    Savanna and Snow/Ice"); miou / average_accuracy then average over those and miou_all / average_accuracy_all
+    over every class are reported too. Empty = every class."""
     self.cm = ConfusionMatrix(num_classes)
     self.class_names = tuple(class_names)
+    self.report_classes = tuple(int(c) for c in report_classes)
 
   def update(self, outputs, labels, valid=None):
     self.cm.add(_predictions(outputs, labels), np.asarray(labels).astype(np.int64), valid)
@@ -149,12 +155,18 @@ class SegmentationMetrics:
     tp, support, predicted = np.diag(m), m.sum(1), m.sum(0)
     union = support + predicted - tp
     iou = _safe_div(tp, union)
-    out = {
-        "miou": 100 * float(iou[union > 0].mean()) if (union > 0).any() else 0.0,
-        "average_accuracy": 100 * float(_safe_div(tp, support)[support > 0].mean()) if (support > 0).any() else 0.0,
-        "pixel_accuracy": 100 * float(tp.sum() / max(m.sum(), 1)),
-        "num_pixels": int(m.sum()),
-    }
+    def averages(classes):
+      sel = np.zeros(len(tp), bool)
+      sel[list(classes)] = True
+      u, s = sel & (union > 0), sel & (support > 0)
+      return (100 * float(iou[u].mean()) if u.any() else 0.0,
+              100 * float(_safe_div(tp, support)[s].mean()) if s.any() else 0.0)
+
+    miou, aa = averages(self.report_classes or range(len(tp)))
+    out = {"miou": miou, "average_accuracy": aa, "pixel_accuracy": 100 * float(tp.sum() / max(m.sum(), 1)),
+           "num_pixels": int(m.sum())}
+    if self.report_classes:
+      out["miou_all"], out["average_accuracy_all"] = averages(range(len(tp)))
     for c, name in enumerate(self.class_names):
       out[f"iou_{metric_name(name)}"] = 100 * float(iou[c])
     return out
@@ -165,12 +177,12 @@ def metric_name(class_name: str) -> str:
   return re.sub(r"[^0-9a-z]+", "_", class_name.lower()).strip("_")
 
 
-def make_metrics(task: str, num_classes: int, class_names: Sequence[str] = ()):
+def make_metrics(task: str, num_classes: int, class_names: Sequence[str] = (), report_classes: Sequence[int] = ()):
   """The accumulator for `finetune.task` (multilabel | class | segmentation)."""
   if task == "multilabel":
     return MultiLabelMetrics(num_classes)
   if task == "class":
     return ClassMetrics(num_classes)
   if task == "segmentation":
-    return SegmentationMetrics(num_classes, class_names)
+    return SegmentationMetrics(num_classes, class_names, report_classes)
   raise ValueError(f"finetune.task={task!r} is unknown; choose multilabel, class or segmentation.")

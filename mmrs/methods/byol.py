@@ -68,7 +68,7 @@ class ViTBackbone(nn.Module):
       raise ValueError(f"config.model.vit.pool={v.pool!r} is unknown; use 'cls' or 'mean'.")
     encoder = vit.ViTEncoder(**sizes.vit_size(v.size), patch_size=v.patch_size,
                              in_channels={"view": self.in_channels}, use_cls_token=use_cls, dtype=self.dtype,
-                             name="vit")
+                             attention=v.get("attention", "auto"), name="vit")
     tokens = encoder.encode(encoder.embed({"view": x})["view"], train)
     pooled = tokens[:, 0] if use_cls else jnp.mean(tokens, axis=1)
     return pooled.astype(jnp.float32)

@@ -4,23 +4,34 @@ Representation Learning" (the paper only sketches it; DESIGN.md section 3).
 `jointmae`: S1 and S2 go through their own entry layers -> 2L tokens, one per (position, modality); token
 t = position + L * group, groups ordered as `MODALITIES` = (s1, s2). Per sample the mask module draws a scenario:
   independent    each modality keeps its own random set of positions (ceil(n/2) S2, floor(n/2) S1 tokens);
-  complementary  one random permutation of the positions: the first ceil(n/2) show S2, the next floor(n/2) S1,
-                 so no position is ever visible in both modalities (with visible_fraction = 0.5, n = L and every
-                 position is visible in exactly one modality; below 0.5 the rest are visible in neither);
+  complementary  every position is visible in exactly one modality (L of the 2L tokens: a random ceil(L/2)
+                 positions show S2, the others S1) and the other modality's token there is the target: the
+                 paper's cross-modal fill-in, whatever the other scenarios' visible fraction;
   drop_s1/drop_s2  one modality wholly masked, n random positions of the other visible.
-Every scenario shows exactly n = floor(visible_fraction * 2L) tokens, so the encoder input has one static shape;
-visible_fraction <= max_visible_fraction <= 0.5 (n <= L is what makes complementary and drop possible, and the
-paper's ">= 50% less input"). With the default 0.25 every scenario shows a quarter of the input pixels, MAE's 75%
-masking: drop then shows half of one modality ("partly"), complementary half of the positions.
+n = floor(visible_fraction * 2L) tokens for independent and drop; visible_fraction <= max_visible_fraction <= 0.5
+(n <= L is what makes drop possible, and the paper's ">= 50% less input"). With the default 0.25 those scenarios
+show a quarter of the input pixels (MAE's 75% masking); complementary shows half of them (L tokens), which is
+still the paper's "input reduced by at least 50%".
+
+Static shapes with two token counts: the rows of a batch are split into two groups of static size. The first
+b_c = round(B * P(complementary)) rows are complementary (L encoder tokens each); the other rows draw independent /
+drop_s1 / drop_s2 per sample from the renormalized weights (n tokens each). Each group runs the encoder and decoder
+once with its own static length inside the one compiled step. Records arrive in random order, so "the first b_c
+rows" is a random set of samples: this is a per-sample draw conditioned on the count (lower variance than a free
+draw). Chosen over padding every sample to L tokens with an attention mask, which would run the encoder on L
+tokens for every sample (2x the encoder work of the default 1/3 : 1/3 : 1/3 mix) and thread a mask through the
+blocks. The FLOP count uses b_c of config.batch_size.
 The encoder sees the visible tokens only; one ViT-Lite decoder gets them at their slots (mask tokens elsewhere,
 a learned group embedding per modality) and predicts every slot with one head per modality. Loss: per-patch MSE
 on the masked tokens of each modality (per-patch normalized targets with `norm_pix_loss`),
 loss = lam * loss_s1 + (1 - lam) * loss_s2 (lam = 0.5, as MixMAE).
 
-`jointmae_plain` (the baseline row, the paper's literal input): S1 and S2 concatenated along channels (s1 first),
-one entry layer ("s1s2"), one token per position, MAE random masking keeping floor(visible_fraction * L)
-tokens (the same fraction of the input pixels as `jointmae`), one decoder head for all channels; the loss is
-still reported per modality (the channel blocks of each patch).
+`jointmae_plain` (the baseline row, the paper's literal input, "concatenated along channel dimension"): a plain
+MAE on the 2 + C_s2 concatenated channels (s1 first): one entry layer ("s1s2"), one token per position, random
+masking keeping floor(visible_fraction * L) tokens (the same fraction of the input pixels as `jointmae`), one
+decoder head for all channels, loss = the MSE over every channel of the masked patches (norm_pix_loss normalizes
+each patch over all its channels), so each channel counts equally, as in an MAE on a 15-band image (no lam).
+The per-modality terms are reported as metrics only.
 
 Masks are drawn on device from the step's rng (static shapes: argsort of uniform noise, as scenic's MAE).
 Params: {"encoder": ViTEncoder, "decoder": ViTLiteDecoder}; no state.
@@ -75,23 +86,36 @@ def _ranks(rng: jax.Array, batch_size: int, length: int) -> jax.Array:
   return jnp.argsort(jnp.argsort(jax.random.uniform(rng, (batch_size, length)), axis=1), axis=1)
 
 
+def num_complementary(batch_size: int, probs) -> int:
+  """Rows of a batch of `batch_size` that are complementary (the first ones): round(B * P(complementary))."""
+  return int(round(batch_size * float(probs[1])))
+
+
 def mask_module(rng: jax.Array, batch_size: int, length: int, n_visible: int, probs) -> tuple[jax.Array, jax.Array]:
   """Draws one scenario per sample and its visibility mask over the 2L tokens.
 
-  Returns (visible (B, 2L) bool with exactly `n_visible` True per row, token t = position + L * group with groups
-  `MODALITIES`; scenario (B,) int32 index into `SCENARIOS`). Requires n_visible <= length.
+  Returns (visible (B, 2L) bool, token t = position + L * group with groups `MODALITIES`; scenario (B,) int32 index
+  into `SCENARIOS`). The first `num_complementary(B, probs)` rows are complementary: exactly `length` True, each
+  position in exactly one modality. The other rows draw independent / drop_s1 / drop_s2 (weights renormalized)
+  and have exactly `n_visible` True. Requires n_visible <= length.
   """
   if not 0 < n_visible <= length:
     raise ValueError(f"mask_module: n_visible={n_visible} must be in [1, L={length}].")
+  probs = np.asarray(probs, np.float64)
+  b_c = num_complementary(batch_size, probs)
+  rest = probs * np.asarray([1.0, 0.0, 1.0, 1.0])
+  rest = rest / rest.sum() if rest.sum() > 0 else np.asarray([1.0, 0.0, 0.0, 0.0])  # unused: every row complementary
   k_scn, k_a, k_b = jax.random.split(rng, 3)
-  scenario = jax.random.categorical(k_scn, jnp.log(jnp.asarray(probs, jnp.float32)), shape=(batch_size,))
+  drawn = jax.random.categorical(k_scn, jnp.log(jnp.asarray(rest, jnp.float32)), shape=(batch_size,))
+  scenario = jnp.where(jnp.arange(batch_size) < b_c, 1, drawn)
   n_s2, n_s1 = (n_visible + 1) // 2, n_visible // 2
   r_a, r_b = _ranks(k_a, batch_size, length), _ranks(k_b, batch_size, length)
   none = jnp.zeros((batch_size, length), bool)
+  half = (length + 1) // 2
   # (s1 visible, s2 visible) per scenario, in SCENARIOS order.
   options = (
       (r_a < n_s1, r_b < n_s2),  # independent: two unrelated permutations
-      ((r_a >= n_s2) & (r_a < n_visible), r_a < n_s2),  # complementary: disjoint ranges of one permutation
+      (r_a >= half, r_a < half),  # complementary: one permutation split in two, covering every position once
       (none, r_a < n_visible),  # drop_s1
       (r_a < n_visible, none),  # drop_s2
   )
@@ -125,7 +149,8 @@ class JointMAE:
       self.encoder = vit.ViTEncoder(
           **mae_lib.encoder_size(config), patch_size=self.patch_size,
           in_channels={"s1s2": self.channels["s1"] + self.channels["s2"]}, use_cls_token=config.model.use_cls_token,
-          dtype=dtype, dropout_rate=config.model.get("dropout_rate", 0.0))
+          dtype=dtype, dropout_rate=config.model.get("dropout_rate", 0.0),
+          attention=config.model.get("attention", "auto"))
       out_dim = p2 * (self.channels["s1"] + self.channels["s2"])
     else:
       self.groups = MODALITIES
@@ -134,6 +159,7 @@ class JointMAE:
     self.decoder = vit.ViTLiteDecoder(**mae_lib.decoder_size(config), out_dim=out_dim,
                                       dtype=jnp.dtype(config.compute_dtype),
                                       dropout_rate=config.model.get("dropout_rate", 0.0),
+                                      attention=config.model.get("attention", "auto"),
                                       **vit.stack_options(config.model))
     self.tasks = (Task(self.name, "paired", ("s1", "s2"), self.loss, param_prefixes=_PARAMS),)
 
@@ -154,8 +180,18 @@ class JointMAE:
     return {m: batch[m] for m in MODALITIES}
 
   def num_visible(self, length: int) -> int:
-    """Encoder tokens per sample for a grid of `length` positions."""
+    """Encoder tokens per sample of the independent / drop scenarios (all samples of the plain variant) for a
+    grid of `length` positions; complementary samples show `length`."""
     return num_visible(self.config, length * len(self.groups))
+
+  def row_groups(self, batch_size: int, length: int) -> list[tuple[int, int, int]]:
+    """[(first row, end row, encoder tokens per row)] of the batch's static groups (see the module docstring)."""
+    n = self.num_visible(length)
+    if self.plain:
+      return [(0, batch_size, n)]
+    b_c = num_complementary(batch_size, self.probs)
+    groups = [(0, b_c, length), (b_c, batch_size, n)]
+    return [g for g in groups if g[1] > g[0]]
 
   def masks(self, rng: jax.Array, batch_size: int, length: int) -> tuple[jax.Array, jax.Array]:
     """(visible (B, G*L) bool, scenario (B,) int32); the plain variant: MAE random masking, scenario all 0."""
@@ -183,33 +219,61 @@ class JointMAE:
 
   def forward(self, params, batch, rng, train: bool):
     """-> (predictions {modality: (B, L, p*p*C)}, visible {modality: (B, L) bool}, scenario (B,) int32).
-    The mask depends only on `rng` (the same for `loss` and `reconstruct`)."""
+    The plain variant adds "s1s2": the prediction of all channels. The mask depends only on `rng` (the same for
+    `loss` and `reconstruct`)."""
     grid = self._grid(batch)
     length = grid[0] * grid[1]
     b = batch["s2"].shape[0]
     mask_rng, enc_rngs, dec_rngs = mae_lib.split_rng(rng)
     visible, scenario = self.masks(mask_rng, b, length)
-    ids = masking.mask_to_ids(visible, self.num_visible(length))
     enc = {"params": params["encoder"]}
     tokens = self.encoder.apply(enc, self._images(batch), method="embed")
     all_tokens = jnp.concatenate([tokens[g] for g in self.groups], axis=1)  # (B, G*L, D), token = pos + L*g
-    latent = self.encoder.apply(enc, masking.gather_tokens(all_tokens, ids), train, method="encode", rngs=enc_rngs)
-    out = self.decoder.apply({"params": params["decoder"]}, latent, grid, ids, self.encoder.use_cls_token, train,
-                             rngs=dec_rngs)
+    outs = []
+    for i, (lo, hi, count) in enumerate(self.row_groups(b, length)):  # static groups: one encoder length each
+      ids = masking.mask_to_ids(visible[lo:hi], count)
+      fold = lambda r: {k: jax.random.fold_in(v, i) for k, v in r.items()}  # noqa: E731
+      latent = self.encoder.apply(enc, masking.gather_tokens(all_tokens[lo:hi], ids), train, method="encode",
+                                  rngs=fold(enc_rngs))
+      out = self.decoder.apply({"params": params["decoder"]}, latent, grid, ids, self.encoder.use_cls_token, train,
+                               rngs=fold(dec_rngs))
+      outs.append(out if self.plain else tuple(out))
     if self.plain:
+      out = jnp.concatenate(outs, axis=0)
       c1 = self.channels["s1"]
       pixels = out.reshape(b, length, self.patch_size ** 2, -1)  # patchify order: (py, px, c)
-      preds = {"s1": pixels[..., :c1].reshape(b, length, -1), "s2": pixels[..., c1:].reshape(b, length, -1)}
+      preds = {"s1": pixels[..., :c1].reshape(b, length, -1), "s2": pixels[..., c1:].reshape(b, length, -1),
+               "s1s2": out}
       shown = {"s1": visible, "s2": visible}
     else:
-      preds = dict(zip(MODALITIES, out))
+      preds = {m: jnp.concatenate([o[g] for o in outs], axis=0) for g, m in enumerate(MODALITIES)}
       shown = {m: visible[:, g * length:(g + 1) * length] for g, m in enumerate(MODALITIES)}
     return preds, shown, scenario
 
   def loss_from(self, preds, batch, visible) -> tuple[jax.Array, dict]:
     """Loss on the masked tokens only (targets from `batch`), and the per-modality terms."""
-    terms = {m: mae_lib.patch_mse(preds[m], vit.patchify(batch[m], self.patch_size), ~visible[m],
-                                  self.norm_pix_loss, mae_lib.pixel_weights(batch, m, self.patch_size))
+    p = self.patch_size
+    if self.plain:  # a plain MAE on the concatenated channels: every channel of a masked patch counts equally
+      image = self._images(batch)["s1s2"]
+      target = vit.patchify(image, p).astype(jnp.float32)
+      weights = None  # S1 no-data pixels (the pipeline's s1_valid) leave the loss; S2 channels always count
+      if "s1_valid" in batch:
+        c1 = self.channels["s1"]
+        valid = jnp.broadcast_to(batch["s1_valid"][..., None].astype(jnp.float32), image.shape[:3] + (c1,))
+        weights = vit.patchify(jnp.concatenate([valid, jnp.ones(image.shape[:3] + (image.shape[-1] - c1,))], -1), p)
+      loss = mae_lib.patch_mse(preds["s1s2"], target, ~visible["s1"], self.norm_pix_loss, weights)
+      if self.norm_pix_loss:
+        target = mae_lib.normalize_patches(target)[0]
+      sq = jnp.square(preds["s1s2"].astype(jnp.float32) - target)  # the per-modality terms: metrics only
+      b, length = sq.shape[:2]
+      sq = sq.reshape(b, length, p * p, -1)
+      c1 = self.channels["s1"]
+      masked = ~visible["s1"]
+      terms = {"s1": masking.masked_mean(sq[..., :c1].mean(axis=(2, 3)), masked),
+               "s2": masking.masked_mean(sq[..., c1:].mean(axis=(2, 3)), masked)}
+      return loss, {f"loss_{m}": v for m, v in terms.items()}
+    terms = {m: mae_lib.patch_mse(preds[m], vit.patchify(batch[m], p), ~visible[m], self.norm_pix_loss,
+                                  mae_lib.pixel_weights(batch, m, p))
              for m in MODALITIES}
     loss = self.lam * terms["s1"] + (1.0 - self.lam) * terms["s2"]
     return loss, {f"loss_{m}": v for m, v in terms.items()}
@@ -234,26 +298,37 @@ class JointMAE:
     preds, visible, _ = self.forward(params, batch, rng, False)
     grid = self._grid(batch)
     out = {"seen": {}, "reconstruction": {}, "target": {}}
+    if self.plain:  # undo norm_pix with the statistics of the whole (all-channel) patch, as the loss used
+      target = vit.patchify(self._images(batch)["s1s2"], p)
+      full = mae_lib.paste_prediction(preds["s1s2"], target, ~visible["s1"], self.norm_pix_loss)
+      both = vit.unpatchify(full, p, grid)
+      c1 = self.channels["s1"]
+      pasted = {"s1": both[..., :c1], "s2": both[..., c1:]}
     for m in MODALITIES:
       target = vit.patchify(batch[m], p)
       out["seen"][m] = vit.unpatchify(jnp.where(visible[m][..., None], target, 0.0), p, grid)
-      out["reconstruction"][m] = vit.unpatchify(
+      out["reconstruction"][m] = pasted[m] if self.plain else vit.unpatchify(
           mae_lib.paste_prediction(preds[m], target, ~visible[m], self.norm_pix_loss), p, grid)
       out["target"][m] = batch[m]
     return out
 
   def flops_per_sample(self, task_name: str) -> float:
     """Training FLOPs of one sample: entry layers on all patches, encoder on the visible tokens (+ CLS), decoder
-    on all G*L slots (matmuls only; see mmrs/methods/flops.py)."""
+    on all G*L slots (matmuls only; see mmrs/methods/flops.py). The encoder's token count is the average over a
+    batch of config.batch_size rows (complementary rows show L tokens, the others n)."""
     if task_name != self.name:
       raise ValueError(f"Method {self.name} has one task {self.name!r}, not {task_name!r}.")
     p, enc, dec = self.patch_size, self.encoder, self.decoder
     length = (self.config.data.paired.image_size // p) ** 2
-    n, cls = self.num_visible(length), int(enc.use_cls_token)
+    cls = int(enc.use_cls_token)
+    batch_size = max(int(self.config.get("batch_size", 1)), 1)
     entry = sum(flops_lib.patch_embed_flops(length, p, c, enc.width) for c in enc.in_channels.values())
     dec_size = dict(width=dec.width, depth=dec.depth, mlp_dim=dec.mlp_dim)
-    forward = (flops_lib.blocks_flops(n + cls, enc.width, enc.depth, enc.mlp_dim)
-               + flops_lib.decoder_flops(n, enc.width, length, dec_size, dec.out_dim, bool(cls)))
+    forward = 0.0
+    for lo, hi, n in self.row_groups(batch_size, length):
+      share = (hi - lo) / batch_size
+      forward += share * (flops_lib.blocks_flops(n + cls, enc.width, enc.depth, enc.mlp_dim)
+                          + flops_lib.decoder_flops(n, enc.width, length, dec_size, dec.out_dim, bool(cls)))
     return flops_lib.train_flops(forward, entry)
 
 

@@ -286,8 +286,8 @@ class ViTEncoder(nn.Module):
     embedding; no CLS. N = (H/p) * (W/p) in `patchify` order.
   - `encode(tokens (B, n, D), train=False) -> (B, 1 + n, D)`: prepends CLS (when `use_cls_token`), runs the
     blocks, final LayerNorm. Tokens may be any subset/mix of embedded tokens (they carry their position).
-  - `__call__(s2=None, s1=None, train=False) -> (B, 1 + N, D)`: S2 only, S1 only, or both; with both, the tokens
-    of the two modalities at one position are SUMMED (one token per position): the downstream S1+S2 input.
+  - `__call__(s2=None, s1=None, train=False, fusion="sum") -> (B, 1 + N, D)`: S2 only, S1 only, or both; with
+    both, `fusion` = "concat" (2L tokens, N = 2L) or "sum" (one token per position): the downstream S1+S2 input.
   Dropout (`dropout_rate` > 0 and train=True) needs a "dropout" rng.
   To initialize every entry layer, call `init(rng, **{m: example for m in in_channels})`.
   """
@@ -345,14 +345,30 @@ class ViTEncoder(nn.Module):
     x = run_blocks(self.blocks, x, train)
     return nn.with_logical_constraint(self.norm(x), _ACT)
 
-  def __call__(self, s2: jax.Array | None = None, s1: jax.Array | None = None, train: bool = False) -> jax.Array:
+  def __call__(self, s2: jax.Array | None = None, s1: jax.Array | None = None, train: bool = False,
+               fusion: str = "sum") -> jax.Array:
+    """S2 only, S1 only, or both. With both, `fusion` says how the two modalities meet (finetune.fusion):
+    "concat": 2L tokens (S1's then S2's), each with its own modality embedding and one position embedding: what
+      JointMAE's encoder saw (and MixMAE's per-position S1-or-S2 tokens generalise to) -> (B, [1 +] 2L, D);
+    "sum": one token per position, the sum of the two patch + modality embeddings plus ONE position embedding
+      (not two) -> (B, [1 +] L, D)."""
     images = {m: x for m, x in (("s2", s2), ("s1", s1)) if x is not None}
     if not images:
       raise ValueError("ViTEncoder needs at least one of s2=..., s1=... images.")
     shapes = {m: x.shape[:3] for m, x in images.items()}
     if len(set(shapes.values())) > 1:
       raise ValueError(f"ViTEncoder: S1 and S2 images must have the same batch and spatial size, got {shapes}.")
-    tokens = sum(self.embed(images).values())
+    embedded = self.embed(images)
+    if len(embedded) == 1:
+      tokens = next(iter(embedded.values()))
+    elif fusion == "concat":
+      tokens = jnp.concatenate([embedded["s1"], embedded["s2"]], axis=1)
+    elif fusion == "sum":  # each embedded token carries the position embedding: keep it once
+      x = next(iter(images.values()))
+      pos = jnp.asarray(sincos_2d(*patch_grid(x.shape[1], x.shape[2], self.patch_size), self.width), self.dtype)
+      tokens = embedded["s1"] + embedded["s2"] - pos[None]
+    else:
+      raise ValueError(f"S1+S2 fusion {fusion!r} is unknown; use concat or sum (finetune.fusion).")
     return self.encode(tokens, train)
 
 
