@@ -49,8 +49,9 @@ def tpu_topology_name(name: str) -> str:
     return name
   prefix, _, count = name.partition("-")
   if prefix not in TPU_FAMILIES or not count.isdigit():
-    raise TopologyError(f"--topology={name!r}: use cpu:N, a Cloud TPU name ({', '.join(f'{p}-N' for p in TPU_FAMILIES)})"
-                        " or a libtpu topology such as v5p:4x4x4.")
+    names = ", ".join(f"{p}-N" for p in TPU_FAMILIES)
+    raise TopologyError(f"--topology={name!r}: use cpu:N, a Cloud TPU name ({names}) or a libtpu topology such as "
+                        "v5p:4x4x4.")
   family, cores, ndim = TPU_FAMILIES[prefix]
   chips = int(count) // 2 if cores else int(count)
   if chips < 1 or chips & (chips - 1):
