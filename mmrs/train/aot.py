@@ -9,7 +9,9 @@ already normalized float32 (normalization is elementwise and costs no memory wor
 Topologies: `cpu:N` (N CPU devices; the process must start with XLA_FLAGS=--xla_force_host_platform_device_count>=N,
 which launch/aot.py sets); TPU slices by their Cloud name (`v4-32`, `v5p-128`, `v5e-256`, `v6e-64`: the v4/v5p
 number counts TensorCores, 2 per chip; v5e/v6e count chips) or a raw libtpu topology (`v5p:4x4x4`), compiled
-through `jax.experimental.topologies` with libtpu (requirements-tpu-aot.txt) while the host stays on CPU. GPU
+through `jax.experimental.topologies` with libtpu (requirements-tpu-aot.txt) while the host stays on CPU (checked:
+v5p and v5e; v4 fails: libtpu 0.0.42.1's compile-only v4 devices are per TensorCore and jax's TPU mesh builder wants
+one device per chip). GPU
 targets are not supported: a compile-only CUDA topology needs jax's CUDA plugin and a matching GPU target config,
 which this CPU-only environment cannot build or check.
 
