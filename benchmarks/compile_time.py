@@ -31,7 +31,8 @@ def measure(depth: int, scan: bool, remat: str) -> dict:
   config.xla_compiler_options = {}
   method = methods.build(config)
   method.encoder = method.encoder.clone(depth=depth)
-  batch = {"s2": jax.ShapeDtypeStruct((8, 32, 32, 12), "float32"), "s1": jax.ShapeDtypeStruct((8, 32, 32, 2), "float32")}
+  batch = {"s2": jax.ShapeDtypeStruct((8, 32, 32, 12), "float32"),
+           "s1": jax.ShapeDtypeStruct((8, 32, 32, 2), "float32")}
   mesh = mesh_lib.make_mesh("data=1,fsdp=1", jax.devices()[:1])
   with jax.set_mesh(mesh):
     t0 = time.perf_counter()

@@ -24,7 +24,6 @@ from mmrs.train import data as data_lib
 from mmrs.train import loop
 from mmrs.train import mesh as mesh_lib
 from mmrs.train import metrics as metrics_lib
-from mmrs.train import optimizers
 from mmrs.train import schedule as schedule_lib
 from mmrs.train import state as state_lib
 from mmrs.train import step as step_lib
@@ -56,8 +55,10 @@ def benchmark(config, *, method=None, steps: int = 20, warmup: int = 3, real_dat
   method = method if method is not None else loop.build_method(config)
   config_check.validate(config, method, device_count=len(devices), process_count=jax.process_count(),
                         check_data=real_data)
-  peak, peak_source = metrics_lib.total_peak_flops()
   mesh = mesh_lib.make_mesh(config.mesh, devices)
+  # MFU against the device kind's spec peak (or config.peak_flops_per_device); NaN (n/a) for a CPU.
+  peak, peak_source = metrics_lib.total_peak_flops(list(mesh.devices.flat),
+                                                   float(config.get("peak_flops_per_device", 0.0)))
   tasks = {t.name: t for t in method.tasks}
   schedule = schedule_lib.TaskSchedule(list(tasks), config.get("task_schedule", "alternate"),
                                        config_check.to_dict(config.get("task_weights")))
@@ -75,19 +76,16 @@ def benchmark(config, *, method=None, steps: int = 20, warmup: int = 3, real_dat
     shapes = {n: {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.items()} for n, b in first.items()}
     normalized = {n: jax.eval_shape(normalize[n], shapes[n]) if normalize[n] else shapes[n] for n in tasks}
     example = state_lib.example_batch(normalized)
-    opt = optimizers.make_optimizer(config.optimizer, state_lib.param_groups(method, example), config.total_steps)
-    layout = state_lib.layout(method, opt, example, mesh, config.fsdp_min_size)
+    # The train loop's own planning and compile path (mmrs/train/step.py).
+    opt, layout = step_lib.plan_state(config, method, example, mesh, config.total_steps)
     options = config_check.to_dict(config.get("xla_compiler_options"))
     state = state_lib.create(method, opt, example, layout, jax.random.key(config.seed), options)
-    mults = config_check.to_dict(config.get("task_lr_multipliers"))
-    compiled, memory, compile_s = {}, {}, {}
-    for i, (name, task) in enumerate(tasks.items()):
-      t0 = time.perf_counter()
-      fn = step_lib.make_step_fn(method, task, i, opt, normalize[name], config.seed, float(mults.get(name, 1.0)))
-      compiled[name] = step_lib.compile_step(fn, layout, step_lib.abstract_batch(shapes[name], config.batch_size),
-                                             mesh, options)
-      compile_s[name] = time.perf_counter() - t0
-      memory[name] = step_lib.memory_summary(compiled[name])
+    steps_ = step_lib.compile_tasks(config, method, opt, layout, mesh,
+                                    {n: step_lib.abstract_batch(shapes[n], config.batch_size) for n in tasks},
+                                    normalize)
+    compiled = {n: st.compiled for n, st in steps_.items()}
+    memory = {n: st.memory for n, st in steps_.items()}
+    compile_s = {n: st.seconds for n, st in steps_.items()}
     device_batches = {n: data_lib.global_batch(b, sharding, config.batch_size, n) for n, b in first.items()}
 
     def batch_for(name):

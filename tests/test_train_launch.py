@@ -114,6 +114,7 @@ def test_two_process_run_trains_saves_and_resumes(tmp_path):
 def test_step_throughput_benchmark():
   from benchmarks import step_throughput  # pylint: disable=g-import-not-at-top
   config = toy.get_config()
+  config.peak_flops_per_device = 1e9  # a CPU has no spec peak: MFU would be n/a (NaN)
   out = step_throughput.benchmark(config, method=toy.build(config), steps=4, warmup=1, s2_channels=3,
                                   devices=jax.devices()[:2])
   assert out["tasks"] == ["recon", "cross"] and out["mesh"] == {"data": 2, "fsdp": 1}

@@ -9,13 +9,17 @@ already normalized float32 (normalization is elementwise and costs no memory wor
 Topologies: `cpu:N` (N CPU devices; the process must start with XLA_FLAGS=--xla_force_host_platform_device_count>=N,
 which launch/aot.py sets); TPU slices by their Cloud name (`v4-32`, `v5p-128`, `v5e-256`, `v6e-64`: the v4/v5p
 number counts TensorCores, 2 per chip; v5e/v6e count chips) or a raw libtpu topology (`v5p:4x4x4`), compiled
-through `jax.experimental.topologies` with libtpu (requirements-tpu-aot.txt) while the host stays on CPU. GPU
+through `jax.experimental.topologies` with libtpu (requirements-tpu-aot.txt) while the host stays on CPU (checked:
+v5p and v5e; v4 fails: libtpu 0.0.42.1's compile-only v4 devices are per TensorCore and jax's TPU mesh builder wants
+one device per chip). GPU
 targets are not supported: a compile-only CUDA topology needs jax's CUDA plugin and a matching GPU target config,
 which this CPU-only environment cannot build or check.
 
 Numbers per task (per device): argument / output / alias / temp bytes from `compiled.memory_analysis()`;
 peak = argument + output - alias + temp (the donated state is aliased); param+opt = this device's shards of the
-params, optimizer state and method state from the layout; flops_per_step = XLA's per-device cost analysis x devices.
+params, optimizer state and method state from the layout; flops_per_step = XLA's per-device cost analysis x devices
+(a while loop's body is counted once: with scan_layers or grad_accum_steps > 1 it undercounts; the report also has
+`analytic_flops_per_step`, the method's own count that MFU uses).
 """
 from __future__ import annotations
 
@@ -47,8 +51,9 @@ def tpu_topology_name(name: str) -> str:
     return name
   prefix, _, count = name.partition("-")
   if prefix not in TPU_FAMILIES or not count.isdigit():
-    raise TopologyError(f"--topology={name!r}: use cpu:N, a Cloud TPU name ({', '.join(f'{p}-N' for p in TPU_FAMILIES)})"
-                        " or a libtpu topology such as v5p:4x4x4.")
+    names = ", ".join(f"{p}-N" for p in TPU_FAMILIES)
+    raise TopologyError(f"--topology={name!r}: use cpu:N, a Cloud TPU name ({names}) or a libtpu topology such as "
+                        "v5p:4x4x4.")
   family, cores, ndim = TPU_FAMILIES[prefix]
   chips = int(count) // 2 if cores else int(count)
   if chips < 1 or chips & (chips - 1):
@@ -176,10 +181,20 @@ def compile_for(config, topology: str, method=None, device_memory_override: int 
         "per_device_output_bytes": out, "per_device_alias_bytes": alias, "per_device_temp_bytes": temp,
         "per_device_param_and_opt_bytes": state_bytes,
         "flops_per_step": float(cost.get("flops", float("nan"))) * len(devices),
+        "analytic_flops_per_step": _analytic_flops(method, name, config.batch_size),
         "compile_s": round(st.seconds, 2)}
   if mem_bytes is not None:
     report["fits"] = all(t["per_device_peak_bytes"] <= mem_bytes for t in report["tasks"].values())
   return report
+
+
+def _analytic_flops(method, task: str, batch_size: int) -> float:
+  """The method's own FLOP count (what MFU uses); XLA's cost analysis counts a loop body once, so with
+  scan_layers / grad_accum_steps its `flops_per_step` undercounts by the trip counts."""
+  try:
+    return float(method.flops_per_sample(task)) * batch_size
+  except Exception:  # pylint: disable=broad-except  (informative only)
+    return float("nan")
 
 
 def format_bytes(n: float) -> str:

@@ -4,8 +4,8 @@
 axes (pure data parallelism when fsdp=1; ZeRO-3 style FSDP when fsdp>1). A parameter is split over "fsdp" along one
 of its logical "embed"/"mlp" dimensions when it has at least `fsdp_min_size` elements and the dimension divides by
 the fsdp axis size; everything else is replicated. The leading "layers" axis of scanned block params
-(config.model.scan_layers) is never a candidate: each scan iteration needs its whole layer. Unannotated leaves (plain arrays, optimizer statistics that do
-not mirror a param) fall back to "the largest divisible dimension" with the same size threshold.
+(config.model.scan_layers) is never a candidate: each scan iteration needs its whole layer. Unannotated leaves
+(plain arrays, optimizer statistics that do not mirror a param) fall back to "the largest divisible dimension" with the same size threshold.
 
 Activations: the train step is traced under `ACTIVATION_RULES`, so the models' `nn.with_logical_constraint` calls
 keep the "batch" dimension split over ("data", "fsdp"); every other logical activation axis is replicated and XLA's

@@ -7,9 +7,12 @@ in float32 and averaged, and the optimizer updates once. Micro-batch j takes eve
 masks are drawn per micro-batch (same distribution as k=1, not the same draws — a k=1 step draws one mask tensor for
 the whole batch). Loss and metrics are the mean over micro-batches: for the MAE family (fixed token counts per
 sample) that is exactly the full-batch mean. Method state (RS-BYOL's BatchNorm running statistics) is threaded
-through the micro-batches in order: each micro-batch normalizes with its own batch statistics and updates the
-running averages, as k data-parallel devices with batch_size / k rows each would (BatchNorm statistics are per
-device in this repo, never synchronized) and as PyTorch's accumulation does; the EMA target moves once per step.
+through the micro-batches in order. BatchNorm therefore normalizes each micro-batch with the statistics of its own
+batch_size / k rows (without accumulation they are over the whole global batch: under jit the batch mean is a
+global reduction across devices) and updates the running averages k times per step, as PyTorch's accumulation
+does. We chose this over computing full-batch statistics first because that would need a second forward pass over
+every micro-batch, undoing the memory saving; k > 1 thus behaves like training BYOL with a BatchNorm batch of
+batch_size / k, which is what a memory-bound user would otherwise run. The EMA target moves once per step.
 
 A step never writes a non-finite state: if the loss, the gradient norm or the updated params are NaN/inf, the state
 passes through unchanged and `metrics["finite"]` is False (the loop then stops or skips, as configured). The RNG of a
