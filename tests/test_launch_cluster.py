@@ -139,10 +139,12 @@ def _toy(tmp_path, workdir, n, port, *args, env_extra=None, devices=2):
 
 
 def _communicate(procs, timeout=600):
-  outs = []
+  """Reads every process's output at once: waiting on one while another fills its pipe would deadlock them at
+  their next collective."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
   try:
-    for p in procs:
-      outs.append(p.communicate(timeout=timeout)[0])
+    with concurrent.futures.ThreadPoolExecutor(len(procs)) as pool:
+      outs = list(pool.map(lambda p: p.communicate(timeout=timeout)[0], procs))
   finally:
     for p in procs:
       if p.poll() is None:

@@ -38,23 +38,29 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run(args, processes, devices, cache, timeout=1200):
+def _run(args, processes, devices, cache, timeout=900):
+  """Runs the processes to completion. Output goes to files, not pipes: a process blocked on a full pipe that nobody
+  reads (we wait on process 0 first) would hold the others at their next collective."""
   port = _free_port()
   extra = (lambda i: [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
                       f"--process_id={i}"]) if processes > 1 else (lambda i: [])
-  procs = [subprocess.Popen(SCRIPT + args + extra(i), cwd=REPO, env=_env(cache, devices), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(processes)]
-  outs = []
-  for p in procs:
-    try:
-      outs.append(p.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      tails = [q.communicate()[0][-3000:] for q in procs]
-      pytest.fail(f"run {args} timed out; output tails:\n" + "\n---\n".join(tails))
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-5000:]
+  logs = [cache.parent / f"run_{port}_p{i}.log" for i in range(processes)]
+  procs = []
+  for i, log in enumerate(logs):
+    with open(log, "w") as f:
+      procs.append(subprocess.Popen(SCRIPT + args + extra(i), cwd=REPO, env=_env(cache, devices), stdout=f,
+                                    stderr=subprocess.STDOUT, text=True))
+  try:
+    for p in procs:
+      p.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    for q in procs:
+      q.kill()
+      q.wait()
+    tails = [log.read_text()[-3000:] for log in logs]
+    pytest.fail(f"run {args} timed out; output tails:\n" + "\n---\n".join(tails))
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log.read_text()[-5000:]
 
 
 @pytest.fixture(scope="module")

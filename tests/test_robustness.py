@@ -3,6 +3,8 @@ batches, and two tiny finetune runs of the bundled sample (S1+S2 and S2) evaluat
 import datetime as dt
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -238,11 +240,19 @@ def test_time_gap_swaps_in_the_s1_of_another_date_of_the_same_place(tmp_path):
 
 
 def test_command_line_options_and_bad_runs(tmp_path):
-  from launch import robustness as cli  # pylint: disable=g-import-not-at-top
-  assert cli.parse_severities(["clouds=50,0,100", "shift=2"]) == {"clouds": [50.0, 0.0, 100.0], "shift": [2.0]}
-  with pytest.raises(ValueError, match="STRESS=v1,v2"):
-    cli.parse_severities(["clouds"])
-  assert callable(cli.run)  # the mmrs-robustness console entry point
+  # In a child process: launch.robustness defines absl flags (e.g. --out) that another launch module imported by
+  # another test file in this worker (launch.embed) defines too.
+  code = ("import json\nfrom launch import robustness as cli\n"
+          "print(json.dumps(cli.parse_severities(['clouds=50,0,100', 'shift=2'])))\n"
+          "assert callable(cli.run)\n"  # the mmrs-robustness console entry point
+          "try:\n  cli.parse_severities(['clouds'])\nexcept ValueError as e:\n  print('ERR', e)\n")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  res = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert res.returncode == 0, res.stderr[-3000:]
+  lines = res.stdout.strip().splitlines()
+  assert json.loads(lines[0]) == {"clouds": [50.0, 0.0, 100.0], "shift": [2.0]}
+  assert lines[1].startswith("ERR") and "STRESS=v1,v2" in lines[1]
   with pytest.raises(robustness.RobustnessError, match="has no config.json"):
     robustness.evaluate_runs([str(tmp_path)], ["clouds"])
   with pytest.raises(robustness.RobustnessError, match="unknown"):
