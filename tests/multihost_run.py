@@ -41,7 +41,9 @@ def config_for(shards: str):
   c = importlib.import_module("configs.auxmae").get_config(f"tiny,shards={shards}")
   c.mesh = "data=2,fsdp=2"
   c.fsdp_min_size = 16  # shard the mu-size kernels too
-  c.optimizer.update(dict(name="adafactor", adafactor_min_dim_to_factor=8, learning_rate=1e-3, weight_decay=0.0))
+  # decay_steps: the runs that stop at step 3 and go on to 4 share one schedule with the 4-step runs.
+  c.optimizer.update(dict(name="adafactor", adafactor_min_dim_to_factor=8, learning_rate=1e-3, weight_decay=0.0,
+                          decay_steps=4))
   c.total_steps, c.log_every_steps, c.checkpoint_every_steps, c.keep_checkpoints = 4, 1, 2, 10
   c.visualize_every_steps = 0
   c.xla_compiler_options = {"xla_backend_optimization_level": 0}  # halves CPU compile time
