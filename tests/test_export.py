@@ -11,12 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 import mmrs
 from mmrs import bands as B
 from mmrs.finetune import convert, export
 from mmrs.models import resnet, vit
+
+import tiny_encoder
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 HAVE_HF = HAVE_TORCH and importlib.util.find_spec("transformers") is not None
@@ -37,28 +38,9 @@ def _timm_unavailable() -> str:
     return f"timm does not import here ({type(e).__name__}: {e}); it needs torchvision built for this torch"
   return ""
 P, SIZE, WIDTH, DEPTH = 4, 8, 32, 2
+random_params = tiny_encoder.random_params  # one definition for every test that needs well-scaled random params
 NORM = {"source": "test", "s2": {"bands": list(B.S2_L1C_BANDS), "mean": [1000.0] * 13, "std": [500.0] * 13},
         "s1": {"bands": ["VV", "VH"], "mean": [-12.0, -19.0], "std": [5.0, 6.0]}}
-
-
-def random_params(module, seed, *args, **kwargs):
-  """Random, well-scaled params of `module` without compiling its init (shapes from eval_shape): kernels with
-  1/sqrt(fan_in) scale, norms near one, and non-zero biases / embeddings, so no mapping error hides behind zeros."""
-  abstract = jax.eval_shape(lambda: nn.meta.unbox(module.init(jax.random.key(0), *args, **kwargs)))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name, shape = path[-1].key, leaf.shape
-    noise = rng.normal(size=shape).astype(np.float32)
-    if name == "kernel":
-      keys = [k.key for k in path]
-      fan_in = shape[0] if "qkv" in keys else shape[0] * shape[1] if "out" in keys else int(np.prod(shape[:-1]))
-      return noise / np.sqrt(fan_in)
-    if name in ("scale", "var"):
-      return 1.0 + 0.1 * np.abs(noise)
-    return 0.1 * noise
-
-  return jax.tree_util.tree_map_with_path(lambda p, x: np.asarray(draw(p, x), np.float32), abstract)
 
 
 @pytest.fixture(scope="module")
