@@ -373,7 +373,8 @@ class ViTEncoder(nn.Module):
 
 
 class ViTLiteDecoder(nn.Module):
-  """The MAE-style decoder (ViT-Lite: width 512, depth 8, 16 heads in the papers' setting).
+  """The MAE-style decoder. The methods build it at the "lite" size of mmrs/models/sizes.py (width 512, depth 6,
+  16 heads: ~21M parameters, the papers' ViT-Lite); the field defaults below are only constructor defaults.
 
   Output "slots": S = G * L where L = grid_h * grid_w positions and G = number of output groups (1 when `out_dim`
   is an int; len(out_dim) when it is a tuple, e.g. one group per modality for JointMAE). Slot s is position
