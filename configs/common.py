@@ -58,7 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.xla_compiler_options = ml_collections.ConfigDict()  # passed to jit(...).lower().compile(compiler_options=)
   c.task_lr_multipliers = ml_collections.ConfigDict()  # task name -> float
-  c.grad_accum_steps = 1  # micro-batches per step (lax.scan in the step; batch_size stays the global batch)
+  # Micro-batches per step (lax.scan in the step; batch_size stays the global batch). MAE family: the same losses
+  # and gradients as 1 (mmrs/train/step.py); RS-BYOL: BatchNorm statistics per micro-batch of batch_size / k rows.
+  c.grad_accum_steps = 1
   return c
 
 

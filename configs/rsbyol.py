@@ -6,6 +6,12 @@ lr 0.2 -> 0.002, weight decay 1e-5, batch 32, 400 epochs, tau 0.9), `resnet18`, 
 batch 8: seconds on a CPU). Keys: view1 = one_band | three_bands | rgb, view2 = one_pol | vv_vh_copy | pol_two_ms
 (the paper's RS-BYOL-1: one_band/one_pol; RS-BYOL-3: three_bands/vv_vh_copy; RGB-S1S2: rgb/pol_two_ms),
 shards, steps_per_epoch (the paper's 90K pairs / batch 32 = 2813).
+
+grad_accum_steps = k > 1 (configs/common.py): BatchNorm normalizes each micro-batch of batch_size / k rows with its
+own statistics and updates the running averages k times per step (the EMA target moves once). Computing statistics
+over the whole batch would need a second forward pass of every micro-batch, undoing the memory saving; and the
+paper's BatchNorm batch is its whole batch of 32 on one GPU, so batch_size / k = 32 keeps the paper's statistics
+while the optimizer batch grows (tests/test_grad_accum.py).
 """
 import ml_collections
 

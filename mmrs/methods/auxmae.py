@@ -30,8 +30,10 @@ class AuxMAE:
     self.norm_pix_loss = config.norm_pix_loss
     self.patch_size = config.model.patch_size
     self.tasks = (
-        Task("s2_mae", "s2_only", ("s2",), self.loss_s2_mae, param_prefixes=("encoder", "decoder_s2")),
-        Task("s2_to_s1", "paired", ("s1", "s2"), self.loss_s2_to_s1, param_prefixes=("encoder", "decoder_s1")),
+        Task("s2_mae", "s2_only", ("s2",), self.loss_s2_mae, param_prefixes=("encoder", "decoder_s2"),
+             accumulation=lambda k: (self.prepare_s2_mae, self.loss_s2_mae)),
+        Task("s2_to_s1", "paired", ("s1", "s2"), self.loss_s2_to_s1, param_prefixes=("encoder", "decoder_s1"),
+             accumulation=lambda k: (self.prepare_s2_to_s1, self.loss_s2_to_s1)),
     )
 
   def init(self, rng, batch):
@@ -44,8 +46,20 @@ class AuxMAE:
     return {"encoder": enc, "decoder_s2": dec_s2, "decoder_s1": dec_s1["params"]}, {}
 
   def loss_s2_mae(self, params, state, batch, rng, train=True):
-    loss = self.mae.loss(params["encoder"], params["decoder_s2"], batch["s2"], rng, train)
+    loss = self.mae.loss(params["encoder"], params["decoder_s2"], batch["s2"], rng, train, batch=batch)
     return loss, ({"loss_s2": loss}, state)
+
+  def prepare_s2_mae(self, batch, rng):
+    return self.mae.prepare(batch["s2"], rng)
+
+  def prepare_s2_to_s1(self, batch, rng):
+    """Gradient accumulation: nothing random to draw (the task is unmasked); the whole batch's count of valid S1
+    pixels normalizes every micro-batch's loss (micro-batches differ in S1 no-data and S1-missing samples)."""
+    del rng
+    s1 = batch["s1"]
+    rows, cols = vit.patch_grid(s1.shape[1], s1.shape[2], self.patch_size)
+    scored = jnp.ones((s1.shape[0], rows * cols), bool)
+    return {"_per_row": mae_lib.row_normalizer(scored, mae_lib.pixel_weights(batch, "s1", self.patch_size))}
 
   def predict_s1(self, params, s2: jax.Array, rng: jax.Array, train: bool) -> jax.Array:
     """(B, L, p*p*2) S1 patch predictions from the whole S2 image."""
@@ -60,8 +74,10 @@ class AuxMAE:
       raise ValueError(f"auxmae s2_to_s1: S1 {batch['s1'].shape} and S2 {batch['s2'].shape} must share B, H, W.")
     pred = self.predict_s1(params, batch["s2"], rng, train)
     target = vit.patchify(batch["s1"], self.patch_size)
+    ready = mae_lib.prepared(batch, "_per_row")
     loss = mae_lib.patch_mse(pred, target, jnp.ones(target.shape[:2], bool), self.norm_pix_loss,
-                             mae_lib.pixel_weights(batch, "s1", self.patch_size))  # S1 no-data left out
+                             mae_lib.pixel_weights(batch, "s1", self.patch_size),  # S1 no-data left out
+                             per_row=ready and ready[0])
     return loss, ({"loss_s1": loss}, state)
 
   def update_state(self, params, state, step):

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
+import numpy as np
 
 PyTree = Any
 # loss_fn(params, state, batch, rng, train) -> (loss, (metrics, new_state))
@@ -28,6 +29,28 @@ class Task:
   batch_kind: str = "images"  # "images" (s1/s2 arrays) or "byol_views" (view1/view2)
   # Top-level param collections the task trains (others get zero gradients and must not move: see the loop).
   param_prefixes: tuple[str, ...] | None = None  # None = all
+  # Gradient accumulation (config.grad_accum_steps = k > 1, mmrs/train/step.py). None: each micro-batch runs
+  # `loss_fn` with its own rng (the same distribution as one batch, not the same draws). Otherwise
+  # `accumulation(k) -> (prepare, micro_loss_fn)` makes the k micro-batches compute exactly the math of one batch:
+  #   prepare(batch, rng) -> dict of entries computed on the WHOLE global batch before the split, from the step's
+  #     rng: arrays with the batch's leading axis (masks, scenario draws) are split with the batch; 0-d arrays (the
+  #     loss's normalizers, e.g. the batch's masked-patch count per row) reach every micro-batch unchanged. Its
+  #     draws must be the ones `loss_fn` makes from the same rng (so k > 1 gives the k = 1 masks).
+  #   micro_loss_fn: a LossFn for one micro-batch carrying those entries (its rng: fold_in(rng, j), for dropout);
+  #     the mean of its loss and metrics over the k micro-batches equals loss_fn's on the whole batch.
+  accumulation: Callable[[int], tuple[Callable, LossFn]] | None = None
+
+
+def micro_batch_rows(batch_size: int, k: int) -> np.ndarray:
+  """(k, batch_size // k) global row ids of the k micro-batches: micro-batch j = rows j, j + k, j + 2k, ...
+
+  The split of mmrs/train/step.py (`split_micro_batches`): a strided split keeps every micro-batch spread over all
+  devices (each device's contiguous rows split the same way) with no data movement. Methods whose static shapes
+  depend on which rows a micro-batch holds (JointMAE's scenario groups) size them from this table.
+  """
+  if k < 1 or batch_size % k:
+    raise ValueError(f"config.grad_accum_steps={k} does not divide the batch of {batch_size} rows.")
+  return np.arange(batch_size).reshape(batch_size // k, k).T
 
 
 # Parameter conventions (the loop relies on them):

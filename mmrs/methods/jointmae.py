@@ -38,6 +38,8 @@ Params: {"encoder": ViTEncoder, "decoder": ViTLiteDecoder}; no state.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +48,7 @@ from mmrs.methods import flops as flops_lib
 from mmrs.methods import mae as mae_lib
 from mmrs.methods import masking
 from mmrs.methods.base import Task
+from mmrs.methods.base import micro_batch_rows
 from mmrs.models import vit
 
 MODALITIES = ("s1", "s2")  # token blocks / decoder groups, in this order
@@ -161,7 +164,8 @@ class JointMAE:
                                       dropout_rate=config.model.get("dropout_rate", 0.0),
                                       attention=config.model.get("attention", "auto"),
                                       **vit.stack_options(config.model))
-    self.tasks = (Task(self.name, "paired", ("s1", "s2"), self.loss, param_prefixes=_PARAMS),)
+    self.tasks = (Task(self.name, "paired", ("s1", "s2"), self.loss, param_prefixes=_PARAMS,
+                       accumulation=lambda k: (self.prepare, functools.partial(self.loss, micro_batches=k))),)
 
   # --- shapes and masks ---------------------------------------------------------------------------------------
   def _grid(self, batch) -> tuple[int, int]:
@@ -193,6 +197,19 @@ class JointMAE:
     groups = [(0, b_c, length), (b_c, batch_size, n)]
     return [g for g in groups if g[1] > g[0]]
 
+  def micro_group_sizes(self, rows: int, k: int) -> tuple[int, int]:
+    """Gradient accumulation: (complementary, other) row capacities of one micro-batch of `rows` rows out of k.
+
+    The whole batch of rows * k has its first `num_complementary` rows complementary; the strided split
+    (`micro_batch_rows`) gives micro-batch j some of them, a count that may differ by one between micro-batches
+    (3 complementary rows of 8 over 2 micro-batches: 2 and 1). Shapes inside the accumulation scan are static, so
+    each group gets the largest count any micro-batch needs; a micro-batch with fewer fills the spare slots with
+    rows of the other kind whose outputs are discarded (at most one row per group: that is the price of exact
+    accumulation with two encoder lengths)."""
+    table = micro_batch_rows(rows * k, k)
+    comp = (table < num_complementary(rows * k, self.probs)).sum(axis=1)
+    return int(comp.max()), int(rows - comp.min())
+
   def masks(self, rng: jax.Array, batch_size: int, length: int) -> tuple[jax.Array, jax.Array]:
     """(visible (B, G*L) bool, scenario (B,) int32); the plain variant: MAE random masking, scenario all 0."""
     n = self.num_visible(length)
@@ -217,27 +234,69 @@ class JointMAE:
     del params, step
     return state
 
-  def forward(self, params, batch, rng, train: bool):
+  def prepare(self, batch, rng) -> dict[str, jax.Array]:
+    """Gradient accumulation (Task.accumulation): the whole batch's masks and scenarios, the normalizer of each loss
+    term (scenarios mask different numbers of tokens, so micro-batches differ in their counts) and the scenario
+    counts (metrics)."""
+    grid = self._grid(batch)
+    length = grid[0] * grid[1]
+    visible, scenario = self.masks(mae_lib.split_rng(rng)[0], batch["s2"].shape[0], length)
+    out = {"_visible": visible, "_scenario": scenario}
+    if self.plain:
+      weights = self._plain_pixel_weights(batch)
+      out["_per_row"] = mae_lib.row_normalizer(~visible, weights)
+      out["_per_row_masked"] = mae_lib.row_normalizer(~visible)
+      return out
+    for g, m in enumerate(MODALITIES):
+      out[f"_per_row_{m}"] = mae_lib.row_normalizer(~visible[:, g * length:(g + 1) * length],
+                                                    mae_lib.pixel_weights(batch, m, self.patch_size))
+    for i, name in enumerate(SCENARIOS):
+      out[f"_scenario_{name}"] = jnp.sum(scenario == i).astype(jnp.float32)
+    return out
+
+  def forward(self, params, batch, rng, train: bool, micro_batches: int = 1):
     """-> (predictions {modality: (B, L, p*p*C)}, visible {modality: (B, L) bool}, scenario (B,) int32).
     The plain variant adds "s1s2": the prediction of all channels. The mask depends only on `rng` (the same for
-    `loss` and `reconstruct`)."""
+    `loss` and `reconstruct`), unless the batch carries `prepare`'s draws: then `batch` is one of `micro_batches`
+    micro-batches of the batch they were drawn for (gradient accumulation)."""
     grid = self._grid(batch)
     length = grid[0] * grid[1]
     b = batch["s2"].shape[0]
     mask_rng, enc_rngs, dec_rngs = mae_lib.split_rng(rng)
-    visible, scenario = self.masks(mask_rng, b, length)
+    ready = mae_lib.prepared(batch, "_visible", "_scenario")
+    visible, scenario = ready if ready else self.masks(mask_rng, b, length)
     enc = {"params": params["encoder"]}
     tokens = self.encoder.apply(enc, self._images(batch), method="embed")
     all_tokens = jnp.concatenate([tokens[g] for g in self.groups], axis=1)  # (B, G*L, D), token = pos + L*g
+    if ready and not self.plain:
+      # Which rows are complementary is drawn, not positional, in a micro-batch: gather each group's rows (the
+      # complementary ones first), sized for the micro-batch that needs most (`micro_group_sizes`).
+      cap_c, cap_r = self.micro_group_sizes(b, micro_batches)
+      order = jnp.argsort(scenario != 1, stable=True).astype(jnp.int32)
+      groups = [(order[:cap_c], length), (order[b - cap_r:], self.num_visible(length))]
+      groups = [(rows, count) for rows, count in groups if rows.shape[0]]
+    else:
+      groups = [(slice(lo, hi), count) for lo, hi, count in self.row_groups(b, length)]
     outs = []
-    for i, (lo, hi, count) in enumerate(self.row_groups(b, length)):  # static groups: one encoder length each
-      ids = masking.mask_to_ids(visible[lo:hi], count)
+    for i, (rows, count) in enumerate(groups):  # static groups: one encoder length each
+      ids = masking.mask_to_ids(visible[rows], count)
       fold = lambda r: {k: jax.random.fold_in(v, i) for k, v in r.items()}  # noqa: E731
-      latent = self.encoder.apply(enc, masking.gather_tokens(all_tokens[lo:hi], ids), train, method="encode",
+      latent = self.encoder.apply(enc, masking.gather_tokens(all_tokens[rows], ids), train, method="encode",
                                   rngs=fold(enc_rngs))
       out = self.decoder.apply({"params": params["decoder"]}, latent, grid, ids, self.encoder.use_cls_token, train,
                                rngs=fold(dec_rngs))
       outs.append(out if self.plain else tuple(out))
+    if ready and not self.plain:  # back to row order: each row's prediction from the group of its kind
+      comp = scenario == 1
+      per_group = [tuple(jnp.zeros((b,) + o.shape[1:], o.dtype).at[rows].set(o) for o in out)
+                   for (rows, _), out in zip(groups, outs)]
+      if len(per_group) == 1:
+        preds = dict(zip(MODALITIES, per_group[0]))
+      else:
+        preds = {m: jnp.where(comp[:, None, None], per_group[0][g], per_group[1][g])
+                 for g, m in enumerate(MODALITIES)}
+      shown = {m: visible[:, g * length:(g + 1) * length] for g, m in enumerate(MODALITIES)}
+      return preds, shown, scenario
     if self.plain:
       out = jnp.concatenate(outs, axis=0)
       c1 = self.channels["s1"]
@@ -250,18 +309,26 @@ class JointMAE:
       shown = {m: visible[:, g * length:(g + 1) * length] for g, m in enumerate(MODALITIES)}
     return preds, shown, scenario
 
+  def _plain_pixel_weights(self, batch) -> jax.Array | None:
+    """The plain variant's (B, L, p*p*(C1+C2)) pixel weights: S1 no-data pixels (the pipeline's s1_valid) leave the
+    loss; S2 channels always count. None when the batch has no s1_valid."""
+    if "s1_valid" not in batch:
+      return None
+    image = self._images(batch)["s1s2"]
+    c1 = self.channels["s1"]
+    valid = jnp.broadcast_to(batch["s1_valid"][..., None].astype(jnp.float32), image.shape[:3] + (c1,))
+    return vit.patchify(jnp.concatenate([valid, jnp.ones(image.shape[:3] + (image.shape[-1] - c1,))], -1),
+                        self.patch_size)
+
   def loss_from(self, preds, batch, visible) -> tuple[jax.Array, dict]:
-    """Loss on the masked tokens only (targets from `batch`), and the per-modality terms."""
+    """Loss on the masked tokens only (targets from `batch`), and the per-modality terms. Normalized by the whole
+    batch's counts when the batch carries `prepare`'s `_per_row*` entries (a micro-batch)."""
     p = self.patch_size
     if self.plain:  # a plain MAE on the concatenated channels: every channel of a masked patch counts equally
       image = self._images(batch)["s1s2"]
       target = vit.patchify(image, p).astype(jnp.float32)
-      weights = None  # S1 no-data pixels (the pipeline's s1_valid) leave the loss; S2 channels always count
-      if "s1_valid" in batch:
-        c1 = self.channels["s1"]
-        valid = jnp.broadcast_to(batch["s1_valid"][..., None].astype(jnp.float32), image.shape[:3] + (c1,))
-        weights = vit.patchify(jnp.concatenate([valid, jnp.ones(image.shape[:3] + (image.shape[-1] - c1,))], -1), p)
-      loss = mae_lib.patch_mse(preds["s1s2"], target, ~visible["s1"], self.norm_pix_loss, weights)
+      loss = mae_lib.patch_mse(preds["s1s2"], target, ~visible["s1"], self.norm_pix_loss,
+                               self._plain_pixel_weights(batch), per_row=batch.get("_per_row"))
       if self.norm_pix_loss:
         target = mae_lib.normalize_patches(target)[0]
       sq = jnp.square(preds["s1s2"].astype(jnp.float32) - target)  # the per-modality terms: metrics only
@@ -269,21 +336,25 @@ class JointMAE:
       sq = sq.reshape(b, length, p * p, -1)
       c1 = self.channels["s1"]
       masked = ~visible["s1"]
-      terms = {"s1": masking.masked_mean(sq[..., :c1].mean(axis=(2, 3)), masked),
-               "s2": masking.masked_mean(sq[..., c1:].mean(axis=(2, 3)), masked)}
+      per_row = batch.get("_per_row_masked")
+      mean = (masking.masked_mean if per_row is None else
+              lambda v, w: (v * w.astype(v.dtype)).sum() / (per_row * v.shape[0]))
+      terms = {"s1": mean(sq[..., :c1].mean(axis=(2, 3)), masked), "s2": mean(sq[..., c1:].mean(axis=(2, 3)), masked)}
       return loss, {f"loss_{m}": v for m, v in terms.items()}
     terms = {m: mae_lib.patch_mse(preds[m], vit.patchify(batch[m], p), ~visible[m], self.norm_pix_loss,
-                                  mae_lib.pixel_weights(batch, m, p))
+                                  mae_lib.pixel_weights(batch, m, p), per_row=batch.get(f"_per_row_{m}"))
              for m in MODALITIES}
     loss = self.lam * terms["s1"] + (1.0 - self.lam) * terms["s2"]
     return loss, {f"loss_{m}": v for m, v in terms.items()}
 
-  def loss(self, params, state, batch, rng, train: bool = True):
-    preds, visible, scenario = self.forward(params, batch, rng, train)
+  def loss(self, params, state, batch, rng, train: bool = True, micro_batches: int = 1):
+    """`micro_batches`: under gradient accumulation, how many micro-batches the batch's `prepare` entries were
+    split into (Task.accumulation); the scenario counts are then the whole batch's, as without accumulation."""
+    preds, visible, scenario = self.forward(params, batch, rng, train, micro_batches)
     loss, metrics = self.loss_from(preds, batch, visible)
     if not self.plain:
       for i, name in enumerate(SCENARIOS):
-        metrics[f"scenario_{name}"] = jnp.sum(scenario == i).astype(jnp.float32)
+        metrics[f"scenario_{name}"] = batch.get(f"_scenario_{name}", jnp.sum(scenario == i).astype(jnp.float32))
       shown = jnp.concatenate([visible[m] for m in MODALITIES], axis=1)
     else:
       shown = visible["s1"]

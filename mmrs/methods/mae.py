@@ -5,6 +5,11 @@ rng); the encoder sees only the visible tokens; the decoder gets them back at th
 token elsewhere and predicts every patch's pixels; the loss is the MSE over the masked patches only
 (per-patch normalized targets with `norm_pix_loss`). Params: {"encoder", "decoder"}.
 
+Gradient accumulation (mmrs/methods/base.py `Task.accumulation`, used by the whole MAE family): a task's `prepare`
+draws the mask of the WHOLE batch (the draw its loss makes from the same rng) and each loss term's normalizer
+(`row_normalizer`) before the step splits the batch; the loss takes them from the batch (`prepared`), so k
+micro-batches compute the one-batch loss and gradients.
+
 Config keys read here: model.{encoder, decoder, decoder_depth, patch_size, use_cls_token, dropout_rate, attention,
 scan_layers, remat_policy},
 compute_dtype, bands.s2, mask_ratio, norm_pix_loss, data.s2_only.image_size (FLOP count); see configs/mae_s2.py.
@@ -76,19 +81,25 @@ def normalize_patches(target: jax.Array, eps: float = 1e-6) -> tuple[jax.Array, 
 
 
 def patch_mse(pred: jax.Array, target: jax.Array, weights: jax.Array, norm_pix: bool,
-              pixel_weights: jax.Array | None = None) -> jax.Array:
+              pixel_weights: jax.Array | None = None, per_row: jax.Array | None = None) -> jax.Array:
   """Mean over weighted patches of the per-patch pixel MSE. pred/target (B, L, P), weights (B, L) bool/0-1.
 
   `pixel_weights` (B, L, P) 0/1 (`pixel_weights(batch, modality, p)`: S1 no-data = 0) leaves pixels out: the loss
   is then the mean squared error over the valid pixels of the weighted patches (with all pixels valid this equals
   the mean of per-patch means), and norm_pix statistics come from the valid pixels only.
+  `per_row` (gradient accumulation): the WHOLE batch's `row_normalizer` of this term; the sum here is then divided
+  by per_row * B (B: this micro-batch's rows) instead of its own count, so the mean of the k micro-batch losses is
+  the whole batch's loss even where micro-batches score different numbers of patches or pixels (S1 no-data,
+  S1-missing samples, JointMAE's scenarios).
   """
   target = target.astype(jnp.float32)
   if pixel_weights is None:
     if norm_pix:
       target = normalize_patches(target)[0]
     per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
-    return masking.masked_mean(per_patch, weights)
+    if per_row is None:
+      return masking.masked_mean(per_patch, weights)
+    return (per_patch * weights.astype(jnp.float32)).sum() / (per_row * pred.shape[0])
   w = pixel_weights.astype(jnp.float32)
   if norm_pix:
     n = jnp.maximum(w.sum(-1, keepdims=True), 1.0)
@@ -96,7 +107,26 @@ def patch_mse(pred: jax.Array, target: jax.Array, weights: jax.Array, norm_pix: 
     var = (jnp.square(target - mean) * w).sum(-1, keepdims=True) / n
     target = (target - mean) / jnp.sqrt(var + 1e-6)
   w = w * weights.astype(jnp.float32)[..., None]
-  return (jnp.square(pred.astype(jnp.float32) - target) * w).sum() / jnp.maximum(w.sum(), 1.0)
+  den = jnp.maximum(w.sum(), 1.0) if per_row is None else per_row * pred.shape[0]
+  return (jnp.square(pred.astype(jnp.float32) - target) * w).sum() / den
+
+
+def row_normalizer(weights: jax.Array, pixel_weights: jax.Array | None = None) -> jax.Array:
+  """patch_mse's denominator for the whole batch (weighted patches, or weighted valid pixels; at least 1) divided by
+  its rows: the 0-d `per_row` a task's `prepare` hands every micro-batch (see patch_mse)."""
+  if pixel_weights is None:
+    count = weights.astype(jnp.float32).sum()
+  else:
+    count = (pixel_weights.astype(jnp.float32) * weights.astype(jnp.float32)[..., None]).sum()
+  return jnp.maximum(count, 1.0) / weights.shape[0]
+
+
+def prepared(batch: Mapping[str, jax.Array], *names: str) -> tuple[jax.Array, ...] | None:
+  """The entries a task's `prepare` added to `batch` under gradient accumulation (mmrs/methods/base.py Task), or
+  None when the batch has none (k = 1, `reconstruct`, evaluation: the loss draws from its rng)."""
+  if names[0] not in batch:
+    return None
+  return tuple(batch[n] for n in names)
 
 
 def pixel_weights(batch: Mapping[str, jax.Array], modality: str, patch_size: int) -> jax.Array | None:
@@ -151,13 +181,25 @@ class MaskedAutoencoder:
     dec = self.decoder.init(dec_rng, latent, grid, jnp.zeros((1, keep), jnp.int32), self.encoder.use_cls_token)
     return enc["params"], dec["params"]
 
-  def forward(self, enc_params, dec_params, x: jax.Array, rng: jax.Array, train: bool):
-    """Returns (pred (B, L, p*p*C) float32, mask (B, L) True = masked, i.e. scored)."""
-    b = x.shape[0]
+  def draw(self, rng: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The mask of the images x (B, H, W, C) for `rng`: (keep_ids (B, kept), mask (B, L) True = masked)."""
     grid = vit.patch_grid(x.shape[1], x.shape[2], self.patch_size)
     length = grid[0] * grid[1]
-    mask_rng, enc_rngs, dec_rngs = split_rng(rng)
-    keep_ids, _, mask = masking.random_mask(mask_rng, b, length, masking.num_kept(length, self.mask_ratio))
+    keep_ids, _, mask = masking.random_mask(split_rng(rng)[0], x.shape[0], length,
+                                            masking.num_kept(length, self.mask_ratio))
+    return keep_ids, mask
+
+  def prepare(self, x: jax.Array, rng: jax.Array, pixel_weights: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Gradient accumulation: the whole batch's mask and loss normalizer (Task.accumulation), for `loss(prepared=)`."""
+    keep_ids, mask = self.draw(rng, x)
+    return {"_keep_ids": keep_ids, "_mask": mask, "_per_row": row_normalizer(mask, pixel_weights)}
+
+  def forward(self, enc_params, dec_params, x: jax.Array, rng: jax.Array, train: bool, drawn=None):
+    """Returns (pred (B, L, p*p*C) float32, mask (B, L) True = masked, i.e. scored). `drawn`: (keep_ids, mask)
+    drawn beforehand (gradient accumulation), else drawn from `rng`."""
+    grid = vit.patch_grid(x.shape[1], x.shape[2], self.patch_size)
+    _, enc_rngs, dec_rngs = split_rng(rng)
+    keep_ids, mask = drawn if drawn is not None else self.draw(rng, x)
     tokens = self.encoder.apply({"params": enc_params}, {self.modality: x}, method="embed")[self.modality]
     latent = self.encoder.apply({"params": enc_params}, masking.gather_tokens(tokens, keep_ids), train,
                                 method="encode", rngs=enc_rngs)
@@ -166,9 +208,12 @@ class MaskedAutoencoder:
     return pred, mask
 
   def loss(self, enc_params, dec_params, x: jax.Array, rng: jax.Array, train: bool,
-           pixel_weights: jax.Array | None = None) -> jax.Array:
-    pred, mask = self.forward(enc_params, dec_params, x, rng, train)
-    return patch_mse(pred, vit.patchify(x, self.patch_size), mask, self.norm_pix_loss, pixel_weights)
+           pixel_weights: jax.Array | None = None, batch: Mapping[str, jax.Array] | None = None) -> jax.Array:
+    """`batch`: the task's batch, read for `prepare`'s entries (gradient accumulation) when it has them."""
+    ready = prepared(batch or {}, "_keep_ids", "_mask", "_per_row")
+    pred, mask = self.forward(enc_params, dec_params, x, rng, train, drawn=ready and ready[:2])
+    return patch_mse(pred, vit.patchify(x, self.patch_size), mask, self.norm_pix_loss, pixel_weights,
+                     per_row=ready and ready[2])
 
   def reconstruct(self, enc_params, dec_params, x: jax.Array, rng: jax.Array) -> dict[str, jax.Array]:
     """{"seen", "reconstruction", "target"} images of this modality (masked patches of "seen" zeroed)."""
@@ -206,14 +251,18 @@ class MAE:
     self.config = config
     self.mae = MaskedAutoencoder(build_encoder(config, ("s2",)), build_decoder(config, "s2"), "s2",
                                  config.mask_ratio, config.norm_pix_loss)
-    self.tasks = (Task("s2_mae", "s2_only", ("s2",), self.loss, param_prefixes=("encoder", "decoder")),)
+    self.tasks = (Task("s2_mae", "s2_only", ("s2",), self.loss, param_prefixes=("encoder", "decoder"),
+                       accumulation=lambda k: (self.prepare, self.loss)),)
+
+  def prepare(self, batch, rng):
+    return self.mae.prepare(batch["s2"], rng)
 
   def init(self, rng, batch):
     enc, dec = self.mae.init(rng, batch)
     return {"encoder": enc, "decoder": dec}, {}
 
   def loss(self, params, state, batch, rng, train=True):
-    loss = self.mae.loss(params["encoder"], params["decoder"], batch["s2"], rng, train)
+    loss = self.mae.loss(params["encoder"], params["decoder"], batch["s2"], rng, train, batch=batch)
     return loss, ({"loss_s2": loss}, state)
 
   def update_state(self, params, state, step):

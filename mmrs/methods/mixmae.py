@@ -36,7 +36,8 @@ class MixMAE:
       raise ValueError(f"config.lam={self.lam} must be in [0, 1] (loss = lam * L_S1 + (1 - lam) * L_S2).")
     self.norm_pix_loss = config.norm_pix_loss
     self.patch_size = config.model.patch_size
-    self.tasks = (Task("mixmae", "paired", ("s1", "s2"), self.loss, param_prefixes=_PARAMS),)
+    self.tasks = (Task("mixmae", "paired", ("s1", "s2"), self.loss, param_prefixes=_PARAMS,
+                       accumulation=lambda k: (self.prepare, self.loss)),)
 
   def num_s2(self, length: int) -> int:
     """k: positions per sample that show S2 (the other length - k show S1)."""
@@ -54,15 +55,30 @@ class MixMAE:
       params[f"decoder_{m}"] = self.decoders[m].init(r, latent, grid, None, self.encoder.use_cls_token)["params"]
     return params, {}
 
-  def forward(self, params, batch, rng, train):
-    """Returns ({modality: pred (B, L, p*p*C)}, take_s2 (B, L) bool: True where the encoder saw S2)."""
+  def draw(self, rng, batch) -> jax.Array:
+    """The mixing of `batch` for `rng`: take_s2 (B, L) bool, True where the encoder sees S2."""
     s2, s1 = batch["s2"], batch["s1"]
     if s1.shape[:3] != s2.shape[:3]:
       raise ValueError(f"mixmae: S1 {s1.shape} and S2 {s2.shape} must share batch and spatial size.")
     grid = vit.patch_grid(s2.shape[1], s2.shape[2], self.patch_size)
     length = grid[0] * grid[1]
-    mask_rng, enc_rngs, dec_rngs = mae_lib.split_rng(rng)
-    take_s2, _ = masking.complementary_masks(mask_rng, s2.shape[0], length, self.num_s2(length))
+    return masking.complementary_masks(mae_lib.split_rng(rng)[0], s2.shape[0], length, self.num_s2(length))[0]
+
+  def prepare(self, batch, rng):
+    """Gradient accumulation (Task.accumulation): the whole batch's mixing and the normalizer of each loss term."""
+    take_s2 = self.draw(rng, batch)
+    p = self.patch_size
+    return {"_take_s2": take_s2,
+            "_per_row_s2": mae_lib.row_normalizer(~take_s2, mae_lib.pixel_weights(batch, "s2", p)),
+            "_per_row_s1": mae_lib.row_normalizer(take_s2, mae_lib.pixel_weights(batch, "s1", p))}
+
+  def forward(self, params, batch, rng, train):
+    """Returns ({modality: pred (B, L, p*p*C)}, take_s2 (B, L) bool: True where the encoder saw S2)."""
+    s2, s1 = batch["s2"], batch["s1"]
+    ready = mae_lib.prepared(batch, "_take_s2")
+    take_s2 = ready[0] if ready else self.draw(rng, batch)
+    grid = vit.patch_grid(s2.shape[1], s2.shape[2], self.patch_size)
+    _, enc_rngs, dec_rngs = mae_lib.split_rng(rng)
     tokens = self.encoder.apply({"params": params["encoder"]}, {"s2": s2, "s1": s1}, method="embed")
     mixed = masking.mix_tokens(tokens["s2"], tokens["s1"], take_s2)
     latent = self.encoder.apply({"params": params["encoder"]}, mixed, train, method="encode", rngs=enc_rngs)
@@ -77,7 +93,8 @@ class MixMAE:
     preds, take_s2 = self.forward(params, batch, rng, train)
     scored = {"s2": ~take_s2, "s1": take_s2}
     losses = {m: mae_lib.patch_mse(preds[m], vit.patchify(batch[m], self.patch_size), scored[m], self.norm_pix_loss,
-                                   mae_lib.pixel_weights(batch, m, self.patch_size))  # S1 no-data left out
+                                   mae_lib.pixel_weights(batch, m, self.patch_size),  # S1 no-data left out
+                                   per_row=batch.get(f"_per_row_{m}"))  # gradient accumulation: whole-batch count
               for m in ("s2", "s1")}
     loss = self.lam * losses["s1"] + (1.0 - self.lam) * losses["s2"]
     return loss, ({"loss_s1": losses["s1"], "loss_s2": losses["s2"]}, state)

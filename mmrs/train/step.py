@@ -3,16 +3,28 @@
 Gradient accumulation (`grad_accum_steps` = k > 1): the global batch (batch_size rows) is split into k micro-batches
 inside the one compiled step (`lax.scan`), so activation memory is that of batch_size / k rows; gradients are summed
 in float32 and averaged, and the optimizer updates once. Micro-batch j takes every k-th row of each device's rows
-(rows j, j + k, ...), so it stays spread over all devices with no data movement. Its RNG is `fold_in(rng, j)`:
-masks are drawn per micro-batch (same distribution as k=1, not the same draws — a k=1 step draws one mask tensor for
-the whole batch). Loss and metrics are the mean over micro-batches: for the MAE family (fixed token counts per
-sample) that is exactly the full-batch mean. Method state (RS-BYOL's BatchNorm running statistics) is threaded
-through the micro-batches in order. BatchNorm therefore normalizes each micro-batch with the statistics of its own
-batch_size / k rows (without accumulation they are over the whole global batch: under jit the batch mean is a
-global reduction across devices) and updates the running averages k times per step, as PyTorch's accumulation
-does. We chose this over computing full-batch statistics first because that would need a second forward pass over
-every micro-batch, undoing the memory saving; k > 1 thus behaves like training BYOL with a BatchNorm batch of
-batch_size / k, which is what a memory-bound user would otherwise run. The EMA target moves once per step.
+(rows j, j + k, ...: `methods.base.micro_batch_rows`), so it stays spread over all devices with no data movement.
+
+For the MAE family (tasks with `Task.accumulation`) k micro-batches compute exactly the math of one batch (tested to
+1e-5 in tests/test_grad_accum.py, sharded or not): before the split the task's `prepare` draws the WHOLE batch's
+randomness from the step rng, the same draws the loss makes with k = 1 (masks, MixMAE's mixing, JointMAE's
+scenarios; jax.random values do not depend on the sharding), and each micro-batch gets its rows of them. Loss terms
+whose scored patches/pixels differ between micro-batches (S1 no-data and S1-missing samples, JointMAE's scenarios)
+are not means per micro-batch: each micro-batch divides its sum by the whole batch's count (prepared before the
+split, per row times the micro-batch's rows), so the mean over micro-batches is the whole-batch mean. Dropout (off in
+every pretraining config) is drawn per micro-batch from fold_in(rng, j): with dropout on, k > 1 is the same
+distribution, not the same draws. Tasks without `accumulation` run their loss per micro-batch with
+fold_in(rng, j) and report the mean over micro-batches.
+
+RS-BYOL: method state (BatchNorm running statistics) is threaded through the micro-batches in order. BatchNorm
+therefore normalizes each micro-batch with the statistics of its own batch_size / k rows (without accumulation they
+are over the whole global batch: under jit the batch mean is a global reduction across devices) and updates the
+running averages k times per step, as PyTorch's accumulation does. We chose this over computing full-batch
+statistics first because that would need a second forward pass over every micro-batch, undoing the memory saving;
+k > 1 thus behaves like training BYOL with a BatchNorm batch of batch_size / k. The paper trains on one GPU with batch
+32, so its BatchNorm batch is its whole batch of 32: a run with batch_size / k = 32 keeps the paper's BatchNorm
+statistics while its optimizer batch grows (tests/test_grad_accum.py checks these per-micro-batch statistics). The
+EMA target moves once per step.
 
 A step never writes a non-finite state: if the loss, the gradient norm or the updated params are NaN/inf, the state
 passes through unchanged and `metrics["finite"]` is False (the loop then stops or skips, as configured). The RNG of a
@@ -53,13 +65,61 @@ def active_groups(task, groups: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def split_micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
-  """(B, ...) -> (k, B / k, ...): micro-batch j = rows j, j + k, j + 2k, ... (see the module docstring)."""
+  """(B, ...) -> (k, B / k, ...): micro-batch j = rows j, j + k, j + 2k, ... (`base.micro_batch_rows`; see the
+  module docstring)."""
   def split(x):
     if x.shape[0] % k:
       raise ValueError(f"config.grad_accum_steps={k} does not divide the batch of {x.shape[0]} rows.")
     x = jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
     return nn.with_logical_constraint(x, (None, "batch"))  # each micro-batch stays split over the batch axes
   return jax.tree.map(split, batch)
+
+
+def loss_and_grads(task, params, active: tuple[str, ...], method_state, batch: dict[str, jax.Array], rng: jax.Array,
+                   k: int = 1):
+  """(loss, metrics, new method state, float grads of the `active` groups) of `task` on `batch`, in k micro-batches.
+
+  k > 1: the gradients are summed in float32 over a `lax.scan` of micro-batches and averaged; loss and metrics are
+  the mean over micro-batches. With `task.accumulation` (the MAE family) this is the k = 1 math: the task's
+  `prepare` draws the whole batch's masks from `rng` and its loss normalizers before the split (see the module
+  docstring); without it each micro-batch draws from fold_in(rng, j).
+  """
+  def one(method_state, batch, rng, loss_fn):
+    def loss_of(trained):  # differentiates the task's groups only; the others enter as constants
+      full = {g: trained[g] if g in trained else params[g] for g in params}
+      return loss_fn(full, method_state, batch, rng, True)
+    (loss, (metrics, new_ms)), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
+    return loss, metrics, (new_ms if new_ms is not None else method_state), grads
+
+  trained = {g: params[g] for g in active}
+  if k == 1:
+    return one(method_state, batch, rng, task.loss_fn)
+  prepare, micro_loss = task.accumulation(k) if task.accumulation is not None else (None, task.loss_fn)
+  shared = {}
+  if prepare is not None:
+    rows = next(iter(jax.tree.leaves(batch))).shape[0]
+    for name, value in prepare(batch, rng).items():
+      if jnp.ndim(value) == 0:
+        shared[name] = value
+      elif value.shape[0] == rows:
+        batch = {**batch, name: value}
+      else:
+        raise ValueError(f"Task {task.name!r}: prepare() entry {name!r} has shape {value.shape}; give arrays with the "
+                         f"batch's leading axis ({rows} rows) or 0-d arrays (see mmrs/methods/base.py Task).")
+
+  def micro_step(carry, xs):
+    acc, ms = carry
+    j, micro = xs
+    loss, metrics, ms, grads = one(ms, {**micro, **shared}, jax.random.fold_in(rng, j), micro_loss)
+    acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+    return (acc, ms), (loss, metrics)
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
+  (acc, method_state), (losses, metrics) = jax.lax.scan(
+      micro_step, (zeros, method_state), (jnp.arange(k), split_micro_batches(batch, k)))
+  grads = jax.tree.map(lambda a, p: (a / k).astype(p.dtype), acc, trained)
+  metrics = jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32), axis=0), metrics)
+  return jnp.mean(losses), metrics, method_state, grads
 
 
 def make_step_fn(method, task, task_index: int, optimizer: optimizers.Optimizer,
@@ -77,30 +137,7 @@ def make_step_fn(method, task, task_index: int, optimizer: optimizers.Optimizer,
     rng = step_rng(seed, step, task_index)
     params = state["params"]
     trained = {g: params[g] for g in active}
-
-    def loss_and_grads(method_state, batch, rng):
-      def loss_of(trained):  # differentiates the task's groups only; the others enter as constants
-        full = {g: trained[g] if g in trained else params[g] for g in params}
-        return task.loss_fn(full, method_state, batch, rng, True)
-      (loss, (metrics, new_ms)), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
-      return loss, metrics, (new_ms if new_ms is not None else method_state), grads
-
-    if k == 1:
-      loss, metrics, method_state, grads = loss_and_grads(state["method_state"], batch, rng)
-    else:
-      def micro_step(carry, xs):
-        acc, ms = carry
-        j, micro = xs
-        loss, metrics, ms, grads = loss_and_grads(ms, micro, jax.random.fold_in(rng, j))
-        acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
-        return (acc, ms), (loss, metrics)
-
-      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
-      (acc, method_state), (losses, metrics) = jax.lax.scan(
-          micro_step, (zeros, state["method_state"]), (jnp.arange(k), split_micro_batches(batch, k)))
-      grads = jax.tree.map(lambda a, p: (a / k).astype(p.dtype), acc, trained)
-      loss = jnp.mean(losses)
-      metrics = jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32), axis=0), metrics)
+    loss, metrics, method_state, grads = loss_and_grads(task, params, active, state["method_state"], batch, rng, k)
     new_trained, new_opt, lr, grad_norm = optimizer.update(
         grads, {g: state["opt_state"][g] for g in active}, trained, step, lr_multiplier)
     new_params = {g: new_trained[g] if g in new_trained else params[g] for g in params}
