@@ -191,6 +191,21 @@ def test_resume_refuses_a_breaking_config_change(runs, tmp_path):
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["6", "7", "8"]  # nothing moved aside
 
 
+def test_resume_with_other_data_worker_counts_continues_the_same_batches(runs, tmp_path):
+  """data.*.workers says how many processes read the data, not what they read (a global sample order): a resume
+  with other worker counts is accepted and redoes steps 7-8 exactly as the uninterrupted run. (The real pipeline's
+  batches with 0, 2, 3 workers: tests/test_data_resume.py.)"""
+  src = runs["one"]["workdir"]  # checkpoints 6, 7, 8, written with 0 workers per task
+  workdir = tmp_path / "w"
+  shutil.copytree(src, workdir)
+  for step in ("7", "8"):
+    shutil.rmtree(workdir / "checkpoints" / step)
+  summary = run(workdir, devices=jax.devices()[:1], mesh="data=1,fsdp=1", checkpoint_every_steps=1,
+                **{"data.a.workers": 2, "data.b.workers": 1})
+  assert losses(workdir) == losses(src)
+  assert_trees_equal(summary["params"], runs["one"]["params"])
+
+
 def test_config_errors_name_the_key(tmp_path):
   with pytest.raises(config_check.ConfigError, match="config.batch_size=6 does not divide by the 8 batch shards"):
     run(tmp_path, batch_size=6)

@@ -222,12 +222,15 @@ def test_resume_conflicts():
   now.mesh = "data=-1,fsdp=4"
   now.optimizer.learning_rate = 5e-4
   now.batch_size = 128
-  now.data.a.workers = 8
+  now.data.a.workers = 8  # safe: the data do not depend on how many processes/threads read them
+  now.data.b.read_threads = 4
+  now.data.b.shuffle_seed_offset = 1  # another sample order: breaking
   now.optimizer.name = "adamw"
   now.data.b.on_bad = "skip"
   now.model = ml_collections.ConfigDict(dict(attention="auto"))  # a key added by a code update
   breaking, warnings = config_check.resume_conflicts(saved, now.to_dict())
-  assert breaking == ["batch_size: 64 -> 128", "data.a.workers: 0 -> 8", "optimizer.name: 'adafactor' -> 'adamw'"]
+  assert breaking == ["batch_size: 64 -> 128", "data.b.shuffle_seed_offset: 0 -> 1",
+                      "optimizer.name: 'adafactor' -> 'adamw'"]
   assert warnings == ["data.b.on_bad: 'fail' -> 'skip'", "model.attention: '<unset>' -> 'auto'",
                       "optimizer.learning_rate: 0.001 -> 0.0005"]
   with pytest.raises(config_check.ConfigError, match="--allow_config_change"):

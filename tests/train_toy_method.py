@@ -211,7 +211,8 @@ def fake_data(config, method, process_index, process_count, *, nan_task="cross")
                       sigterm_at=toy.sigterm_at)
     out[task.name] = data_lib.TaskData(iterator=it, normalize=normalize,
                                        bands={"s2": S2_BANDS, "s1": S1_BANDS},
-                                       stats={"source": "toy"}, workers=0)
+                                       stats={"source": "toy"},
+                                       workers=int(config.data[task.dataset].get("workers", 0)))  # recorded only
   return out
 
 

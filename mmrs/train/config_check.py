@@ -23,10 +23,16 @@ class ConfigError(ValueError):
 RESUME_SAFE = ("total_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                "visualize_every_steps", "on_nonfinite", "mesh", "fsdp_min_size", "peak_flops_per_device",
                "compilation_cache_dir", "profile_steps", "model.remat_policy")
+# ... and these settings of a dataset (`data.<dataset>.<key>`): how many processes/threads read and prefetch, which
+# the data do not depend on (mmrs/data/pipeline.py: a global sample order, and a data state that is the number of
+# global batches consumed). What does change the data (seed, batch_size, shards, image_size, ...) stays breaking.
+RESUME_SAFE_DATA_KEYS = ("workers", "read_threads", "worker_buffer_size", "thread_prefetch")
 # Allowed on resume with a warning (the run continues, but its curve is no longer one uninterrupted run). `on_bad`
 # is here so that a run stopped by a bad record can be resumed with on_bad="skip".
+# grad_accum_steps: the MAE family computes the same math with any k (mmrs/train/step.py); RS-BYOL's BatchNorm batch
+# changes with it.
 RESUME_WARN_PREFIXES = ("optimizer.", "task_lr_multipliers", "compute_dtype", "xla_compiler_options",
-                        "grad_accum_steps")  # accumulation: same math, other mask draws
+                        "grad_accum_steps")
 RESUME_WARN_SUFFIXES = (".on_bad",)
 # ... except these, which change the optimizer state's layout.
 RESUME_BREAKING_OVERRIDES = ("optimizer.name", "optimizer.adafactor_momentum", "optimizer.adafactor_min_dim_to_factor")
@@ -194,7 +200,7 @@ def resume_conflicts(saved: Mapping[str, Any], current: Mapping[str, Any]) -> tu
   a, b = flatten(saved), flatten(current)
   breaking, warnings = [], []
   for key in sorted(set(a) | set(b)):
-    if a.get(key, "<unset>") == b.get(key, "<unset>") or key in RESUME_SAFE:
+    if a.get(key, "<unset>") == b.get(key, "<unset>") or key in RESUME_SAFE or _safe_data_key(key):
       continue
     line = f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}"
     one_sided = key not in a or key not in b
@@ -204,6 +210,11 @@ def resume_conflicts(saved: Mapping[str, Any], current: Mapping[str, Any]) -> tu
     else:
       breaking.append(line)
   return breaking, warnings
+
+
+def _safe_data_key(key: str) -> bool:
+  parts = key.split(".")
+  return len(parts) == 3 and parts[0] == "data" and parts[2] in RESUME_SAFE_DATA_KEYS
 
 
 def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], allow_change: bool = False,

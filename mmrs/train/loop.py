@@ -199,10 +199,9 @@ class Trainer:
       raise ckpt_lib.CheckpointMismatch(str(e)) from None
     workers = {n: td.workers for n, td in self.data.items()}
     saved = meta.get("workers", workers)
-    if saved != workers:
-      raise ckpt_lib.CheckpointMismatch(
-          f"The checkpoint's data pipelines ran with {saved} worker(s) per task but this run has {workers}: grain "
-          "would silently yield other data. Set config.data.<dataset>.workers back to the saved values.")
+    if saved != workers:  # fine: the data do not depend on the worker count (global sample order, pipeline.py)
+      logging.info("Resuming with %s data worker(s) per task (the checkpoint ran with %s): same batches.", workers,
+                   saved)
 
   def _compile(self) -> None:
     hits = [compile_cache.hits()]
