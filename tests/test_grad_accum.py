@@ -5,6 +5,7 @@ RS-BYOL's BatchNorm normalizes each micro-batch with its own statistics (mmrs/tr
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 
@@ -51,26 +52,42 @@ def _assert_same(got, want):
 CASES = [(mae_s2, 0), (auxmae, 0), (auxmae, 1), (mixmae, 0), (jointmae, 0)]
 
 
+def _compiled(fn, *args):
+  compiled = jax.jit(fn, compiler_options=OPTS).lower(*args).compile()
+  return compiled, compiled(*args)
+
+
+@pytest.fixture(scope="module")
+def mixmae_unsharded():
+  """MixMAE's tiny method, params, batch and the compiled k = 1 and k = 2 loss_and_grads (unsharded), shared."""
+  method = methods.build(mixmae.get_config("tiny"))
+  batch = _paired_batch()
+  params = nn.meta.unbox(method.init(jax.random.key(1), batch)[0])
+  out = {k: _compiled(_grads(method.tasks[0], k), params, batch) for k in (1, 2)}
+  return method, params, batch, out
+
+
 @pytest.mark.parametrize("module,task_index", CASES, ids=["mae_s2", "auxmae/s2_mae", "auxmae/s2_to_s1", "mixmae",
                                                           "jointmae"])
-def test_two_micro_batches_compute_the_one_batch_math_sharded_or_not(module, task_index):
+def test_two_micro_batches_compute_the_one_batch_math_sharded_or_not(module, task_index, mixmae_unsharded):
   """k = 2 with the rows sharded over a data=2 mesh (each device: 4 rows, 2 per micro-batch) = k = 1 unsharded
-  (loss, metrics, gradients); for MixMAE also k = 2 unsharded. One compile per mesh (CI time)."""
+  (loss, metrics, gradients). MixMAE: k = 2 unsharded = k = 1, with less temporary memory; its sharded k = 2 is the
+  compiled step of the next test. One compile per mesh (CI time)."""
+  if module is mixmae:
+    _, _, _, out = mixmae_unsharded
+    _assert_same(out[2][1], out[1][1])
+    # Activations of half the batch at a time: the compiled accumulation needs less temporary memory.
+    assert out[2][0].memory_analysis().temp_size_in_bytes < out[1][0].memory_analysis().temp_size_in_bytes
+    return
   method = methods.build(module.get_config("tiny"))
   task = method.tasks[task_index]
   batch = _paired_batch()
   params = nn.meta.unbox(method.init(jax.random.key(1), batch)[0])
-  variants = {1: _grads(task, 1)}
-  if module is mixmae:
-    variants[2] = _grads(task, 2)
-  unsharded = jax.jit(lambda p, b: {k: f(p, b) for k, f in variants.items()}, compiler_options=OPTS)(params, batch)
+  want = jax.jit(_grads(task, 1), compiler_options=OPTS)(params, batch)
   mesh = mesh_lib.make_mesh("data=2,fsdp=1", jax.devices()[:2])
   with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.ACTIVATION_RULES):
-    sharded = jax.jit(_grads(task, 2), compiler_options=OPTS)(params, jax.device_put(batch,
-                                                                                   mesh_lib.batch_sharding(mesh)))
-  _assert_same(sharded, unsharded[1])
-  if 2 in unsharded:
-    _assert_same(unsharded[2], unsharded[1])
+    sharded = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
+    _assert_same(jax.jit(_grads(task, 2), compiler_options=OPTS)(params, sharded), want)
 
 
 def test_jointmae_micro_batches_hold_different_numbers_of_complementary_rows():
@@ -80,27 +97,31 @@ def test_jointmae_micro_batches_hold_different_numbers_of_complementary_rows():
   assert method.micro_group_sizes(8, 1) == (3, 5)  # no accumulation: exact
 
 
-def test_accumulated_step_updates_once_like_one_batch_and_uses_less_memory():
-  method = methods.build(mixmae.get_config("tiny"))
-  batch = _paired_batch()
+def test_accumulated_step_updates_once_with_the_one_batch_gradients(mixmae_unsharded):
+  """The compiled MixMAE k = 2 step (rows sharded over a data=2 mesh) = one optimizer update with the unsharded k = 1
+  gradients: same loss, metrics, gradient norm and updated params (plain SGD: linear in the gradients)."""
+  method, params0, batch, out = mixmae_unsharded
+  _, (loss, metrics, _, grads) = out[1]
   mesh = mesh_lib.make_mesh("data=2,fsdp=1", jax.devices()[:2])
+  config = method.config.copy_and_resolve_references()  # plain SGD: the update is linear in the gradients
+  config.optimizer.update(dict(name="sgd", momentum=0.0, learning_rate=0.1, schedule="constant", warmup_steps=0,
+                               weight_decay=0.0, clip_norm=0.0))
   with jax.set_mesh(mesh):
     example = state_lib.example_batch({"t": batch})
-    optimizer, layout = step_lib.plan_state(method.config, method, example, mesh, decay_steps=10)
-    state = state_lib.create(method, optimizer, example, layout, jax.random.key(0), OPTS)
+    optimizer, layout = step_lib.plan_state(config, method, example, mesh, decay_steps=10)
+    state = state_lib.create(method, optimizer, example, layout, jax.random.key(1), OPTS)
+    opt_state0 = jax.device_get(state["opt_state"])
     abstract = {n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, v in batch.items()}
-    steps = {k: step_lib.compile_step(step_lib.make_step_fn(method, method.tasks[0], 0, optimizer, None, seed=0,
-                                                            grad_accum_steps=k), layout, abstract, mesh, OPTS)
-             for k in (1, 2)}
-    sharded = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
-    out = {k: jax.device_get(s(jax.tree.map(jnp.copy, state), sharded, np.int32(3))) for k, s in steps.items()}
-  for key in ("loss", "loss_s1", "loss_s2", "grad_norm", "param_norm"):
-    np.testing.assert_allclose(out[2][1][key], out[1][1][key], rtol=1e-5, err_msg=key)
-  # Adam's first step is lr * g / (|g| + eps): near |g| ~ 0 allow float noise of a few percent of one lr=1e-3 step.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5), out[2][0]["params"],
-               out[1][0]["params"])
-  # Activations of half the batch at a time: the compiled step needs less temporary memory.
-  assert steps[2].memory_analysis().temp_size_in_bytes < steps[1].memory_analysis().temp_size_in_bytes
+    step = step_lib.compile_step(step_lib.make_step_fn(method, method.tasks[0], 0, optimizer, None, seed=0,
+                                                       grad_accum_steps=2), layout, abstract, mesh, OPTS)
+    new_state, got = step(state, jax.device_put(batch, mesh_lib.batch_sharding(mesh)), np.int32(3))
+  for key in ("loss_s1", "loss_s2"):
+    np.testing.assert_allclose(float(got[key]), float(metrics[key]), rtol=1e-5, err_msg=key)
+  np.testing.assert_allclose(float(got["loss"]), float(loss), rtol=1e-5)
+  np.testing.assert_allclose(float(got["grad_norm"]), float(optax.global_norm(grads)), rtol=1e-5)
+  want, _, _, _ = jax.jit(optimizer.update, static_argnums=(4,))(grads, opt_state0, params0, np.int32(3), 1.0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               jax.device_get(new_state["params"]), want)
 
 
 def test_rsbyol_batchnorm_normalizes_each_micro_batch_with_its_own_statistics():
