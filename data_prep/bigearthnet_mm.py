@@ -40,6 +40,9 @@ Splits: v2 defaults to the official `split` column. `--splits_dir` holds BigEart
 too); patches in none of them are dropped and counted, or written to `--unlisted_split`. `--split=NAME` puts
 everything in one split; `--split=hash:0.8,0.1,0.1` splits by a stable hash of the patch's *tile* (spatially
 blocked, so neighbouring patches never straddle train and test; see `block_key`).
+With official splits (v2's column, v1's lists) the manifest's `published` section sets the records found per split
+beside the published split sizes (`PUBLISHED_V2` / `PUBLISHED_V1`, sources next to them) and what the metadata or
+lists name (`listed`), with a warning for every split that came out smaller (a partial download, a truncated file).
 """
 from __future__ import annotations
 
@@ -81,6 +84,23 @@ V1_EXCLUDE_FILES = {"cloud_or_shadow": "patches_with_cloud_and_shadow.csv",
 MAX_INVALID_S1_FRACTION = records.MAX_S1_NODATA_FRACTION
 GRID_TOLERANCE_M = 10.0  # S1 and S2 bounds of a pair may differ by at most one 10 m pixel
 SPLIT_FILES = ("train", "val", "test")
+# Published split sizes, for the manifest's `published` section (expected vs found; a warning per short split).
+# v2.0 (reBEN): rows of each `split` in the released metadata.parquet, which holds only the patches without cloud,
+# shadow or seasonal snow (those 69,450 rows are in metadata_for_patches_with_snow_cloud_or_shadow.parquet). The
+# reBEN paper (Clasen et al., IGARSS 2025, arXiv:2407.03653) gives the total, 549,488 pairs, and no per-split table;
+# the per-split counts are those of the released file as two independent public reports count them (237,871 /
+# 122,342 / 119,825 = 480,038), and 480,038 + 69,450 = 549,488 matches the paper's total.
+PUBLISHED_V2 = {"train": 237_871, "val": 122_342, "test": 119_825}
+PUBLISHED_V2_FLAGGED = 69_450
+PUBLISHED_V2_TOTAL = 549_488
+PUBLISHED_V2_SOURCE = ("rows per split of reBEN's metadata.parquet (Zenodo record 10891137); total 549,488 with the "
+                       "69,450 flagged rows: Clasen et al., arXiv:2407.03653")
+# v1: rows of the official train.csv / val.csv / test.csv (git.tu-berlin.de/rsim/BigEarthNet-MM_19-classes_models,
+# splits/, the lists torchgeo's BigEarthNet dataset downloads), which already leave out the cloudy and snowy
+# patches: 269,695 / 123,723 / 125,866 = 519,284 of the 590,326 pairs (Sumbul et al. 2021, arXiv:2105.07921).
+PUBLISHED_V1 = {"train": 269_695, "val": 123_723, "test": 125_866}
+PUBLISHED_V1_SOURCE = ("rows of BigEarthNet v1's official train/val/test.csv (BigEarthNet-MM_19-classes_models "
+                       "splits/); 590,326 pairs in all: Sumbul et al. 2021, arXiv:2105.07921")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +237,17 @@ def read_split_lists(splits_dir: str) -> dict[str, str]:
   return lookup
 
 
+def split_list_rows(splits_dir: str) -> dict[str, int]:
+  """Non-empty rows of each official split list in splits_dir (one patch, or an S2,S1 pair, per row)."""
+  out = {}
+  for split in SPLIT_FILES:
+    path = os.path.join(splits_dir, f"{split}.csv")
+    if os.path.exists(path):
+      with open(path, newline="") as f:
+        out[split] = sum(1 for row in csv.reader(f) if any(c.strip() for c in row))
+  return out
+
+
 def read_v2_metadata(paths: tuple[str, ...]) -> list[dict]:
   """Rows of reBEN's parquet files (the flagged-patches file appended), checked for the expected columns."""
   import pyarrow.parquet as pq  # lazy: only v2 needs it
@@ -291,8 +322,43 @@ def list_items(src: str, *, split: str | None = None, splits_dir: str | None = N
   else:
     items, exclusion = _list_v1(layout, splitter, workers, keep_cloudy, exclude_lists)
   items.sort(key=lambda it: it.name)
-  report = {"version": layout.version, "warnings": dict(sorted(splitter.warnings.items())), "exclusion": exclusion}
+  report = {"version": layout.version, "warnings": dict(sorted(splitter.warnings.items())), "exclusion": exclusion,
+            "official_splits": splitter.official, "listed": {}}
+  if splits_dir:
+    report["listed"] = split_list_rows(splits_dir)
+  elif splitter.official:
+    report["listed"] = exclusion.pop("metadata_split_rows")
+  exclusion.pop("metadata_split_rows", None)
   return items, report
+
+
+def describe(report: dict, *, split: str | None = None, splits_dir: str | None = None) -> dict:
+  """The `bigearthnet` section of the manifest (and of the TFDS builder's metadata): the release read, its layout,
+  where the splits came from and the cloud/shadow/snow exclusion applied (its counts go to `counts`)."""
+  v2 = report["version"] == "v2"
+  if splits_dir:
+    splits = "official v1 lists train.csv / val.csv / test.csv"
+  elif report.get("official_splits"):
+    splits = "official metadata.parquet split (validation -> val)"
+  elif split in (None, "", "official"):
+    splits = "everything in 'train' (no official split lists given)"
+  else:
+    splits = f"--split={split}"
+  return {"version": "2.0" if v2 else "1.0",
+          "layout": "reBEN metadata.parquet + nested product/patch folders" if v2 else
+                    "BigEarthNet-MM per-patch labels_metadata.json",
+          "splits": splits,
+          "exclusion": {k: v for k, v in report["exclusion"].items() if not k.startswith(("excluded", "kept_flagged"))}}
+
+
+def published_counts(report: dict) -> convert.PublishedCounts | None:
+  """Expected vs found split sizes when the run uses official splits (v2's metadata split, v1's lists); None
+  otherwise (a hash or single split of a subset has no published size)."""
+  if report["listed"] and report["version"] == "v2" and report.get("official_splits"):
+    return convert.PublishedCounts(PUBLISHED_V2, PUBLISHED_V2_SOURCE, listed=report["listed"])
+  if report["listed"] and report["version"] == "v1":
+    return convert.PublishedCounts(PUBLISHED_V1, PUBLISHED_V1_SOURCE, listed=report["listed"])
+  return None
 
 
 def _exclusion_report(flag_sets: dict[str, set[str]], keep_cloudy: bool, source: str):
@@ -337,6 +403,10 @@ def _list_v2(layout: Layout, split_for: _Splitter, keep_cloudy: bool) -> tuple[l
   flagged = {"cloud_or_shadow": {r["patch_id"] for r in rows if r["contains_cloud_or_shadow"]},
              "seasonal_snow": {r["patch_id"] for r in rows if r["contains_seasonal_snow"]}}
   excluded, exclusion = _exclusion_report(flagged, keep_cloudy, "metadata parquet flags")
+  # The published split sizes count metadata.parquet's rows, i.e. the patches without any flag.
+  exclusion["metadata_split_rows"] = dict(sorted(collections.Counter(
+      V2_SPLITS.get(r["split"], r["split"]) for r in rows
+      if not (r["contains_cloud_or_shadow"] or r["contains_seasonal_snow"])).items()))
   warnings = split_for.warnings
   items, seen = [], set()
   for r in rows:
@@ -613,29 +683,36 @@ def convert_dataset(src: str, out: str, *, num_shards: int = 4, on_bad: str = "f
                                                                       "excluded_seasonal_snow", "kept_flagged")}}
 
   extra_counts["s1_dropped"] = 0
+  published = published_counts(report)
 
-  def count(_, record):
+  def count(split, record):
     if not record["labels"]["ben19"]:
       extra_counts["no_ben19_labels"] += 1
     extra_counts["s1_dropped"] += "s1_dropped" in record["meta"]
+    if published is not None:
+      published.count(split)
 
   args = dict(src=os.path.abspath(src), split=split, splits_dir=splits_dir and os.path.abspath(splits_dir),
               unlisted_split=unlisted_split, num_shards=num_shards, on_bad=on_bad, keep_cloudy=keep_cloudy,
               exclude_lists=exclude_lists and os.path.abspath(exclude_lists))
-  info = {"version": "2.0" if v2 else "1.0", "layout": "reBEN metadata.parquet + nested product/patch folders"
-          if v2 else "BigEarthNet-MM per-patch labels_metadata.json", "splits": "official metadata.parquet split"
-          if v2 and not splits_dir and split in (None, "", "official") else "as args say",
-          "exclusion": {k: v for k, v in exclusion.items() if not k.startswith(("excluded", "kept_flagged"))}}
+  info = describe(report, split=split, splits_dir=splits_dir)
+  extra = {"warnings": report["warnings"], "bigearthnet": info}
+  if published is not None:
+    extra["published"] = published
   writer = DatasetWriter(out, num_shards=num_shards, source=SOURCE_V2 if v2 else SOURCE, licence=LICENCE,
                          created_by="data_prep.bigearthnet_mm", args=args,
                          label_sets=bigearthnet_labels.LABEL_SETS_V2 if v2 else bigearthnet_labels.LABEL_SETS,
-                         extra={"warnings": report["warnings"], "bigearthnet": info}, extra_counts=extra_counts)
+                         extra=extra, extra_counts=extra_counts)
   for k, v in report["warnings"].items():
     logging.warning("BigEarthNet: %s: %d patches", k, v)
   logging.info("BigEarthNet %s: %d items; excluded %d flagged patches (cloud/shadow %d, seasonal snow %d)",
                info["version"], len(items), exclusion["excluded"], exclusion["excluded_cloud_or_shadow"],
                exclusion["excluded_seasonal_snow"])
-  return convert.run(items, build, writer, on_bad=on_bad, workers=workers, desc="bigearthnet_mm", on_record=count)
+  manifest = convert.run(items, build, writer, on_bad=on_bad, workers=workers, desc="bigearthnet_mm",
+                         on_record=count)
+  if published is not None:
+    published.log(f"BigEarthNet {info['version']}")
+  return manifest
 
 
 FLAGS = flags.FLAGS

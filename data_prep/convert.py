@@ -165,3 +165,47 @@ def split_of(record_id: str, spec) -> str:
     if u < acc:
       return name
   return spec[-1][0]
+
+
+class PublishedCounts(dict):
+  """The manifest's `published` section: the split sizes a full copy of a dataset has (with the source that says
+  so), what this conversion found, and a warning for each split that came out smaller, so a partial download or a
+  truncated split list is visible in manifest.json rather than discovered at evaluation time.
+
+  It is a dict, given to DatasetWriter as `extra={"published": ...}` and updated while records are written (the
+  writer reads it at close). `found[split]` counts what `count` / `set_found` report (records, or chips for a
+  tiled dataset); `listed` optionally holds what the split lists or metadata named, to tell a short list from
+  missing files.
+  """
+
+  def __init__(self, expected: dict[str, int], source: str, unit: str = "records",
+               listed: dict[str, int] | None = None):
+    super().__init__(unit=unit, source=source, expected=dict(expected), found={s: 0 for s in expected},
+                     warnings=[])
+    if listed is not None:
+      self["listed"] = dict(listed)
+    self._update()
+
+  def count(self, split: str, n: int = 1) -> None:
+    self.set_found(split, self["found"].get(split, 0) + n)
+
+  def set_found(self, split: str, n: int) -> None:
+    if split in self["expected"]:
+      self["found"][split] = n
+      self._update()
+
+  def _update(self) -> None:
+    unit, listed = self["unit"], self.get("listed", {})
+    warnings = []
+    for split, want in self["expected"].items():
+      got = self["found"][split]
+      if got < want:
+        where = f" ({listed[split]} listed)" if split in listed else ""
+        warnings.append(f"{split}: {got} {unit} found{where}, {want} published: not the full dataset")
+      elif split in listed and listed[split] != want:
+        warnings.append(f"{split}: the source lists {listed[split]} {unit}, {want} published: another release?")
+    self["warnings"] = warnings
+
+  def log(self, name: str) -> None:
+    for w in self["warnings"]:
+      logging.warning("%s: %s (published: %s)", name, w, self["source"])

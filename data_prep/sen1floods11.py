@@ -23,7 +23,9 @@ Files as released (cloudtostreet/Sen1Floods11, docs/README.md): every chip in EP
 there is no data (chip_io.as_uint16 keeps 0, Sentinel-2's own no-data value); S1Hand float32 dB with NaN no-data.
 Evaluation coverage: the manifest's `coverage` counts, per split, the chips and those whose S1 was dropped (they are
 in the s2_only group: an S1+S2 evaluation reading only the paired group would silently skip them), beside the
-published count (90 test chips in flood_test_data.csv).
+published count (90 test chips in flood_test_data.csv). With split files, the manifest's `published` section sets
+the chips found per split beside the published sizes (`PUBLISHED_CHIPS`: 252 / 89 / 90 / 15, sources next to it)
+and the rows of each split file (`listed`), with a warning for every split that came out smaller.
 
 Decisions:
 - S1 NaN/inf pixels are filled and flagged in `s1_valid` (records.clean_s1). The mask is NOT changed there: it is
@@ -53,7 +55,14 @@ from mmrs.data import label_sets, records
 
 SOURCE = "Sen1Floods11 v1.1 hand-labelled chips (Bonafilia et al. 2020), https://github.com/cloudtostreet/Sen1Floods11"
 LICENCE = "CC-BY-4.0"
-PUBLISHED_CHIPS = {"train": 252, "val": 89, "test": 90, "bolivia": 15}  # rows of the v1.1 flood_*_data.csv files
+# Rows of the v1.1 split files splits/flood_handlabeled/flood_{train,valid,test,bolivia}_data.csv: 252 / 89 / 90 /
+# 15. They add up to the 446 hand-labelled chips of cloudtostreet/Sen1Floods11 docs/README.md ("LabelHand/: 446
+# labeled chips"); the MixMAE paper (Linial et al., Table 1) trains on the 252 and tests on the 90; the row counts
+# are as public surveys of the gs://sen1floods11 bucket report them (the CSVs are not in the GitHub repository).
+PUBLISHED_CHIPS = {"train": 252, "val": 89, "test": 90, "bolivia": 15}
+PUBLISHED_TOTAL = 446
+PUBLISHED_SOURCE = ("rows of the v1.1 splits/flood_handlabeled/flood_*_data.csv; 446 hand-labelled chips in all "
+                    "(cloudtostreet/Sen1Floods11 docs/README.md)")
 SPLIT_FILES = {"train": "flood_train_data.csv", "val": "flood_valid_data.csv",
                "test": "flood_test_data.csv", "bolivia": "flood_bolivia_data.csv"}
 _SUFFIXES = ("_S1Hand", "_S2Hand", "_LabelHand")
@@ -110,7 +119,7 @@ def list_items(src: str, *, tile: int = 0, splits_dir: str = "auto", split: str 
   elif not os.path.isdir(splits_dir):
     raise ValueError(f"--splits_dir={splits_dir} is not a directory (use auto, none, or the folder holding "
                      f"{', '.join(SPLIT_FILES.values())}).")
-  summary = {"splits_dir": splits_dir, "listed_but_missing": [], "unlisted": 0}
+  summary = {"splits_dir": splits_dir, "listed_but_missing": [], "unlisted": 0, "listed": {}}
   if splits_dir is None:
     spec = convert_lib.parse_split_spec(split)
     return [Item(c, hand, (convert_lib.split_of(event_of(c), spec),), tile) for c in chips], summary
@@ -118,12 +127,21 @@ def list_items(src: str, *, tile: int = 0, splits_dir: str = "auto", split: str 
   for name, fname in SPLIT_FILES.items():
     path = os.path.join(splits_dir, fname)
     if os.path.exists(path):
-      for c in dict.fromkeys(chip_id(n) for n in splitting.load_name_list(path)):
+      names = dict.fromkeys(chip_id(n) for n in splitting.load_name_list(path))
+      summary["listed"][name] = len(names)
+      for c in names:
         listed.setdefault(c, []).append(name)
   known = set(chips)
   summary["listed_but_missing"] = sorted(c for c in listed if c not in known)
   summary["unlisted"] = sum(c not in listed for c in chips)
   return [Item(c, hand, tuple(listed.get(c, ["unlisted"])), tile) for c in chips], summary
+
+
+def published_counts(summary: dict) -> convert_lib.PublishedCounts | None:
+  """Chips found per split beside the published split sizes, when the official split files were read."""
+  if not summary["splits_dir"]:
+    return None
+  return convert_lib.PublishedCounts(PUBLISHED_CHIPS, PUBLISHED_SOURCE, unit="chips", listed=summary["listed"])
 
 
 def build(item: Item) -> list[tuple[str, dict]]:
@@ -184,6 +202,7 @@ def convert(src: str, out: str, *, tile: int = 0, splits_dir: str = "auto", spli
   counts = {"s1_dropped": 0}
   chips: dict[str, tuple[set, set]] = {}
   coverage: dict[str, dict] = {}  # filled as records are written; the writer puts it in the manifest at close
+  published = published_counts(summary)
 
   def on_record(split, rec):
     chip_io.count_s1_dropped(counts, rec)
@@ -194,13 +213,20 @@ def convert(src: str, out: str, *, tile: int = 0, splits_dir: str = "auto", spli
     coverage[split] = {"chips": len(seen), "chips_with_s1": len(seen - dropped), "s1_dropped_chips": sorted(dropped)}
     if summary["splits_dir"] and split in PUBLISHED_CHIPS:
       coverage[split]["published_chips"] = PUBLISHED_CHIPS[split]
+    if published is not None:
+      published.set_found(split, len(seen))
 
+  extra = {"split_files": summary, "coverage": coverage}
+  if published is not None:
+    extra["published"] = published
   writer = DatasetWriter(out, num_shards=num_shards, source=SOURCE, licence=LICENCE,
                          created_by="data_prep.sen1floods11", args=args,
                          label_sets=label_sets.manifest_entry(label_sets.SEN1FLOODS11),
-                         extra={"split_files": summary, "coverage": coverage}, extra_counts=counts)
+                         extra=extra, extra_counts=counts)
   manifest = convert_lib.run(items, build, writer, on_bad=on_bad, workers=workers, desc="sen1floods11",
                              on_record=on_record)
+  if published is not None:
+    published.log("Sen1Floods11")
   for split, c in sorted(coverage.items()):
     if c["chips_with_s1"] < c["chips"] or c["chips"] < c.get("published_chips", 0):
       logging.warning("Sen1Floods11 %s: %d chips written (published: %s), %d with S1: an S1+S2 evaluation of the "

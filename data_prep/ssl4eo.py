@@ -55,6 +55,10 @@ SOURCE = "SSL4EO-S12 (Wang et al. 2022), https://mediatum.ub.tum.de/1660427"
 LICENCE = "CC-BY-4.0"
 S2_DIRS = {"L1C": "s2c", "L2A": "s2a"}
 GRID = 264  # nominal 10 m chip size (132 at 20 m, 44 at 60 m)
+# zhu-xlab/SSL4EO-S12 README.md: patch triplets "from 251079 locations across the globe", four seasonal time stamps
+# each, "some void IDs" among them. An upper bound, not an exact count: the manifest's `pairing` section sets it
+# beside the `locations` found (a full download has somewhat fewer), without a warning.
+PUBLISHED_LOCATIONS = 251_079
 _TIME = re.compile(r"(\d{8}T\d{6})")
 
 
@@ -117,7 +121,8 @@ def list_items(src: str, s2_level: str = "L1C", max_days: float = 92.0,
   spec = convert_lib.parse_split_spec(split)
   locations = sorted(set(os.listdir(s2_root)) | (set(os.listdir(s1_root)) if os.path.isdir(s1_root) else set()))
   items, summary = [], dict(locations=0, s2_acquisitions=0, s1_acquisitions=0, matched=0, s2_unmatched=0,
-                            s1_unmatched=0, s1_only_locations=0, max_days=max_days)
+                            s1_unmatched=0, s1_only_locations=0, max_days=max_days,
+                            published_locations=PUBLISHED_LOCATIONS)
   for loc in locations:
     s2s, s1s = _acquisitions(s2_root, loc), _acquisitions(s1_root, loc)
     if not s2s and not s1s:

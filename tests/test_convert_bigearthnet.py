@@ -239,6 +239,12 @@ def test_official_split_lists(tmp_path):
       PAIR_S2: "train", "S2B_MSIL2A_20180421T114349_47_56": "train", LONELY_S2: "val", LONELY_S1: "val",
       "S2A_MSIL2A_20170617T113321_4_55": "test"}
   assert m["warnings"]["not_in_splits"] == 17 - 5
+  # Official lists: the records found per split beside the published v1 split sizes and the lists' rows.
+  p = m["published"]
+  assert p["expected"] == {"train": 269_695, "val": 123_723, "test": 125_866} == bigearthnet_mm.PUBLISHED_V1
+  assert p["found"] == {"train": 2, "val": 2, "test": 1} and p["listed"] == {"train": 2, "val": 2, "test": 1}
+  assert "val: 2 records found (2 listed), 123723 published: not the full dataset" in p["warnings"]
+  assert m["bigearthnet"]["splits"] == "official v1 lists train.csv / val.csv / test.csv"
   m2 = bigearthnet_mm.convert_dataset(SAMPLE, str(tmp_path / "all"), num_shards=1, splits_dir=str(d),
                                       unlisted_split="extra")
   assert len(read_all(str(tmp_path / "all"))) == 17

@@ -126,6 +126,19 @@ def test_v2_command_line_end_to_end(v2_src, tmp_path):
   recs = read_all(out)
   assert {k: v[0] for k, v in recs.items()} == {pid_of(0): "train", pid_of(1): "train", pid_of(2): "val",
                                                 pid_of(3): "test"}
+  # Expected vs found: the published split sizes beside metadata.parquet's rows and the records written.
+  p = m["published"]
+  assert p["expected"] == {"train": 237_871, "val": 122_342, "test": 119_825}
+  assert p["listed"] == p["found"] == {"train": 2, "val": 1, "test": 1}
+  assert "test: 1 records found (1 listed), 119825 published: not the full dataset" in p["warnings"]
+  assert "test: 1 records found" in res.stderr  # and in the log
+
+
+def test_published_v2_split_sizes_add_up_to_the_paper_total():
+  # metadata.parquet (clean rows) + the flagged file = the 549,488 pairs of the reBEN paper.
+  assert sum(bigearthnet_mm.PUBLISHED_V2.values()) + bigearthnet_mm.PUBLISHED_V2_FLAGGED == \
+      bigearthnet_mm.PUBLISHED_V2_TOTAL == 549_488
+  assert sum(bigearthnet_mm.PUBLISHED_V1.values()) == 519_284  # v1 lists: 590,326 pairs less the flagged ones
 
 
 def test_v2_record_pixels_labels_and_metadata(v2_src, tmp_path):
@@ -249,3 +262,51 @@ def test_v2_with_v1_split_lists_matches_through_s2v1_name(v2_src, tmp_path):
   items, report = bigearthnet_mm.list_items(v2_src, splits_dir=str(d))
   assert {i.name: i.split for i in items} == {pid_of(0): "train", pid_of(3): "test"}
   assert report["warnings"]["not_in_splits"] == 2
+
+
+def test_tfds_builder_reads_v2_official_splits_without_flagged_patches(v2_src, tmp_path):
+  """`data_prep.tfds.prepare` on a v2 folder: the v2 config is detected (the converter's `detect`), splits are the
+  parquet's, labels the 19 classes, S1 from s1_name, cloudy/snowy patches left out unless keep_cloudy."""
+  from data_prep.tfds import common
+  from data_prep.tfds.bigearthnet_mm import MmrsBigearthnetMm
+  import tensorflow_datasets as tfds
+
+  data_dir = str(tmp_path / "tfds")
+  res = subprocess.run([sys.executable, "-m", "data_prep.tfds.prepare", "--dataset=mmrs_bigearthnet_mm",
+                        f"--manual_dir={v2_src}", f"--data_dir={data_dir}"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+  assert res.returncode == 0, res.stderr
+  assert f"tfds:mmrs_bigearthnet_mm/v2:SPLIT@{data_dir}" in res.stdout
+
+  def read(split, d=data_dir):
+    ds = tfds.data_source("mmrs_bigearthnet_mm/v2", split=split, data_dir=d)
+    return {ds[i]["id"].decode(): ds[i] for i in range(len(ds))}, ds.dataset_info.metadata
+
+  got = {s: read(s)[0] for s in ("train", "val", "test")}
+  assert {s: sorted(g) for s, g in got.items()} == {"train": sorted([pid_of(0), pid_of(1)]), "val": [pid_of(2)],
+                                                    "test": [pid_of(3)]}
+  _, md = read("train")
+  assert md["source"] == bigearthnet_mm.SOURCE_V2 and list(md["label_sets"]) == ["ben19"]
+  ben = md["bigearthnet"]
+  assert ben["version"] == "2.0" and ben["exclusion"]["applied"] is True and ben["keep_cloudy"] is False
+  assert ben["counts"]["excluded"] == 2 and ben["counts"]["excluded_cloud_or_shadow"] == 1
+  assert md["published"]["found"] == {"train": 2, "val": 1, "test": 1}
+  assert md["published"]["expected"] == bigearthnet_mm.PUBLISHED_V2
+  # The same pixels, S1 partner and 19-class labels as the converter's record.
+  item = next(i for i in bigearthnet_mm.list_items(v2_src)[0] if i.name == pid_of(0))
+  (_, rec), = bigearthnet_mm.build(item)
+  ex = got["train"][pid_of(0)]
+  np.testing.assert_array_equal(ex["s2"], rec["s2"])
+  np.testing.assert_array_equal(ex["s1"], rec["s1"])
+  assert list(ex["label_ben19"]) == rec["labels"]["ben19"] and len(rec["labels"]["ben19"]) > 0
+  assert "label_corine43" not in ex
+  # keep_cloudy keeps the flagged patches, in their official split, and says so.
+  kept = str(tmp_path / "kept")
+  common.prepare(MmrsBigearthnetMm, v2_src, kept, keep_cloudy=True)
+  train, md = read("train", kept)
+  assert pid_of(4) in train and pid_of(5) in read("test", kept)[0]
+  assert md["bigearthnet"]["keep_cloudy"] is True and md["bigearthnet"]["exclusion"]["applied"] is False
+  assert md["bigearthnet"]["counts"]["kept_flagged"] == 2
+  # The v1 config on v2 data is a one-line error that names the config to build.
+  with pytest.raises(ValueError, match="holds BigEarthNet v2 but this build is config 'v1'.*config 'v2'"):
+    common.prepare(MmrsBigearthnetMm, v2_src, str(tmp_path / "wrong"), config="v1")

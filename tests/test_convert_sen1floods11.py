@@ -135,6 +135,32 @@ def test_s1_nan_flagged_mask_kept_and_mostly_nodata_dropped(converted):
   assert "published_chips" not in m["coverage"]["unlisted"]
 
 
+def test_manifest_sets_found_chips_beside_the_published_split_sizes(converted):
+  _, m = converted
+  p = m["published"]
+  assert p["expected"] == {"train": 252, "val": 89, "test": 90, "bolivia": 15} == sen1floods11.PUBLISHED_CHIPS
+  assert sum(p["expected"].values()) == sen1floods11.PUBLISHED_TOTAL  # the 446 hand-labelled chips
+  assert p["unit"] == "chips" and "flood_" in p["source"]
+  # found: chips written per split (whatever their S1); listed: rows of each split file (Peru_9 has no files).
+  assert p["found"] == {"train": 2, "val": 1, "test": 1, "bolivia": 1}
+  assert p["listed"] == {"train": 2, "val": 1, "test": 2, "bolivia": 1}
+  assert "test: 1 chips found (2 listed), 90 published: not the full dataset" in p["warnings"]
+  assert len(p["warnings"]) == 4  # every split of this fixture is smaller than published
+
+
+def test_full_split_files_give_no_published_warning():
+  full = convert.PublishedCounts(sen1floods11.PUBLISHED_CHIPS, "x", unit="chips",
+                                 listed=dict(sen1floods11.PUBLISHED_CHIPS))
+  for split, n in sen1floods11.PUBLISHED_CHIPS.items():
+    full.set_found(split, n)
+  assert full["warnings"] == []
+  full.set_found("test", 89)  # one test chip lost (e.g. a missing S2Hand file skipped with --on_bad=skip)
+  assert full["warnings"] == ["test: 89 chips found (90 listed), 90 published: not the full dataset"]
+  other = convert.PublishedCounts({"test": 90}, "x", listed={"test": 91})
+  other.set_found("test", 91)
+  assert other["warnings"] == ["test: the source lists 91 records, 90 published: another release?"]
+
+
 def test_tiles_drop_unlabelled_and_hash_split_keeps_chip_together(src, tmp_path):
   hand = os.path.join(src, "data", "flood_events", "HandLabeled")  # --src may be the HandLabeled folder too
   m = sen1floods11.convert(hand, str(tmp_path / "t"), tile=16, splits_dir="none", split="hash:0.5,0.5",

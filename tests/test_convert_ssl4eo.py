@@ -99,6 +99,7 @@ def test_counts_and_pairing(converted):
   p = m["pairing"]
   assert (p["locations"], p["s2_acquisitions"], p["s1_acquisitions"], p["matched"]) == (4, 5, 5, 4)
   assert (p["s2_unmatched"], p["s1_unmatched"], p["s1_only_locations"]) == (1, 1, 1)
+  assert p["published_locations"] == 251_079  # beside `locations`: the full dataset's (void ids make it fewer)
   assert m["licence"] == "CC-BY-4.0" and "SSL4EO-S12" in m["source"]
   assert m["bands"]["s2"] == list(bands.S2_L1C_BANDS)
 

@@ -139,6 +139,11 @@ def test_sen1floods11_s1s2_skips_chips_without_s1_and_s2_keeps_them(tmp_path):
   common.prepare(MmrsSen1floods11, str(tmp_path / "v1.1"), data_dir, config="s1s2")
   got, md = read("mmrs_sen1floods11/s1s2", "train", data_dir)
   assert list(got) == ["Ghana_1"] and md["skipped"] == {"train": {"missing_s1": 1}}
+  # Chips written beside the published split sizes: the S1+S2 build lost India_2 (its S1 is mostly no-data).
+  pub = md["published"]
+  assert pub["expected"] == sen1floods11.PUBLISHED_CHIPS and pub["listed"] == {"train": 2}
+  assert pub["found"] == {"train": 1, "val": 0, "test": 0, "bolivia": 0}
+  assert "train: 1 chips found (2 listed), 252 published: not the full dataset" in pub["warnings"]
   assert got["Ghana_1"]["s1"].shape == (n, n, 2) and (got["Ghana_1"]["mask"][:10] == -1).all()
   common.prepare(MmrsSen1floods11, str(tmp_path / "v1.1"), data_dir, config="s2")
   got, md = read("mmrs_sen1floods11/s2", "train", data_dir)

@@ -8,7 +8,12 @@ Each dataset module sets the converter, its list_items arguments and the feature
   array_record files read as raw bytes;
 - DatasetInfo.metadata: `bands`, `stats` (per-band mean/std/percentiles of the train split, the same numbers as a
   shard directory's stats.json; the pipeline normalizes with them), `label_sets`, `source`, `licence`, and
-  `skipped` (counts: bad input skipped with on_bad="skip", records lacking a modality the features need).
+  `skipped` (counts: bad input skipped with on_bad="skip", records lacking a modality the features need); a builder
+  may add what its converter's listing reports (`listing_metadata`, e.g. BigEarthNet's release and exclusion) and
+  `published` (`published_counts`: the published split sizes beside the examples written, with a warning per
+  split that came out smaller, as the converters' manifests have it);
+- a builder with one config per release of its dataset picks it from manual_dir (`config_for_manual_dir`) when
+  `prepare` gets no config;
 Bad input fails the build with the item named (on_bad="fail", the default), or is skipped and counted
 (`tfds.builder(NAME, on_bad="skip")` / `Builder(on_bad="skip")`). Works without TensorFlow: prepare with
 `file_format="array_record"` and read with `tfds.data_source` (or the pipeline's `tfds:NAME[:SPLIT]@DATA_DIR`).
@@ -94,27 +99,48 @@ class ConverterBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     raise NotImplementedError
 
   def list_kwargs(self, config) -> dict:
+    """Arguments of the converter's list_items (`self._manual_dir` is set)."""
     return {}
+
+  def listing_metadata(self, report) -> dict:
+    """Entries for DatasetInfo.metadata from the second value list_items returns."""
+    return {}
+
+  def published_counts(self, report):
+    """A data_prep.convert.PublishedCounts of the splits this build makes, or None when none is published."""
+    return None
+
+  def source_for(self, config) -> str:
+    return getattr(self.converter, "SOURCE", "")
+
+  @classmethod
+  def config_for_manual_dir(cls, manual_dir: str) -> str | None:
+    """The config `prepare` builds when given none (None: the builder's default)."""
+    return None
 
   # --- tfds ------------------------------------------------------------------------------------------------
   def _info(self) -> tfds.core.DatasetInfo:
     features, bands, label_sets = self.features_for(self.builder_config)
     conv = self.converter
+    source = self.source_for(self.builder_config)
     metadata = tfds.core.MetadataDict(
         bands={m: list(b) for m, b in bands.items()}, label_sets=label_sets,
-        source=getattr(conv, "SOURCE", ""), licence=getattr(conv, "LICENCE", ""))
+        source=source, licence=getattr(conv, "LICENCE", ""))
     return tfds.core.DatasetInfo(builder=self, description=(self.__doc__ or "").strip(),
                                  features=tfds.features.FeaturesDict(features), metadata=metadata,
-                                 homepage=getattr(conv, "SOURCE", ""))
+                                 homepage=source)
 
   def _split_generators(self, dl_manager):
-    items, _ = self.converter.list_items(str(dl_manager.manual_dir), **self.list_kwargs(self.builder_config))
+    self._manual_dir = str(dl_manager.manual_dir)
+    items, report = self.converter.list_items(self._manual_dir, **self.list_kwargs(self.builder_config))
     if not items:
       raise ValueError(f"{self.name}: no items found under {dl_manager.manual_dir}; see the manual download "
                        "instructions for the expected layout.")
     splits = sorted({s for it in items for s in _splits(it)})
     self._stats: dict[str, dict[str, BandStats]] = {}
     self._skipped: dict[str, collections.Counter] = {}
+    self.info.metadata.update(self.listing_metadata(report))
+    self._published = self.published_counts(report)
     return {s: self._generate_examples(items, s) for s in splits}
 
   def _built(self, items) -> Iterator[tuple[str, Any, Any]]:
@@ -152,6 +178,8 @@ class ConverterBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                              f"features say {bands[m]}.")
           stats[m].add(rec[m], rec.get("s1_valid") if m == "s1" else None)
         yield rec["id"], self._example(rec, feature_keys)
+        if self._published is not None:
+          self._published.count(split)
     self._finish_split(split)
 
   def _example(self, rec: dict, keys: set) -> dict:
@@ -178,10 +206,18 @@ class ConverterBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for s, c in self._skipped.items():
       if c:
         logging.warning("%s split %s: skipped %s", self.name, s, dict(c))
+    if self._published is not None:  # plain JSON types: the metadata is saved as JSON
+      md["published"] = {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
+                         for k, v in self._published.items()}
+      for w in self._published["warnings"]:
+        if w.startswith(f"{split}:"):
+          logging.warning("%s: %s (published: %s)", self.name, w, self._published["source"])
 
 
 def prepare(builder_cls, manual_dir: str, data_dir: str, config: str | None = None, **kwargs):
   """Builds `builder_cls` from `manual_dir` into `data_dir` (array_record); returns the builder."""
+  if config is None:
+    config = builder_cls.config_for_manual_dir(manual_dir)
   builder = builder_cls(data_dir=data_dir, config=config, file_format=FILE_FORMAT, **kwargs)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
