@@ -172,7 +172,8 @@ def test_learned_position_embeddings_are_interpolated():
   out = convert.interpolate_pos_embed(pos, (4, 4), (8, 8))
   assert out.shape == (1, 65, 1) and out[0, 0, 0] == 5.0
   grid = out[0, 1:, 0].reshape(8, 8)
-  np.testing.assert_allclose(np.diff(grid[2:6, 3]), 0.5, atol=1e-5)  # still linear inside the grid
+  np.testing.assert_array_less(0, np.diff(grid, axis=0))  # still increasing along rows (bicubic: see
+  np.testing.assert_array_less(0, np.diff(grid, axis=1))  # tests/test_finetune_recipe.py)
 
 
 def test_convert_checkpoint_command_line(pretrained, tmp_path):

@@ -8,7 +8,17 @@ paper finetunes; AdamW for RS-BYOL's EuroSAT/DFC2020 probes; demo / tiny: AdamW)
 Keys (all variants): init_from (a converted encoder directory, "" = random init), frozen (True = only the head
 trains), head, label_fraction (0.01 / 0.1 / 0.5 / 1.0), subset_seed, modalities (s2 | s1 | s1+s2), fusion
 (concat | sum: how S1+S2 meet in the encoder, mmrs/finetune/method.py), shards,
-eval_shards, steps, batch_size, lr.
+eval_shards, steps, batch_size, lr; layer_decay and drop_path (the MAE finetune recipe; -1 = the variant's default).
+
+The paper variant's finetune recipe (a trained ViT encoder, frozen=False): the MixMAE paper states only "a batch size
+of 4096 and the AdaFactor optimizer" and the step counts; everything it leaves open is MAE's ViT-B finetune recipe
+(He et al. 2022, official FINETUNE.md): layer-wise lr decay 0.65 (finetune.layer_decay), drop path 0.1
+(model.drop_path_rate), lr = 5e-4 * batch_size / 256 (MAE's base lr and linear scaling rule), 5 % linear warmup
+then cosine decay (MAE: 5 of 100 epochs), weight decay 0.05, AdamW's betas 0.9 / 0.999 where AdamW is used, no
+gradient clipping (clip_norm=0; Adafactor clips its own updates at RMS 1). For ViT-L/H MAE uses layer_decay=0.75
+and drop_path 0.2 / 0.3, lr 1e-3 * batch / 256: pass them. Not reproduced: MAE's ImageNet augmentations (RandAug,
+mixup, cutmix, label smoothing, random erasing). Frozen runs (linear probes) keep lr 1e-3 (frozen_lr), no
+layer decay, no drop path. demo / tiny: layer_decay 1.0 and drop_path 0 (off).
 
 Config keys read by mmrs/finetune:
   init_from; finetune.{dataset, task (multilabel | class | segmentation), head (linear | mlp | vitlite), frozen,
@@ -16,7 +26,9 @@ Config keys read by mmrs/finetune:
   num_classes, pool (mean | cls), normalization (encoder: init_from's encoder.json statistics | dataset: the data's
   stats.json; see mmrs/finetune/encoder_api.py), mlp_hidden_dim, decoder (ViT size of the vitlite head), decoder_depth,
   class_names, report_classes (segmentation: the classes miou / average_accuracy average over; *_all = every class)};
-  model.{backbone (vit | resnet18/50...), encoder, patch_size, use_cls_token, dropout_rate} and bands.{s2, s1}
+  finetune.layer_decay (layer-wise lr decay, 1.0 = off);
+  model.{backbone (vit | resnet18/50...), encoder, patch_size, use_cls_token, dropout_rate, drop_path_rate,
+  scan_layers, remat_policy} and bands.{s2, s1}
   for a random init (with init_from they are filled from encoder.json); data.train / data.eval (+ split,
   label_set, indices: the label-fraction subset, filled by mmrs.finetune.method.prepare_config); eval_batch_size.
 """
@@ -28,6 +40,9 @@ from mmrs import bands as bands_lib
 SAMPLE_SHARDS = "runs/data/bigearthnet_mm_sample"
 ARG_DEFAULTS = dict(variant="paper", init_from="", frozen=False, head="", label_fraction=1.0, subset_seed=0,
                     modalities="", fusion="concat", shards="", eval_shards="", steps=0, batch_size=0, lr=0.0)
+ARG_DEFAULTS.update(layer_decay=-1.0, drop_path=-1.0)  # the MAE finetune recipe; -1 = the variant's default
+# MAE's ViT-B finetune recipe (He et al. 2022, FINETUNE.md): what the paper variant uses where the papers say nothing.
+MAE_RECIPE = dict(base_lr=5e-4, layer_decay=0.65, drop_path=0.1)
 
 
 def finetune_config(arg, *, dataset: str, task: str, label_set: str, num_classes: int, modalities: str,
@@ -86,6 +101,16 @@ def finetune_config(arg, *, dataset: str, task: str, label_set: str, num_classes
     c.total_steps = arg.steps
   if arg.batch_size:
     c.batch_size = arg.batch_size
+  if variant == "paper" and not arg.frozen:  # the MAE finetune recipe (module docstring)
+    c.optimizer.learning_rate = MAE_RECIPE["base_lr"] * c.batch_size / 256
+    c.optimizer.clip_norm = 0.0
+    c.finetune.layer_decay, c.model.drop_path_rate = MAE_RECIPE["layer_decay"], MAE_RECIPE["drop_path"]
+  else:
+    c.finetune.layer_decay, c.model.drop_path_rate = 1.0, 0.0
+  if arg.layer_decay >= 0:
+    c.finetune.layer_decay = arg.layer_decay
+  if arg.drop_path >= 0:
+    c.model.drop_path_rate = arg.drop_path
   if arg.lr:
     c.optimizer.learning_rate = arg.lr
 

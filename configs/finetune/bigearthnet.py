@@ -15,6 +15,8 @@ would change the ground sampling distance the encoder was pretrained at (or give
 modalities=s1 or s1+s2 give the JointMAE paper's S1 / S1+S2 rows (convert the encoder with those modalities;
 fusion=concat|sum, see mmrs/finetune/method.py). Shards from `python -m data_prep.bigearthnet_mm --splits_dir=...`
 (official train / val / test); the evaluation split is test.
+Finetune recipe beyond what the paper states (optimizer, batch, steps): MAE's ViT-B recipe, layer_decay 0.65,
+drop path 0.1, lr 5e-4 * batch / 256, 5 % warmup + cosine, weight decay 0.05 (configs/finetune/__init__.py).
 demo / tiny: the bundled sample (one split: train = eval, a smoke test).
 """
 from configs.finetune import finetune_config

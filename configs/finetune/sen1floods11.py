@@ -10,6 +10,8 @@ chips); two classes (not water, water) with -1 ignored instead of three: the han
 no-data with the same value -1, so a "cloud" class could only be trained on no-data pixels too; the reported
 metric, water IoU (`iou_water`), is the paper's. frozen=True gives the frozen-encoder row. Shards from
 `python -m data_prep.sen1floods11` (hand-labelled train / val / test / bolivia splits).
+Finetune recipe beyond what the paper states (optimizer, batch, steps): MAE's ViT-B recipe, layer_decay 0.65,
+drop path 0.1, lr 5e-4 * batch / 256, 5 % warmup + cosine, weight decay 0.05 (configs/finetune/__init__.py).
 """
 from configs.finetune import finetune_config
 from mmrs import bands as bands_lib

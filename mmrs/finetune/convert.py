@@ -19,8 +19,9 @@ What conversion does (ViT encoders of the MAE family; RS-BYOL's ResNet backbone)
   <resize(x), w_new> = <x, w_old> for every old-size patch x when upsampling (exact), and in the least-squares
   sense when downsampling;
 - position embeddings: the encoder's are fixed 2D sin-cos, recomputed for whatever grid the images give, so
-  nothing is stored; a learned `pos_embed` param (not used by mmrs' ViT, kept for imported models) would be
-  bilinearly interpolated to the new grid (`interpolate_pos_embed`).
+  nothing is stored; a learned `pos_embed` param (not used by mmrs' ViT, kept for imported models) is resampled
+  to the new grid bicubically, as MAE's `interpolate_pos_embed` and timm's `resample_abs_pos_embed` do
+  (`interpolate_pos_embed`: PyTorch's bicubic, a = -0.75, align_corners=False, no antialiasing; any grid shape).
 """
 from __future__ import annotations
 
@@ -193,18 +194,40 @@ def resize_patch_kernel(kernel: np.ndarray, old: int, new: int, channels: int) -
   return (pinv @ w).astype(np.float32).reshape(new * new * channels, d)
 
 
+def bicubic_matrix(old: int, new: int, a: float = -0.75) -> np.ndarray:
+  """(new, old) matrix of PyTorch's 1-D bicubic resampling (`F.interpolate(mode="bicubic", align_corners=False)`
+  without antialiasing): output i samples the input at x = (i + 0.5) * old / new - 0.5 with Keys' cubic kernel
+  (a = -0.75, PyTorch's choice; jax.image.resize's "cubic" uses a = -0.5 and renormalizes at the borders, so it is
+  not what MAE/timm checkpoints were resampled with), reading beyond the border as the edge value."""
+  def kernel(t):
+    t = np.abs(t)
+    return np.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                    np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0))
+
+  x = (np.arange(new, dtype=np.float64) + 0.5) * (old / new) - 0.5
+  base = np.floor(x)
+  frac = x - base
+  out = np.zeros((new, old), np.float64)
+  rows = np.arange(new)
+  for k in range(-1, 3):
+    np.add.at(out, (rows, np.clip(base.astype(int) + k, 0, old - 1)), kernel(frac - k))
+  return out
+
+
 def interpolate_pos_embed(pos: np.ndarray, old_grid: tuple[int, int], new_grid: tuple[int, int],
                           num_prefix: int = 1) -> np.ndarray:
-  """Learned (1, prefix + gh*gw, D) position embeddings -> the new grid, bilinearly (prefix tokens kept)."""
-  import jax  # pylint: disable=g-import-not-at-top
-
+  """Learned (1, prefix + gh*gw, D) position embeddings (row-major grid) -> (1, prefix + new_h*new_w, D), resampled
+  bicubically per axis as MAE/timm do (`bicubic_matrix`); prefix (CLS) tokens are kept. Grids may be non-square."""
   if tuple(old_grid) == tuple(new_grid):
     return pos
+  (oh, ow), (nh, nw) = tuple(old_grid), tuple(new_grid)
   prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
   d = grid.shape[-1]
-  grid = grid.reshape(old_grid[0], old_grid[1], d)
-  new = np.asarray(jax.image.resize(grid, (*new_grid, d), "bilinear", antialias=False), np.float32)
-  return np.concatenate([prefix, new.reshape(1, -1, d)], axis=1)
+  if grid.shape[1] != oh * ow:
+    raise ConversionError(f"pos_embed has {grid.shape[1]} grid tokens, not {oh}x{ow} (+{num_prefix} prefix).")
+  grid = np.asarray(grid, np.float64).reshape(oh, ow, d)
+  new = np.einsum("ih,jw,hwd->ijd", bicubic_matrix(oh, nh), bicubic_matrix(ow, nw), grid)
+  return np.concatenate([prefix, new.reshape(1, nh * nw, d).astype(pos.dtype)], axis=1)
 
 
 # --- the conversion ------------------------------------------------------------------------------------------------

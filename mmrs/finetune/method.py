@@ -15,6 +15,13 @@ S1+S2 input (`finetune.fusion`): "concat" (default) feeds the encoder 2L tokens,
 and one position embedding, as JointMAE's encoder saw them (MixMAE's per-position S1-or-S2 tokens are the L-token
 special case); classification heads mean-pool all 2L tokens, segmentation heads get the mean of each position's two
 tokens. "sum" adds the two modalities' tokens per position (one position embedding): a layout no method pretrained.
+The MAE finetune recipe (He et al. 2022, as BEiT): layer-wise lr decay (`finetune.layer_decay` d < 1: block i of
+L trains at lr * d^(L - i), the entry layers at lr * d^(L + 1), final norm and head at lr; prepare_config hands it to
+the optimizer as optimizer.layer_decay, mmrs/train/optimizers.py) and drop path (`model.drop_path_rate`: stochastic
+depth rising linearly over the blocks, in training only, mmrs/models/vit.py). Both act on a trained ViT encoder:
+with a frozen encoder they change nothing, and a ResNet encoder has neither (an error unless frozen).
+`model.scan_layers` / `model.remat_policy` apply to the finetuned encoder as in pretraining (the converted encoder's
+per-block weights are stacked on load).
 Losses: multilabel = sigmoid cross-entropy (mean over classes), class = softmax cross-entropy, segmentation =
 per-pixel softmax cross-entropy over labelled pixels (-1 = ignore).
 """
@@ -36,6 +43,7 @@ from mmrs.finetune import encoder_api
 from mmrs.finetune import heads as heads_lib
 from mmrs.methods import flops as flops_lib
 from mmrs.methods.base import Task
+from mmrs.models import layout
 from mmrs.models import sizes
 
 TASKS = ("multilabel", "class", "segmentation")
@@ -82,6 +90,14 @@ def prepare_config(config) -> None:
       if config.bands.get(m) != want:
         logging.info("config.bands.%s <- %s (from %s)", m, want, config.init_from)
         config.bands[m] = want
+  decay = float(config.finetune.get("layer_decay", 1.0))
+  if not 0.0 < decay <= 1.0:
+    raise ValueError(f"finetune.layer_decay={decay} must be in (0, 1]: 1.0 = off, MAE finetunes ViT-B with 0.65.")
+  rate = float(config.model.get("drop_path_rate", 0.0))
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"model.drop_path_rate={rate} must be in [0, 1): 0 = off, MAE finetunes ViT-B with 0.1.")
+  config.optimizer.layer_decay = decay  # the optimizer's copy (mmrs/train/optimizers.py reads config.optimizer)
+  config.optimizer.layer_decay_groups = ("encoder",)
   fraction = float(config.finetune.label_fraction)
   train = config.data.train
   if fraction < 1.0 and not train.get("indices"):
@@ -114,7 +130,10 @@ class Finetune:
       meta = dict(self.meta, bands={m: self.meta["bands"][m] for m in self.modalities})
       self.encoder = encoder_api.build_module(meta, self.dtype, config.model.get("dropout_rate", 0.0))
       if self.meta["architecture"]["kind"] == "vit":  # run-time options of this run, not of the checkpoint
-        self.encoder = self.encoder.clone(attention=config.model.get("attention", "auto"))
+        from mmrs.models import vit  # pylint: disable=g-import-not-at-top
+        self.encoder = self.encoder.clone(attention=config.model.get("attention", "auto"),
+                                          drop_path_rate=float(config.model.get("drop_path_rate", 0.0)),
+                                          **vit.stack_options(config.model))
       self.kind = self.meta["architecture"]["kind"]
     else:
       self.kind = "resnet" if config.model.get("backbone", "vit").startswith("resnet") else "vit"
@@ -122,6 +141,14 @@ class Finetune:
     if self.kind == "resnet" and (len(self.modalities) != 1 or self.task == "segmentation"):
       raise ValueError("A ResNet encoder supports classification of one modality (finetune.modalities=s2 or s1); "
                        "segmentation needs a ViT encoder.")
+    if self.kind == "resnet" and not self.frozen:
+      recipe = {"finetune.layer_decay": (float(ft.get("layer_decay", 1.0)), 1.0),
+                "model.drop_path_rate": (float(config.model.get("drop_path_rate", 0.0)), 0.0)}
+      bad = {k: v for k, (v, off) in recipe.items() if v != off}
+      if bad:
+        raise ValueError(f"{bad}: layer-wise lr decay and drop path are the ViT finetune recipe; a ResNet encoder "
+                         "has no transformer blocks. Set finetune.layer_decay=1.0 and model.drop_path_rate=0 "
+                         "(config argument layer_decay=1,drop_path=0).")
     self.has_cls = self.kind == "vit" and bool(self.encoder.use_cls_token)
     self.head = self._head(config)
     prefixes = ("head",) if self.frozen else ("encoder", "head")
@@ -148,7 +175,8 @@ class Finetune:
     return vit.ViTEncoder(**sizes.vit_size(config.model.encoder), patch_size=config.model.patch_size,
                           in_channels=in_channels, use_cls_token=config.model.use_cls_token, dtype=self.dtype,
                           dropout_rate=config.model.get("dropout_rate", 0.0),
-                          attention=config.model.get("attention", "auto"))
+                          drop_path_rate=float(config.model.get("drop_path_rate", 0.0)),
+                          attention=config.model.get("attention", "auto"), **vit.stack_options(config.model))
 
   def _head(self, config):
     ft = config.finetune
@@ -177,7 +205,10 @@ class Finetune:
       enc_vars = self.encoder.init(enc_rng, next(iter(images.values())), train=False)
     enc_params, enc_stats = enc_vars["params"], enc_vars.get("batch_stats", {})
     if self.pretrained is not None:
-      enc_params = _load_into(enc_params, self.pretrained["params"], "params", self.config.init_from)
+      loaded = self.pretrained["params"]
+      if self.kind == "vit" and self.encoder.scan_layers:  # converted encoders hold per-block weights
+        loaded = layout.stack_blocks(loaded)
+      enc_params = _load_into(enc_params, loaded, "params", self.config.init_from)
       if enc_stats:
         enc_stats = _load_into(enc_stats, self.pretrained.get("batch_stats", {}), "batch_stats",
                                self.config.init_from)

@@ -195,8 +195,26 @@ def _layer_norm(dtype, name):
                       bias_init=_init(nn.initializers.zeros, ("embed",)), name=name)
 
 
+def drop_path_scales(rng: jax.Array, rate: float, depth: int, batch: int) -> jax.Array:
+  """Stochastic depth (Huang et al. 2016) as timm/MAE apply it: (depth, 2, batch) float32 factors of block i's
+  attention [0] and MLP [1] residual branch per sample: 0 (branch dropped) with probability p_i, else 1 / (1 - p_i),
+  p_i = rate * i / (depth - 1) (linear from 0 at the first block to `rate` at the last, timm's
+  `torch.linspace(0, rate, depth)`); each branch and sample draws independently."""
+  p = jnp.linspace(0.0, rate, depth, dtype=jnp.float32)[:, None, None]
+  keep = 1.0 - p
+  kept = jax.random.bernoulli(rng, jnp.broadcast_to(keep, (depth, 2, batch)))
+  return jnp.where(kept & (keep > 0), 1.0 / jnp.maximum(keep, 1e-12), 0.0).astype(jnp.float32)
+
+
+def _branch(y: jax.Array, scale: jax.Array | None) -> jax.Array:
+  """A residual branch times its per-sample drop-path factor (B,); None = no drop path (exactly y)."""
+  return y if scale is None else y * scale.astype(y.dtype)[:, None, None]
+
+
 class EncoderBlock(nn.Module):
-  """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+  `drop_scale`: None, or (2, B) drop-path factors of the attention and MLP branches (`drop_path_scales`)."""
   width: int
   mlp_dim: int
   num_heads: int
@@ -205,13 +223,13 @@ class EncoderBlock(nn.Module):
   attention: str = "auto"
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, drop_scale: jax.Array | None = None):
     drop = nn.Dropout(self.dropout_rate, deterministic=not train or self.dropout_rate == 0.0)
     attn = SelfAttention(self.width, self.num_heads, self.dtype, self.attention, name="attn")
     y = attn(_layer_norm(self.dtype, "norm1")(x))
-    x = nn.with_logical_constraint(x + drop(y), _ACT)
+    x = nn.with_logical_constraint(x + _branch(drop(y), None if drop_scale is None else drop_scale[0]), _ACT)
     y = MlpBlock(self.width, self.mlp_dim, self.dtype, name="mlp")(_layer_norm(self.dtype, "norm2")(x))
-    return nn.with_logical_constraint(x + drop(y), _ACT)
+    return nn.with_logical_constraint(x + _branch(drop(y), None if drop_scale is None else drop_scale[1]), _ACT)
 
 
 # --- a stack of blocks: unrolled or scanned, with or without rematerialization ---------------------------------------
@@ -235,10 +253,11 @@ def stack_options(model_config: Mapping[str, Any]) -> dict:
 
 
 class _ScanBlock(EncoderBlock):
-  """EncoderBlock as an `nn.scan` body: (x, train) -> (x, None)."""
+  """EncoderBlock as an `nn.scan` body: (x, train, drop_scale) -> (x, None); drop_scale is scanned (layer i's
+  slice of the (depth, 2, B) factors), so the per-layer drop-path rate is data, not a constant of the one body."""
 
-  def __call__(self, x, train: bool = False):  # pylint: disable=useless-parent-delegation
-    return EncoderBlock.__call__(self, x, train), None
+  def __call__(self, x, train: bool = False, drop_scale=None):  # pylint: disable=useless-parent-delegation
+    return EncoderBlock.__call__(self, x, train, drop_scale), None
 
 
 def block_stack(depth: int, block_kwargs: Mapping[str, Any], scan: bool, remat_policy: str,
@@ -249,8 +268,8 @@ def block_stack(depth: int, block_kwargs: Mapping[str, Any], scan: bool, remat_p
   parent's setup attribute, or `{name}_{i}` in a compact method). Scanned: one `nn.scan` module whose params are
   `blocks/...` with a leading axis of size depth, logical name "layers" (mesh.py never shards it): XLA compiles one
   block instead of depth copies. mmrs/models/layout.py converts between the two layouts. Every block gets the same
-  `block_kwargs` (a per-layer setting would have to become a scanned input). `remat_policy` (REMAT_POLICIES)
-  wraps each block in `nn.remat`.
+  `block_kwargs`; the per-layer drop-path factors are a call argument (`run_blocks`), scanned along the layers.
+  `remat_policy` (REMAT_POLICIES) wraps each block in `nn.remat`.
   """
   if remat_policy not in REMAT_POLICIES:
     raise ValueError(f"config.model.remat_policy={remat_policy!r}: choose one of {sorted(REMAT_POLICIES)}.")
@@ -262,17 +281,17 @@ def block_stack(depth: int, block_kwargs: Mapping[str, Any], scan: bool, remat_p
   if remat:  # prevent_cse=False: scan already keeps XLA from merging the recomputation with the forward pass
     cls = nn.remat(cls, static_argnums=(2,), policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
   scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                    in_axes=(nn.broadcast,), length=depth, metadata_params={nn.PARTITION_NAME: "layers"})
+                    in_axes=(nn.broadcast, 0), length=depth, metadata_params={nn.PARTITION_NAME: "layers"})
   return scanned(**block_kwargs, **({"name": name} if name else {}))
 
 
-def run_blocks(blocks, x: jax.Array, train: bool) -> jax.Array:
-  """Runs what `block_stack` made."""
+def run_blocks(blocks, x: jax.Array, train: bool, drop_scales: jax.Array | None = None) -> jax.Array:
+  """Runs what `block_stack` made. `drop_scales`: None or (depth, 2, B) drop-path factors (`drop_path_scales`)."""
   if isinstance(blocks, (list, tuple)):
-    for block in blocks:
-      x = block(x, train)
+    for i, block in enumerate(blocks):
+      x = block(x, train, None if drop_scales is None else drop_scales[i])
     return x
-  return blocks(x, train)[0]
+  return blocks(x, train, drop_scales)[0]
 
 
 class ViTEncoder(nn.Module):
@@ -288,7 +307,12 @@ class ViTEncoder(nn.Module):
     blocks, final LayerNorm. Tokens may be any subset/mix of embedded tokens (they carry their position).
   - `__call__(s2=None, s1=None, train=False, fusion="sum") -> (B, 1 + N, D)`: S2 only, S1 only, or both; with
     both, `fusion` = "concat" (2L tokens, N = 2L) or "sum" (one token per position): the downstream S1+S2 input.
-  Dropout (`dropout_rate` > 0 and train=True) needs a "dropout" rng.
+  Dropout (`dropout_rate` > 0 and train=True) needs a "dropout" rng; so does drop path (`drop_path_rate` > 0 and
+  train=True: stochastic depth, per sample, on every block's attention and MLP branch, rate rising linearly from 0
+  at the first block to drop_path_rate at the last, as timm/MAE finetune; `drop_path_scales`). The factors of all
+  blocks are drawn once in `encode` from one "dropout" key, so the unrolled and scanned layouts drop the same
+  branches. Drop path is the finetuning recipe's (model.drop_path_rate, mmrs/finetune/method.py); the pretraining
+  methods leave it at 0, as MAE pretrains without it.
   To initialize every entry layer, call `init(rng, **{m: example for m in in_channels})`.
   """
   width: int
@@ -300,6 +324,7 @@ class ViTEncoder(nn.Module):
   use_cls_token: bool = True
   dtype: Dtype = jnp.float32
   dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0  # stochastic depth of the last block (0 at the first; see above)
   attention: str = "auto"  # xla | cudnn | auto (cuDNN flash attention on GPU for bf16/fp16)
   scan_layers: bool = False  # see `block_stack`
   remat_policy: str = "none"  # see REMAT_POLICIES
@@ -342,7 +367,10 @@ class ViTEncoder(nn.Module):
       cls = jnp.broadcast_to(self.cls.astype(self.dtype), (x.shape[0], 1, self.width))
       x = jnp.concatenate([cls, x], axis=1)
     x = nn.with_logical_constraint(x, _ACT)
-    x = run_blocks(self.blocks, x, train)
+    scales = None
+    if train and self.drop_path_rate > 0:
+      scales = drop_path_scales(self.make_rng("dropout"), self.drop_path_rate, self.depth, x.shape[0])
+    x = run_blocks(self.blocks, x, train, scales)
     return nn.with_logical_constraint(self.norm(x), _ACT)
 
   def __call__(self, s2: jax.Array | None = None, s1: jax.Array | None = None, train: bool = False,

@@ -22,6 +22,15 @@ AdamW: b1, b2, eps=1e-8, decoupled lr-scaled weight decay. SGD: heavy-ball momen
 Schedules (`optimizer.schedule`): "cosine" (linear warmup to lr, cosine to `end_lr_fraction * lr`), "linear",
 "constant"; `restart_period_steps > 0` selects cosine warm restarts (SGDR) after warmup: periods P, P*m, P*m^2, ...
 (m = `restart_mult`), lr from `learning_rate` down to `min_learning_rate` in each period.
+
+Layer-wise lr decay (`optimizer.layer_decay` = d < 1, for the groups in `optimizer.layer_decay_groups`, default
+("encoder",); finetuning fills it from `finetune.layer_decay`): BEiT/MAE's `param_groups_lrd` on a ViT encoder of
+depth L: block i gets lr * d^(L - i), the entry layers (patch/modality embeddings, CLS, position embeddings) get
+lr * d^(L + 1), everything else in the group (the final norm) and every other group (the head) lr. It is a per-leaf
+factor on the lr-free direction, which equals a per-group learning rate for every optimizer here, Adafactor included:
+each applies the lr after its transform (AdamW/SGD as PyTorch's per-group lr, Adafactor's update clipping runs before
+the lr, and the lr-scaled weight decay is scaled with the group's lr, as PyTorch's AdamW does). With `scan_layers`
+the blocks are one stacked leaf per param: the factor is then a per-layer vector along its leading (layers) axis.
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 OPTIMIZERS = ("adafactor", "adamw", "sgd")
@@ -132,6 +142,43 @@ def direction(opt: Mapping[str, Any], group: str) -> optax.GradientTransformatio
   raise ValueError(f"config.optimizer.name={name!r}: choose one of {OPTIMIZERS}.")
 
 
+# Entry layers of a ViT encoder: MAE's layer 0 ("cls_token", "pos_embed", "patch_embed").
+_ENTRY = re.compile(r"^(patch_embed\w*|modality_embed\w*|cls\w*|pos_?emb\w*)$")
+_BLOCK = re.compile(r"^blocks_(\d+)$")
+_STACKED = "blocks"  # mmrs/models/layout.py STACKED_KEY (not imported: optimizers stay model-agnostic)
+
+
+def layer_lr_scales(params: Mapping[str, Any], decay: float, where: str = "encoder") -> Any:
+  """Per-leaf lr factors of a ViT encoder's params (same tree; floats, or (L, 1, ...) arrays for stacked blocks).
+
+  Block i of L -> decay^(L - i); entry layers -> decay^(L + 1); other keys (the final norm) -> 1 (see the module
+  docstring). Blocks are `blocks_<i>` (unrolled) or `blocks` with a leading layers axis (scan_layers).
+  """
+  unrolled = sorted(int(m.group(1)) for k in params if (m := _BLOCK.match(k)))
+  if _STACKED in params and isinstance(params[_STACKED], Mapping):
+    if unrolled:
+      raise ValueError(f"{where}: params have both stacked 'blocks' and per-block blocks_<i>; cannot tell the depth.")
+    depth = {int(np.shape(x)[0]) for x in jax.tree.leaves(params[_STACKED])}
+    if len(depth) != 1:
+      raise ValueError(f"{where}: stacked 'blocks' leaves disagree on the layers axis {sorted(depth)}.")
+    (depth,) = depth
+  else:
+    depth = len(unrolled)
+  if depth == 0:
+    raise ValueError(f"config.optimizer.layer_decay={decay} (finetune.layer_decay) needs a ViT encoder with "
+                     f"transformer blocks, but {where} has none (keys {sorted(params)}); set it to 1.0.")
+  per_layer = np.asarray([decay ** (depth - i) for i in range(depth)], np.float32)
+
+  def scale(key, sub):
+    if key == _STACKED and isinstance(sub, Mapping):
+      return jax.tree.map(lambda x: per_layer.reshape((depth,) + (1,) * (np.ndim(x) - 1)), sub)
+    m = _BLOCK.match(key)
+    value = decay ** (depth - int(m.group(1))) if m else decay ** (depth + 1) if _ENTRY.match(key) else 1.0
+    return jax.tree.map(lambda _: value, sub)
+
+  return {k: scale(k, v) for k, v in params.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
   """Per-group optimizer: `init(params)` -> {group: state}; `update` moves only the active groups."""
@@ -139,6 +186,8 @@ class Optimizer:
   transforms: Mapping[str, optax.GradientTransformation]
   schedule: Callable[[jax.Array], jax.Array]
   clip_norm: float
+  layer_decay: float = 1.0  # < 1: layer-wise lr decay of `layer_decay_groups` (module docstring)
+  layer_decay_groups: tuple[str, ...] = ()
 
   def init(self, params: Mapping[str, Any]) -> dict[str, Any]:
     return {g: self.transforms[g].init(params[g]) for g in self.groups}
@@ -154,11 +203,20 @@ class Optimizer:
     new_params, new_state = {}, {}
     for g in grads:
       d, new_state[g] = self.transforms[g].update(grads[g], opt_state[g], params[g])
+      if self.layer_decay != 1.0 and g in self.layer_decay_groups:
+        d = jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), d,
+                         layer_lr_scales(params[g], self.layer_decay, g))
       new_params[g] = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), params[g], d)
     return new_params, new_state, lr, grad_norm
 
 
 def make_optimizer(opt: Mapping[str, Any], groups: Sequence[str], total_steps: int) -> Optimizer:
   groups = tuple(groups)
+  decay = float(opt.get("layer_decay", 1.0))
+  if not 0.0 < decay <= 1.0:
+    raise ValueError(f"config.optimizer.layer_decay={decay} (finetune.layer_decay) must be in (0, 1]; 1.0 = off "
+                     "(MAE finetunes ViT-B with 0.65).")
+  decay_groups = tuple(opt.get("layer_decay_groups", ("encoder",)))
   return Optimizer(groups=groups, transforms={g: direction(opt, g) for g in groups},
-                   schedule=lr_schedule(opt, total_steps), clip_norm=float(opt.get("clip_norm", 0.0)))
+                   schedule=lr_schedule(opt, total_steps), clip_norm=float(opt.get("clip_norm", 0.0)),
+                   layer_decay=decay, layer_decay_groups=decay_groups)
