@@ -16,6 +16,7 @@ modalities=s1 or s1+s2 give the JointMAE paper's S1 / S1+S2 rows (convert the en
 fusion=concat|sum, see mmrs/finetune/method.py). Shards from `python -m data_prep.bigearthnet_mm --splits_dir=...`
 (official train / val / test); the evaluation split is test.
 demo / tiny: the bundled sample (one split: train = eval, a smoke test).
+Model selection: map_micro on the official val split every 3K steps (paper variant).
 """
 from configs.finetune import finetune_config
 from mmrs import bands as bands_lib

@@ -10,6 +10,9 @@ chips); two classes (not water, water) with -1 ignored instead of three: the han
 no-data with the same value -1, so a "cloud" class could only be trained on no-data pixels too; the reported
 metric, water IoU (`iou_water`), is the paper's. frozen=True gives the frozen-encoder row. Shards from
 `python -m data_prep.sen1floods11` (hand-labelled train / val / test / bolivia splits).
+Model selection: iou_water on the 89 hand-labelled val chips (flood_valid) every 3K steps (paper variant);
+results.json's coverage says how many of the published chips (train 252 / val 89 / test 90 / Bolivia 15) were
+evaluated (an S1+S2 run cannot read chips whose S1 was dropped).
 """
 from configs.finetune import finetune_config
 from mmrs import bands as bands_lib
