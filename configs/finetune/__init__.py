@@ -5,6 +5,10 @@
 Variants: the dataset's paper-like default (`paper`: Adafactor for the MixMAE/JointMAE datasets, as the MixMAE
 paper finetunes; AdamW for RS-BYOL's EuroSAT/DFC2020 probes; demo / tiny: AdamW), `demo` (the bundled BigEarthNet-MM sample; bigearthnet only),
 `tiny` (a "mu" encoder at 32 px: seconds on a CPU; give `shards=`).
+Model selection (all variants): every `finetune.eval_every_steps` steps (paper: total/10; demo: 10; tiny: 0 = after
+the last step only) the state is evaluated on the eval shards' `val` split, the state with the best main metric
+(mmrs/finetune/validation.py MAIN_METRICS) is kept and tested; results.json has val / test / selected_step. Shards
+without a val split test the last step and say so. The papers do not describe their model selection.
 Keys (all variants): init_from (a converted encoder directory, "" = random init), frozen (True = only the head
 trains), head, label_fraction (0.01 / 0.1 / 0.5 / 1.0), subset_seed, modalities (s2 | s1 | s1+s2), fusion
 (concat | sum: how S1+S2 meet in the encoder, mmrs/finetune/method.py), shards,
@@ -25,7 +29,9 @@ Config keys read by mmrs/finetune:
   label_fraction, subset_mode (random | balanced | stratified), subset_seed, modalities, fusion (concat | sum), label_set,
   num_classes, pool (mean | cls), normalization (encoder: init_from's encoder.json statistics | dataset: the data's
   stats.json; see mmrs/finetune/encoder_api.py), mlp_hidden_dim, decoder (ViT size of the vitlite head), decoder_depth,
-  class_names, report_classes (segmentation: the classes miou / average_accuracy average over; *_all = every class)};
+  class_names, report_classes (segmentation: the classes miou / average_accuracy average over; *_all = every class),
+  eval_every_steps (validate every N steps; 0 = after the last step only), val_split (the validation split of the
+  eval shards, "val"; "" = none: the last step is tested)};
   finetune.layer_decay (layer-wise lr decay, 1.0 = off);
   model.{backbone (vit | resnet18/50...), encoder, patch_size, use_cls_token, dropout_rate, drop_path_rate,
   scan_layers, remat_policy} and bands.{s2, s1}
@@ -63,6 +69,10 @@ def finetune_config(arg, *, dataset: str, task: str, label_set: str, num_classes
       fusion=arg.fusion, label_set=label_set, num_classes=num_classes, pool="mean", normalization="encoder",
       mlp_hidden_dim=128, decoder="lite", decoder_depth=0, class_names=(), report_classes=()))
   c.eval_batch_size = 0  # 0 = batch_size
+  # Model selection (mmrs/finetune/validation.py): validate on `val_split` of the eval shards every
+  # `eval_every_steps` steps (0 = after the last step only) and test the state with the best main metric.
+  c.finetune.eval_every_steps = 0
+  c.finetune.val_split = "val"
   c.optimizer.update(dict(name="adamw", learning_rate=frozen_lr if arg.frozen else lr, warmup_steps=0,
                           schedule="cosine", weight_decay=0.0 if arg.frozen else 0.05, b1=0.9, b2=0.999,
                           clip_norm=1.0))
@@ -85,6 +95,7 @@ def finetune_config(arg, *, dataset: str, task: str, label_set: str, num_classes
     c.batch_size, c.total_steps = 8, 30
     c.optimizer.warmup_steps = 3
     c.log_every_steps, c.checkpoint_every_steps = 5, 30
+    c.finetune.eval_every_steps = 10
     if c.finetune.head == "vitlite":
       c.finetune.decoder, c.finetune.decoder_depth = "tiny", 2
   elif variant == "tiny":
@@ -99,6 +110,8 @@ def finetune_config(arg, *, dataset: str, task: str, label_set: str, num_classes
     raise ValueError(f"configs/finetune/{dataset}.py: unknown variant {variant!r}; use paper, demo or tiny.")
   if arg.steps:
     c.total_steps = arg.steps
+  if variant == "paper":
+    c.finetune.eval_every_steps = max(c.total_steps // 10, 1)  # 10 validations per run
   if arg.batch_size:
     c.batch_size = arg.batch_size
   if variant == "paper" and not arg.frozen:  # the MAE finetune recipe (module docstring)

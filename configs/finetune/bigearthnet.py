@@ -18,6 +18,7 @@ fusion=concat|sum, see mmrs/finetune/method.py). Shards from `python -m data_pre
 Finetune recipe beyond what the paper states (optimizer, batch, steps): MAE's ViT-B recipe, layer_decay 0.65,
 drop path 0.1, lr 5e-4 * batch / 256, 5 % warmup + cosine, weight decay 0.05 (configs/finetune/__init__.py).
 demo / tiny: the bundled sample (one split: train = eval, a smoke test).
+Model selection: map_micro on the official val split every 3K steps (paper variant).
 """
 from configs.finetune import finetune_config
 from mmrs import bands as bands_lib

@@ -11,6 +11,8 @@ per-pixel probe; frozen=True for its frozen encoder). Where mmrs differs: the he
 ViT-Lite decoder, the encoder is finetuned unless frozen=True, and the split is the contest's: its validation set
 (986 images) trains, its test set (5,128) evaluates; the contest has no separate validation split for model
 selection. Shards from `python -m data_prep.sen12ms --dataset=dfc2020`.
+Model selection: none (finetune.val_split=""): the contest's validation set is the training data here, so the
+last step is tested and results.json says so.
 """
 from configs.finetune import finetune_config
 from mmrs import bands as bands_lib
@@ -25,4 +27,5 @@ def get_config(arg=None):
                       shards="runs/data/dfc2020", train_split="val", eval_split="test", batch_size=64,
                       steps=10_000, paper_optimizer="adamw")
   c.finetune.report_classes = PAPER_CLASSES
+  c.finetune.val_split = ""  # "val" is the training split here: no data is left for model selection
   return c

@@ -7,6 +7,7 @@ paper: RS-BYOL's linear probing: frozen encoder + MLP head (hidden 128, BN, ReLU
 (for RS-BYOL's ResNet, convert with the band(s) to probe, e.g. --bands=B04, and the data follow them), 100 epochs
 of the ~16K training images at batch 256 (~6.3K steps); shards from `python -m data_prep.eurosat` (Neumann et
 al. train / val / test lists). tiny: give shards=DIR.
+Model selection: accuracy on the val list (Neumann et al.) every 630 steps (paper variant).
 """
 from configs.finetune import finetune_config
 from mmrs import bands as bands_lib

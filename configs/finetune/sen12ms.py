@@ -9,6 +9,8 @@ linear head, 128 px centre crops of the 256 px patches (mmrs's choice), label fr
 (random subsets by record id), Adafactor. Where mmrs differs: it reports the test split (the paper's "validation
 set" is not defined further). Shards from `python -m data_prep.sen12ms --dataset=sen12ms` (label set "sen12ms" =
 the patch's majority class).
+Model selection: f1_weighted on the val split every 2K steps (paper variant); the paper does not say how it
+selected its model.
 """
 from configs.finetune import finetune_config
 from mmrs import bands as bands_lib

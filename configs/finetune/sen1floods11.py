@@ -12,6 +12,9 @@ metric, water IoU (`iou_water`), is the paper's. frozen=True gives the frozen-en
 `python -m data_prep.sen1floods11` (hand-labelled train / val / test / bolivia splits).
 Finetune recipe beyond what the paper states (optimizer, batch, steps): MAE's ViT-B recipe, layer_decay 0.65,
 drop path 0.1, lr 5e-4 * batch / 256, 5 % warmup + cosine, weight decay 0.05 (configs/finetune/__init__.py).
+Model selection: iou_water on the 89 hand-labelled val chips (flood_valid) every 3K steps (paper variant);
+results.json's coverage says how many of the published chips (train 252 / val 89 / test 90 / Bolivia 15) were
+evaluated (an S1+S2 run cannot read chips whose S1 was dropped).
 """
 from configs.finetune import finetune_config
 from mmrs import bands as bands_lib

@@ -1,11 +1,14 @@
-"""Evaluation of a finetune run: one pass over config.data.eval, metrics, results.json + results.md.
+"""Evaluation of a finetune run: one pass over a split of config.data.eval's shards, metrics, results files.
 
-`run_evaluation(config, params, state, workdir) -> dict` is what `launch.main` calls at the end of a finetune run
-(params/state as the train loop holds them). The split is read once, in order (no shuffle, no repeat, centre
-crops); the last partial batch is padded and its padding masked out (`valid`). Inputs are normalized with the
-TRAINING data's statistics (what the model saw). Several processes: each reads its share of the records, the
-batches become global arrays and the outputs are gathered to every process, so all compute the same metrics;
-process 0 writes the files.
+`Evaluator(config, method)(params, state, split)` evaluates one split; its jitted predict function is compiled once
+and reused by every call (the validation curve during training and the final test, mmrs/finetune/validation.py).
+`run_evaluation(config, params, state, workdir) -> dict` evaluates config.data.eval's split and writes results.json
+/ results.md (`python -m mmrs.finetune.evaluate` below). A split is read once, in order (no shuffle, no repeat,
+centre crops); the last partial batch is padded and its padding masked out (`valid`). Where the manifest counts
+chips per split (Sen1Floods11), the result's "coverage" says how many of the published chips were evaluated.
+Inputs are normalized with the TRAINING data's statistics (what the model saw). Several processes: each reads its
+share of the records, the batches become global arrays and the outputs are gathered to every process, so all
+compute the same metrics; process 0 writes the files.
 
 Standalone, on a finished run's latest checkpoint:
     python -m mmrs.finetune.evaluate --config=configs/finetune/bigearthnet.py:demo --workdir=runs/ft_demo
@@ -39,62 +42,139 @@ def _unbox(tree):
                       is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
+class Evaluator:
+  """Evaluates (params, method state) on any split of config.data.eval's shards.
+
+  The predict function is jitted once per Evaluator and reused by every call (validation during training, the
+  final test): the batches of every split have one shape (the last one is padded), and params with the training
+  state's shardings hit the same compiled executable. `traces` counts how often it was traced (tests).
+  """
+
+  def __init__(self, config, method):
+    from mmrs.data import normalize as normalize_lib  # pylint: disable=g-import-not-at-top
+    from mmrs.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+    self.config, self.method = config, method
+    self.ft = config.finetune
+    self.batch_size = int(config.get("eval_batch_size", 0) or config.batch_size)
+    self.batch_size -= self.batch_size % jax.process_count()
+    train_info = pipeline_lib.describe(config.data.train, method.modalities)
+    normalize = functools.partial(normalize_lib.normalize_batch,
+                                  normalizer=method.input_normalizer(train_info.normalizer))  # as in training
+    names = _class_names(config, self.ft.label_set)
+    reported = tuple(self.ft.get("report_classes", ()) or ())
+    unknown = [c for c in reported if c not in names]
+    if unknown:
+      raise ValueError(f"finetune.report_classes names {unknown}, not classes of {self.ft.label_set} ({list(names)}).")
+    self.names, self.reported = names, [names.index(c) for c in reported]
+    self.traces = 0
+    multilabel = self.ft.task == "multilabel"
+
+    def predict(params, state, batch):
+      self.traces += 1
+      out = method.predict(params, state, normalize(batch))
+      return out if multilabel else out.argmax(-1)  # class ids: less to fetch than logits
+
+    self.predict = jax.jit(predict)
+
+  def data_config(self, split: str):
+    """config.data.eval reading `split` (a TFDS spec's own split is replaced by `split`)."""
+    cfg = self.config.data.eval.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.split = split
+      shards = str(cfg.shards)
+      if shards.startswith("tfds:"):
+        from mmrs.data import sources  # pylint: disable=g-import-not-at-top
+        name, _, data_dir = sources.parse_tfds_spec(shards)
+        cfg.shards = f"tfds:{name}" + (f"@{data_dir}" if data_dir else "")
+    return cfg
+
+  def describe(self, split: str):
+    """The pipeline's DatasetInfo of `split` (raises sources.ShardError when the shards lack it)."""
+    from mmrs.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+    return pipeline_lib.describe(self.data_config(split), self.method.modalities, split)
+
+  def __call__(self, params, state, split: str) -> dict:
+    """{"split", "metrics", "num_examples", "num_records", "seconds", "coverage"?} of one pass over `split`."""
+    from mmrs.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+    pcount, pindex = jax.process_count(), jax.process_index()
+    eval_cfg = self.data_config(split)
+    pipe = pipeline_lib.make_pipeline(
+        eval_cfg, modalities=self.method.modalities, global_batch_size=self.batch_size, seed=self.config.seed,
+        process_index=pindex, process_count=pcount, normalize="none", split=split, shuffle=False, repeat=False,
+        drop_remainder=False)
+    params, state = _unbox(params), _unbox(state)
+    label_key = self.method.label_key
+    keep = set(self.method.modalities) | {label_key}
+    # Every process must run the same number of steps: its share is ceil or floor of N / processes.
+    local_batch = self.batch_size // pcount
+    steps = math.ceil(math.ceil(pipe.num_records / pcount) / local_batch)
+    acc = metrics_lib.make_metrics(self.ft.task, self.method.num_classes, self.names, self.reported)
+    start = time.perf_counter()
+    template = None
+    try:
+      for _ in range(steps):
+        try:
+          local = next(pipe.iterator)
+          local = {k: np.asarray(v) for k, v in local.items() if k in keep or k == "valid"}
+          template = template or {k: np.zeros_like(v) for k, v in local.items()}
+        except StopIteration:  # this process ran out one batch early: feed padding
+          local = {k: np.zeros_like(v) for k, v in template.items()}
+        out, labels, valid = _run(self.predict, params, state, local, label_key, self.batch_size)
+        acc.update(out, labels, valid)
+    finally:
+      pipe.close()
+    metrics = acc.result()
+    result = {"split": split, "metrics": metrics,
+              "num_examples": metrics.get("num_examples", metrics.get("num_pixels")),
+              "num_records": int(pipe.num_records), "seconds": round(time.perf_counter() - start, 2)}
+    coverage = chip_coverage(pipe.manifest or {}, split, eval_cfg, self.method.modalities)
+    if coverage:
+      result["coverage"] = coverage
+    return result
+
+
+def chip_coverage(manifest: dict, split: str, data_cfg, modalities) -> dict | None:
+  """How many of the split's published chips this evaluation scores, from the manifest's `coverage` section
+  (written by data_prep.sen1floods11: chips per split, those with S1, the published count): an S1+S2 (or S1)
+  evaluation reads the paired group only, so chips whose S1 was dropped are not scored. None without coverage."""
+  from mmrs.data import sources  # pylint: disable=g-import-not-at-top
+  cov = (manifest.get("coverage") or {}).get(split)
+  if not cov:
+    return None
+  groups = tuple(data_cfg.get("groups", None) or sources.default_groups(modalities))
+  evaluated = int(cov["chips"] if "s2_only" in groups else cov.get("chips_with_s1", cov["chips"]))
+  out = {"evaluated_chips": evaluated, "chips_in_shards": int(cov["chips"])}
+  published = cov.get("published_chips")
+  if published is not None:
+    out["published_chips"] = int(published)
+  missing = (published if published is not None else cov["chips"]) - evaluated
+  if missing > 0:
+    why = []
+    if evaluated < cov["chips"]:
+      why.append(f"{cov['chips'] - evaluated} chip(s) without S1 are not read by a {'+'.join(modalities)} "
+                 "evaluation (finetune.modalities=s2 scores them)")
+    if published is not None and cov["chips"] < published:
+      why.append(f"{published - cov['chips']} published chip(s) are not in the shards")
+    out["note"] = (f"{evaluated} of the {published if published is not None else cov['chips']} "
+                   f"{'published ' if published is not None else ''}{split} chips evaluated: " + "; ".join(why))
+  else:
+    out["note"] = f"all {evaluated} {'published ' if published is not None else ''}{split} chips evaluated"
+  return out
+
+
 def run_evaluation(config, params, state, workdir: str, *, method=None, step: int | None = None) -> dict:
   """Evaluates on config.data.eval; writes results.json / results.md into `workdir`; returns the result dict."""
-  from mmrs.data import normalize as normalize_lib  # pylint: disable=g-import-not-at-top
-  from mmrs.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   from mmrs.finetune import method as method_lib  # pylint: disable=g-import-not-at-top
-
   method = method or method_lib.build(config)
-  ft = config.finetune
-  eval_cfg = config.data.eval
-  pcount, pindex = jax.process_count(), jax.process_index()
-  batch_size = int(config.get("eval_batch_size", 0) or config.batch_size)
-  batch_size -= batch_size % pcount
-  train_info = pipeline_lib.describe(config.data.train, method.modalities)
-  pipe = pipeline_lib.make_pipeline(
-      eval_cfg, modalities=method.modalities, global_batch_size=batch_size, seed=config.seed,
-      process_index=pindex, process_count=pcount, normalize="none", split=eval_cfg.get("split", "test"),
-      shuffle=False, repeat=False, drop_remainder=False)
-  normalize = functools.partial(normalize_lib.normalize_batch,
-                                normalizer=method.input_normalizer(train_info.normalizer))  # as in training
-  params, state = _unbox(params), _unbox(state)
-  label_key = method.label_key
-  keep = set(method.modalities) | {label_key}
-
-  @jax.jit
-  def predict(params, state, batch):
-    out = method.predict(params, state, normalize(batch))
-    return out if ft.task == "multilabel" else out.argmax(-1)  # class ids: less to fetch than logits
-
-  # Every process must run the same number of steps: its share is ceil or floor of N / processes.
-  local_batch = batch_size // pcount
-  steps = math.ceil(math.ceil(pipe.num_records / pcount) / local_batch)
-  names = _class_names(config, ft.label_set)
-  reported = tuple(ft.get("report_classes", ()) or ())
-  unknown = [c for c in reported if c not in names]
-  if unknown:
-    raise ValueError(f"finetune.report_classes names {unknown}, not classes of {ft.label_set} ({list(names)}).")
-  acc = metrics_lib.make_metrics(ft.task, method.num_classes, names, [names.index(c) for c in reported])
-  start = time.perf_counter()
-  template = None
-  for _ in range(steps):
-    try:
-      local = next(pipe.iterator)
-      local = {k: np.asarray(v) for k, v in local.items() if k in keep or k == "valid"}
-      template = template or {k: np.zeros_like(v) for k, v in local.items()}
-    except StopIteration:  # this process ran out one batch early: feed padding
-      local = {k: np.zeros_like(v) for k, v in template.items()}
-    out, labels, valid = _run(predict, params, state, local, label_key, batch_size)
-    acc.update(out, labels, valid)
-  pipe.close()
-  result = _describe(config, method, eval_cfg, step)
-  result["metrics"] = acc.result()
-  result["num_examples"] = result["metrics"].get("num_examples", result["metrics"].get("num_pixels"))
-  result["seconds"] = round(time.perf_counter() - start, 2)
-  if pindex == 0:
+  split = config.data.eval.get("split", "test")
+  out = Evaluator(config, method)(params, state, split)
+  result = describe_run(config, method, step)
+  result.update(test=out, **{k: out[k] for k in ("metrics", "num_examples", "seconds")})
+  if "coverage" in out:
+    result["coverage"] = out["coverage"]
+  if jax.process_index() == 0:
     report.write(workdir, result)
-  logging.info("Evaluation on %s: %s", eval_cfg.shards, result["metrics"])
+  logging.info("Evaluation on %s split %s: %s", config.data.eval.shards, split, result["metrics"])
   return result
 
 
@@ -119,8 +199,10 @@ def _run(predict, params, state, local, label_key, batch_size):
   return np.asarray(out), labels, valid
 
 
-def _describe(config, method, eval_cfg, step) -> dict[str, Any]:
+def describe_run(config, method, step) -> dict[str, Any]:
+  """What was evaluated: dataset, task, inputs, head, scenario, labels, split, shards, encoder, step."""
   ft = config.finetune
+  eval_cfg = config.data.eval
   meta = method.meta or {}
   return dict(
       dataset=config.finetune.get("dataset", "") or ft.label_set, task=ft.task, label_set=ft.label_set,

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import importlib
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -45,12 +45,13 @@ def build_method(config):
 
 def train(config, workdir: str, *, method=None, task_data: Mapping[str, data_lib.TaskData] | Callable | None = None,
           logdir: str | None = None, allow_config_change: bool = False,
-          devices: list[jax.Device] | None = None) -> dict[str, Any]:
+          devices: list[jax.Device] | None = None, hooks: Sequence["StepHook"] = ()) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its latest checkpoint). Returns a small summary dict.
 
   `method` / `task_data` may be passed in (tests, notebooks); by default they are built from the config.
   `task_data` may be a factory `(config, method, process_index, process_count) -> {task: TaskData}`.
-  `devices` restricts the mesh to some devices (default: all).
+  `devices` restricts the mesh to some devices (default: all). `hooks`: `StepHook`s run between steps (finetuning's
+  periodic validation, mmrs/finetune/validation.py).
   """
   devices = list(devices) if devices is not None else jax.devices()
   config_check.resolve_compute_dtype(config, devices[0].platform)
@@ -79,7 +80,7 @@ def train(config, workdir: str, *, method=None, task_data: Mapping[str, data_lib
     logging.info("Peak %.3g FLOP/s for MFU (%s).", peak_flops, peak_source)
     with jax.set_mesh(mesh):
       trainer = Trainer(config, epath.Path(workdir), method, dict(task_data), mesh, checkpointer,
-                        epath.Path(logdir) if logdir else None, allow_config_change, peak_flops)
+                        epath.Path(logdir) if logdir else None, allow_config_change, peak_flops, hooks)
       cleanup.callback(trainer.close)
       return trainer.run()
 
@@ -99,6 +100,28 @@ def _check_resume_early(checkpointer: ckpt_lib.Checkpointer, config, allow_chang
     raise ckpt_lib.CheckpointMismatch(str(e)) from None
 
 
+class StepHook:
+  """Work the loop runs between training steps, outside the timed training window (e.g. finetuning's periodic
+  validation). The loop calls `start` once the state is restored or initialized (`trainer.step` tells which), then
+  after every step `due(step)` and, when it is true, `run(trainer)` (the queued steps have finished; `trainer.state`
+  is the state after `trainer.step` steps, valid until the next step donates it), and `finish(trainer)` after the
+  last step when the run was not preempted. Every process calls them in the same order (they may run collectives).
+  """
+
+  def start(self, trainer: "Trainer") -> None:
+    del trainer
+
+  def due(self, step: int) -> bool:
+    del step
+    return False
+
+  def run(self, trainer: "Trainer") -> None:
+    del trainer
+
+  def finish(self, trainer: "Trainer") -> None:
+    del trainer
+
+
 @dataclasses.dataclass
 class _Pending:
   step: int  # completed steps after this one (1-based), as logged
@@ -110,8 +133,9 @@ class Trainer:
 
   def __init__(self, config, workdir: epath.Path, method, task_data: dict[str, data_lib.TaskData],
                mesh: jax.sharding.Mesh, checkpointer: ckpt_lib.Checkpointer, logdir: epath.Path | None,
-               allow_config_change: bool, peak_flops: float):
+               allow_config_change: bool, peak_flops: float, hooks: Sequence[StepHook] = ()):
     self.config, self.workdir, self.method, self.mesh = config, workdir, method, mesh
+    self.hooks = tuple(hooks)
     self.tasks = {t.name: t for t in method.tasks}
     self.task_index = {t.name: i for i, t in enumerate(method.tasks)}
     self.data = task_data
@@ -232,6 +256,7 @@ class Trainer:
     preempted = False
     start_interval, vis_done = (self.step // vis_every if vis_every else 0), {}
     profiler = metrics_lib.StepProfiler(cfg.get("profile_steps", ""), self.logdir / "tensorboard")
+    self._call_hooks("start")
     while self.step < self.total_steps:
       if self.preemption.reached(self.step):
         logging.warning("Preemption: saving step %d and exiting.", self.step)
@@ -255,15 +280,30 @@ class Trainer:
       if vis_every and self.step // vis_every > vis_done.get(name, start_interval):
         vis_done[name] = self.step // vis_every
         self._visualize(name, batch)
+      if any(h.due(self.step) for h in self.hooks):
+        self._call_hooks("run", only_due=True)
       if ckpt_every and self.step % ckpt_every == 0:
         self._save()
     profiler.stop()
     if not preempted and self.checkpointer.latest_step() != self.step:
       self._save()
     self._flush(upto=self.step)
+    if not preempted:
+      self._call_hooks("finish")
     self.checkpointer.wait()
     return {"step": self.step, "losses": dict(self.last_losses), "skipped_steps": self.skipped,
             "preempted": preempted, "state": self.state}
+
+  def _call_hooks(self, what: str, only_due: bool = False) -> None:
+    """Runs `what` of every hook (of the due ones with only_due); its time is a pause, not training time."""
+    if not self.hooks:
+      return
+    jax.block_until_ready(self.state)  # queued training steps finish first: that time is training, not pause
+    t0 = time.perf_counter()
+    for hook in self.hooks:
+      if not only_due or hook.due(self.step):
+        getattr(hook, what)(self)
+    self._paused += time.perf_counter() - t0
 
   def _save(self) -> None:
     self._flush(upto=self.step)  # raises before saving if a step since the last check was not finite
