@@ -25,6 +25,7 @@ def _config(shards, steps):
   config.data.eval.split = "train"
   config.finetune.eval_every_steps = 2
   config.checkpoint_every_steps = 2
+  config.optimizer.decay_steps = 100  # a schedule longer than both runs: steps 5-6 of the resume still move params
   config.xla_compiler_options = {"xla_backend_optimization_level": 0}  # halves CPU compile time
   return config
 

@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 # Resuming with a different value of these is fine (they do not change the state, the data order or the math).
 RESUME_SAFE = ("total_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                "visualize_every_steps", "on_nonfinite", "mesh", "fsdp_min_size", "peak_flops_per_device",
-               "compilation_cache_dir", "profile_steps", "model.remat_policy")
+               "compilation_cache_dir", "profile_steps", "model.remat_policy",
+               "finetune.eval_every_steps")  # validation frequency: the curve just gets other points
 # ... and these settings of a dataset (`data.<dataset>.<key>`): how many processes/threads read and prefetch, which
 # the data do not depend on (mmrs/data/pipeline.py: a global sample order, and a data state that is the number of
 # global batches consumed). What does change the data (seed, batch_size, shards, image_size, ...) stays breaking.
