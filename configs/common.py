@@ -55,6 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
       restart_period_steps=0, restart_mult=2, min_learning_rate=0.0, eps=1e-8, nesterov=False,
       # Adafactor (see mmrs/train/optimizers.py for why these defaults).
       adafactor_momentum=0.0, adafactor_decay_rate=0.8, adafactor_min_dim_to_factor=128, adafactor_clipping=1.0,
+      # Layer-wise lr decay (finetuning fills it from finetune.layer_decay; mmrs/train/optimizers.py).
+      layer_decay=1.0, layer_decay_groups=("encoder",),
   ))
   c.xla_compiler_options = ml_collections.ConfigDict()  # passed to jit(...).lower().compile(compiler_options=)
   c.task_lr_multipliers = ml_collections.ConfigDict()  # task name -> float

@@ -225,3 +225,13 @@ def test_pos_embed_bicubic_matches_torch():
     ref = torch.nn.functional.interpolate(torch.from_numpy(grid).permute(2, 0, 1)[None], size=(nh, nw),
                                           mode="bicubic", align_corners=False)[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_recipe_fills_a_locked_config_as_launch_main_passes_it():
+  """launch.main hands over a locked ConfigDict: the recipe may only set keys the configs declare."""
+  from configs.finetune import bigearthnet  # pylint: disable=g-import-not-at-top
+  from mmrs.finetune import method as method_lib  # pylint: disable=g-import-not-at-top
+  config = bigearthnet.get_config("paper,steps=10,batch_size=8")
+  config.lock()
+  method_lib.prepare_config(config)
+  assert config.optimizer.layer_decay == config.finetune.layer_decay < 1.0
