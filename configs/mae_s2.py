@@ -75,6 +75,13 @@ def mae_family_config(arg, method: str, datasets: tuple[str, ...], vit_b_steps: 
   for name in datasets:
     # s2_bands follows config.bands.s2 (a reference): the data delivers exactly the bands the model expects.
     c.data[name] = common.dataset_config(arg.shards or shards, image_size=image_size, s2_bands=c.bands.get_ref("s2"))
+    if variant == "vit_b":
+      # A pod host must feed its chips: MixMAE ViT-B/16 at 40 % MFU needs ~8,700 records/s per v4 host and ~14,600
+      # per v5p host; the pipeline gives ~300 records per CPU-second on 264 px SSL4EO-size records (benchmarks/
+      # RESULTS.md, "Input throughput per host"), i.e. ~29 / ~49 busy cores. 32 worker processes (each with
+      # read_threads=2) cover a v4 host; raise to 48 on v5p (--config.data.paired.workers=48). AuxMAE's two
+      # datasets alternate steps, so they share the 32.
+      c.data[name].workers = 32 // len(datasets)
   return c, arg
 
 
