@@ -40,6 +40,15 @@ def test_embed_scene_writes_georeferenced_embeddings_and_picture(encoders, tmp_p
   x = enc.normalize(s2=raw[None, :48, :48, B.band_indices(B.S2_L1C_BANDS, B.S2_L2A_BANDS)])
   want = np.asarray(enc.embed(**x))[0, 1:].reshape(12, 12, 32)
   np.testing.assert_allclose(got[:12, :12], want, rtol=1e-4, atol=1e-4)
+  # a tile of the second row and third column lands at cells (12:24, 24:36) (rows and columns not swapped), and the
+  # edge tile of the first row (16 real px + 32 px padded with the band means) gives cells (0:12, 60:64)
+  idx = B.band_indices(B.S2_L1C_BANDS, B.S2_L2A_BANDS)
+  windows = np.stack([raw[48:96, 96:144, idx], np.pad(raw[:48, 240:, idx], ((0, 0), (0, 32), (0, 0)))])
+  x = enc.normalize(s2=windows)["s2"]
+  x[1, :, 16:] = 0.0  # padding is normalized 0 (the band mean), not a normalized raw 0
+  want = np.asarray(enc.embed(s2=x))[:, 1:].reshape(2, 12, 12, 32)
+  np.testing.assert_allclose(got[12:24, 24:36], want[0], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(got[:12, 60:64], want[1, :, :4], rtol=1e-4, atol=1e-4)
   # the last cells (edge tile, padded) are real embeddings too, and every cell differs from its neighbour somewhere
   assert np.isfinite(got).all() and np.abs(np.diff(got, axis=1)).max() > 0
   picture = Image.open(out / "embed.png")
@@ -64,3 +73,58 @@ def test_embed_names_missing_bands(encoders, tmp_path):
   with pytest.raises(ValueError, match="--s2_bands names 3 bands but"):
     embed.embed_scene(encoders["l1c"], str(tmp_path / "out"), s2=CHIP, s2_bands="B02,B03,B04")
   assert not (tmp_path / "out" / "embeddings.tif").exists()
+
+
+def _write(path, src, data, window, descriptions=None):
+  """`data` (C, h, w) as a GeoTIFF on `src`'s grid cut to `window` (row, col offsets), optionally with band names."""
+  profile = dict(src.profile, count=len(data), height=data.shape[1], width=data.shape[2], dtype=str(data.dtype),
+                 transform=src.transform @ rasterio.Affine.translation(window[1], window[0]))
+  with rasterio.open(path, "w", **profile) as dst:
+    dst.write(data)
+    if descriptions:
+      dst.descriptions = tuple(descriptions)
+  return str(path)
+
+
+def test_embed_matches_bands_by_name_not_position(encoders, tmp_path):
+  # The chip's 40 x 40 corner with its 13 bands reversed: by its descriptions, or (no descriptions) by --s2_bands
+  # naming them in file order, the encoder gets the same inputs as from the chip itself, so the same embeddings.
+  with rasterio.open(CHIP) as src:
+    data = src.read(window=rasterio.windows.Window(0, 0, 40, 40))
+    plain = _write(tmp_path / "plain.tif", src, data, (0, 0), B.S2_L1C_BANDS)
+    named = _write(tmp_path / "reversed.tif", src, data[::-1], (0, 0), B.S2_L1C_BANDS[::-1])
+    bare = _write(tmp_path / "bare.tif", src, data[::-1], (0, 0))
+  grids = []
+  for name, path, flag in (("plain", plain, ""), ("named", named, ""), ("bare", bare, ",".join(B.S2_L1C_BANDS[::-1]))):
+    embed.embed_scene(encoders["l1c"], str(tmp_path / name), s2=path, batch_size=4, s2_bands=flag)
+    with rasterio.open(tmp_path / name / "embeddings.tif") as f:
+      grids.append(f.read())
+  assert grids[0].shape == (32, 10, 10)  # 2 x 2 tiles of 32 px, 10 x 10 cells of 4 px
+  np.testing.assert_allclose(grids[1], grids[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grids[2], grids[0], rtol=1e-5, atol=1e-5)
+  # without descriptions or flag, a 13-band file is taken as the standard L1C order, which is wrong here: different
+  embed.embed_scene(encoders["l1c"], str(tmp_path / "guess"), s2=bare, batch_size=4)
+  with rasterio.open(tmp_path / "guess" / "embeddings.tif") as f:
+    assert np.abs(f.read() - grids[0]).max() > 1e-2
+
+
+def test_embed_s1_with_s2_on_one_grid(tmp_path):
+  enc_dir = tiny_encoder.write_encoder(tmp_path / "enc", tiny_encoder.vit_params(patch=4, size=8), image_size=16,
+                                       modalities="s1,s2")
+  rng = np.random.default_rng(0)
+  with rasterio.open(CHIP) as src:
+    s2 = src.read(window=rasterio.windows.Window(8, 4, 16, 16))
+    s1 = rng.normal([[[-12.0]], [[-19.0]]], 3.0, size=(2, 16, 16)).astype(np.float32)
+    s2_path = _write(tmp_path / "s2.tif", src, s2, (4, 8), B.S2_L1C_BANDS)
+    s1_path = _write(tmp_path / "s1.tif", src, s1, (4, 8), ("VH", "VV"))  # VH first: matched by name
+    shifted = _write(tmp_path / "s1_shifted.tif", src, s1, (4, 9), ("VH", "VV"))
+  summary = embed.embed_scene(enc_dir, str(tmp_path / "out"), s2=s2_path, s1=s1_path, batch_size=1)
+  assert summary["bands"] == {"s2": list(B.S2_L1C_BANDS), "s1": ["VV", "VH"]} and summary["grid"] == [4, 4]
+  enc = mmrs.load_encoder(enc_dir)
+  x = enc.normalize(s2=np.moveaxis(s2, 0, -1)[None].astype(np.float32), s1=np.moveaxis(s1[::-1], 0, -1)[None])
+  want = np.asarray(enc.embed(**x))[0, 1:].reshape(4, 4, 32)
+  with rasterio.open(tmp_path / "out" / "embeddings.tif") as f, rasterio.open(s2_path) as src:
+    assert f.crs == src.crs and f.transform == src.transform @ src.transform.scale(4)
+    np.testing.assert_allclose(np.moveaxis(f.read(), 0, -1), want, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="must share one grid"):
+    embed.embed_scene(enc_dir, str(tmp_path / "bad"), s2=s2_path, s1=shifted)
