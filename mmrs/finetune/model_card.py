@@ -103,12 +103,16 @@ def render(info: Mapping[str, Any], fmt: str) -> str:
               "features = tokens[:, 1:].mean(1)" if info["pooling"] == "mean" else "features = tokens[:, 0]",
               "```", ""]
   if fmt == "timm":
-    lines += ["## Load in timm", "", "```python", "import json, timm", "",
+    lines += ["## Load in timm", "", "```python", "import json, timm, torch", "",
               "cfg = json.load(open(f\"{PATH}/config.json\"))   # architecture, model_args, pretrained_cfg",
               "model = timm.create_model(cfg['architecture'], pretrained=True, **cfg['model_args'],",
               "                          pretrained_cfg_overlay=dict(cfg['pretrained_cfg'], "
               "file=f\"{PATH}/model.safetensors\")).eval()",
-              "features = model(x)   # x: (B, C, H, W) normalized as above -> pooled features (B, D)",
+              f"raw = ...  # (B, {info['image_size']}, {info['image_size']}, {len(info['channel_order'])}) float32 numpy, "
+              "channels as in the table (S1 dB already clipped)",
+              "mean, std = (torch.tensor(model.pretrained_cfg[k])[:, None, None] for k in ('mean', 'std'))",
+              "with torch.no_grad():",
+              "  features = model((torch.from_numpy(raw).permute(0, 3, 1, 2) - mean) / std)   # pooled (B, D)",
               "```", "", "For transformers, export the same encoder with `python -m launch.export --format=hf`.", ""]
   else:
     lines += ["## Load in timm", "", "These files use transformers' names. For timm, export the same encoder with "
