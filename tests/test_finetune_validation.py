@@ -12,6 +12,8 @@ from configs.finetune import eurosat
 from mmrs.data import synthetic
 from mmrs.finetune import evaluate, report, validation
 
+import test_tensorboard
+
 
 def _shards(path, n_val):
   synthetic.write_synthetic_dataset(str(path), n_pairs=8, n_val=n_val, size=32, seed=1, mask=False)
@@ -85,6 +87,8 @@ def test_best_val_state_is_tested_and_resume_keeps_the_best_so_far(tmp_path, mon
   # the validation curve reaches metrics.jsonl (and TensorBoard, through the same writer)
   logged = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
   assert [(l["step"], l["accuracy"]) for l in logged if l["task"] == "val"] == [(2, 50.0), (4, 80.0), (6, 60.0)]
+  curve = {step: v.simple_value for step, tag, v in test_tensorboard.events(tmp_path / "run") if tag == "val/accuracy"}
+  assert curve == {2: 50.0, 4: 80.0, 6: 60.0}  # TensorBoard's scalars tab shows the validation curve
 
 
 def test_without_a_val_split_the_last_step_is_tested_and_results_say_so(tmp_path):
