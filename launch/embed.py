@@ -12,8 +12,11 @@
   standardized with the encoder's own statistics (mmrs.load_encoder's `normalize`: the convention of
   mmrs/finetune/encoder_api.py).
 - The scene, of any size, is cut into tiles of --tile pixels (default: the encoder's image size; a multiple of its
-  patch size), one row of tiles at a time; the edge tiles are padded with the band means (normalized 0). Each tile's
-  patch tokens (CLS dropped; a ResNet gives one vector per tile) become one cell of the embedding grid.
+  patch size), one row of tiles at a time. The last tile of a row / column is moved back inside the scene (on the
+  cell grid) rather than padded, and only its cells past the previous tile are kept: a ViT token depends on its whole
+  tile, and a tile that is one third padding made visibly different embeddings. Only a scene smaller than a tile (or
+  the last few pixels past the cell grid) is padded, with the band means (normalized 0). Each tile's patch tokens
+  (CLS dropped; a ResNet gives one vector per tile) become one cell of the embedding grid.
 Outputs in --out:
   embeddings.tif  float32 GeoTIFF, one band per embedding dimension, one pixel per patch (patch_size x the scene's
                   pixel size), with the scene's CRS and a transform scaled from its own (georeferenced like the scene)
@@ -146,6 +149,14 @@ def embed_scene(encoder_dir: str, out: str, s2: str | None = None, s1: str | Non
     per_tile = tile // cell
     grid_h, grid_w = -(-scene.height // cell), -(-scene.width // cell)
     tiles_x = -(-scene.width // tile)
+
+    def origin(i: int, size: int) -> int:
+      """Pixel offset where tile i starts: i * tile, but the last one ends at the scene's edge (rounded up to the
+      cell grid) where the scene is longer than a tile."""
+      start = i * tile
+      if start + tile > size and size > tile:
+        start = -(-(size - tile) // cell) * cell
+      return start
     os.makedirs(out, exist_ok=True)
     tif, tmp_tif = os.path.join(out, "embeddings.tif"), os.path.join(out, "embeddings.tif.tmp")
     rng = np.random.default_rng(0)
@@ -163,8 +174,9 @@ def embed_scene(encoder_dir: str, out: str, s2: str | None = None, s1: str | Non
     dst = None
     for ty in range(-(-scene.height // tile)):
       tiles = []
+      y_start = origin(ty, scene.height)
       for tx in range(tiles_x):
-        raw = scene.read(ty * tile, tx * tile, tile, tile)
+        raw = scene.read(y_start, origin(tx, scene.width), tile, tile)
         normed = {m: x[0] for m, x in enc.normalize(**{m: x[None] for m, x in raw.items()}).items()}
         tiles.append({m: np.pad(x, ((0, tile - x.shape[0]), (0, tile - x.shape[1]), (0, 0))) for m, x in
                       normed.items()})  # padding = normalized 0 = the band mean
@@ -173,9 +185,10 @@ def embed_scene(encoder_dir: str, out: str, s2: str | None = None, s1: str | Non
         row.append(run(tiles[i:i + batch_size]))
       feats = np.concatenate(row)  # (tiles_x, per_tile^2, D)
       dim = feats.shape[-1]
-      block = feats.reshape(tiles_x, per_tile, per_tile, dim).transpose(1, 0, 2, 3).reshape(per_tile, -1, dim)
+      feats = feats.reshape(tiles_x, per_tile, per_tile, dim)[:, (ty * tile - y_start) // cell:]  # cells not yet written
+      block = np.concatenate([f[:, (tx * tile - origin(tx, scene.width)) // cell:] for tx, f in enumerate(feats)], 1)
       y0 = ty * per_tile
-      block = block[:min(per_tile, grid_h - y0), :grid_w]
+      block = block[:min(len(block), grid_h - y0), :grid_w]
       if dst is None:
         profile = dict(driver="GTiff", dtype="float32", count=dim, height=grid_h, width=grid_w, crs=scene.crs,
                        transform=scene.transform @ Affine.scale(cell), compress="deflate", predictor=3)

@@ -27,7 +27,7 @@ def encoders(tmp_path_factory):
 def test_embed_scene_writes_georeferenced_embeddings_and_picture(encoders, tmp_path):
   out = tmp_path / "out"
   # A 12-band L2A encoder on the 13-band L1C chip: bands picked by the file's descriptions (B10 left out).
-  # tile 48 does not divide the 256 px chip: the edge tiles are padded and the grid cropped to 64 x 64 cells.
+  # tile 48 does not divide the 256 px chip: the last tile of each row / column is moved back to end at the edge.
   summary = embed.embed_scene(encoders["l2a"], str(out), s2=CHIP, tile=48, batch_size=8)
   assert summary["grid"] == [64, 64] and summary["dim"] == 32 and summary["bands"]["s2"] == list(B.S2_L2A_BANDS)
   with rasterio.open(CHIP) as src, rasterio.open(out / "embeddings.tif") as f:
@@ -40,15 +40,13 @@ def test_embed_scene_writes_georeferenced_embeddings_and_picture(encoders, tmp_p
   x = enc.normalize(s2=raw[None, :48, :48, B.band_indices(B.S2_L1C_BANDS, B.S2_L2A_BANDS)])
   want = np.asarray(enc.embed(**x))[0, 1:].reshape(12, 12, 32)
   np.testing.assert_allclose(got[:12, :12], want, rtol=1e-4, atol=1e-4)
-  # a tile of the second row and third column lands at cells (12:24, 24:36) (rows and columns not swapped), and the
-  # edge tile of the first row (16 real px + 32 px padded with the band means) gives cells (0:12, 60:64)
+  # a tile of the second row and third column lands at cells (12:24, 24:36) (rows and columns not swapped); the last
+  # tile of the first row is read at px 208:256 (not 240:288, two thirds padding) and gives its last 4 cells, 60:64
   idx = B.band_indices(B.S2_L1C_BANDS, B.S2_L2A_BANDS)
-  windows = np.stack([raw[48:96, 96:144, idx], np.pad(raw[:48, 240:, idx], ((0, 0), (0, 32), (0, 0)))])
-  x = enc.normalize(s2=windows)["s2"]
-  x[1, :, 16:] = 0.0  # padding is normalized 0 (the band mean), not a normalized raw 0
-  want = np.asarray(enc.embed(s2=x))[:, 1:].reshape(2, 12, 12, 32)
+  x = enc.normalize(s2=np.stack([raw[48:96, 96:144, idx], raw[:48, 208:, idx]]))
+  want = np.asarray(enc.embed(**x))[:, 1:].reshape(2, 12, 12, 32)
   np.testing.assert_allclose(got[12:24, 24:36], want[0], rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(got[:12, 60:64], want[1, :, :4], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(got[:12, 60:64], want[1, :, 8:], rtol=1e-4, atol=1e-4)
   # the last cells (edge tile, padded) are real embeddings too, and every cell differs from its neighbour somewhere
   assert np.isfinite(got).all() and np.abs(np.diff(got, axis=1)).max() > 0
   picture = Image.open(out / "embed.png")
@@ -112,9 +110,9 @@ def test_embed_s1_with_s2_on_one_grid(tmp_path):
   enc_dir = tiny_encoder.write_encoder(tmp_path / "enc", tiny_encoder.vit_params(patch=4, size=8), image_size=16,
                                        modalities="s1,s2")
   rng = np.random.default_rng(0)
-  with rasterio.open(CHIP) as src:
-    s2 = src.read(window=rasterio.windows.Window(8, 4, 16, 16))
-    s1 = rng.normal([[[-12.0]], [[-19.0]]], 3.0, size=(2, 16, 16)).astype(np.float32)
+  with rasterio.open(CHIP) as src:  # 16 x 14 px: narrower than the 16 px tile, so padded (with the band means)
+    s2 = src.read(window=rasterio.windows.Window(8, 4, 14, 16))
+    s1 = rng.normal([[[-12.0]], [[-19.0]]], 3.0, size=(2, 16, 14)).astype(np.float32)
     s2_path = _write(tmp_path / "s2.tif", src, s2, (4, 8), B.S2_L1C_BANDS)
     s1_path = _write(tmp_path / "s1.tif", src, s1, (4, 8), ("VH", "VV"))  # VH first: matched by name
     shifted = _write(tmp_path / "s1_shifted.tif", src, s1, (4, 9), ("VH", "VV"))
@@ -122,6 +120,7 @@ def test_embed_s1_with_s2_on_one_grid(tmp_path):
   assert summary["bands"] == {"s2": list(B.S2_L1C_BANDS), "s1": ["VV", "VH"]} and summary["grid"] == [4, 4]
   enc = mmrs.load_encoder(enc_dir)
   x = enc.normalize(s2=np.moveaxis(s2, 0, -1)[None].astype(np.float32), s1=np.moveaxis(s1[::-1], 0, -1)[None])
+  x = {m: np.pad(v, ((0, 0), (0, 0), (0, 2), (0, 0))) for m, v in x.items()}  # normalized 0 = the band mean
   want = np.asarray(enc.embed(**x))[0, 1:].reshape(4, 4, 32)
   with rasterio.open(tmp_path / "out" / "embeddings.tif") as f, rasterio.open(s2_path) as src:
     assert f.crs == src.crs and f.transform == src.transform @ src.transform.scale(4)
