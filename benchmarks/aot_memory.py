@@ -3,6 +3,7 @@ and without remat. Each row is one `python -m launch.aot` subprocess (cpu:N need
 appended to --out as JSON lines (command, exit code, the report), so an interrupted sweep keeps what it finished.
 
   python -m benchmarks.aot_memory --topologies=v5p-128,v4-32,v5e-256,cpu:64 --sizes=B,L,H --remat=none,full
+  python -m benchmarks.aot_memory --topologies=v5p-128 --sizes=H --remat=full --mesh=data=-1,fsdp=8
 TPU topologies need libtpu (requirements-tpu-aot.txt) importable, e.g. PYTHONPATH=<libtpu --target dir>.
 """
 import json
@@ -18,6 +19,7 @@ flags.DEFINE_list("sizes", ["B", "L", "H"], "Encoder sizes (config.model.encoder
 flags.DEFINE_list("remat", ["none", "full"], "config.model.remat_policy values.")
 flags.DEFINE_string("config", "configs/mixmae.py:vit_b", "Config (batch 4096 in vit_b).")
 flags.DEFINE_list("extra", ["--config.model.scan_layers=True"], "More launch.aot flags for every row.")
+flags.DEFINE_string("mesh", "", "config.mesh for every row, e.g. 'data=-1,fsdp=8' (default: the config's).")
 flags.DEFINE_string("out", "runs/aot_memory.jsonl", "JSON lines output (appended).")
 flags.DEFINE_integer("timeout_s", 3600, "Per-row timeout.")
 
@@ -30,6 +32,8 @@ def main(argv):
       for remat in F.remat:
         cmd = [sys.executable, "-m", "launch.aot", f"--config={F.config}", f"--topology={topo}",
                f"--config.model.encoder={size}", f"--config.model.remat_policy={remat}", *F.extra]
+        if F.mesh:
+          cmd.append(f"--config.mesh={F.mesh}")
         t0 = time.time()
         try:
           proc = subprocess.run(cmd, capture_output=True, text=True, timeout=F.timeout_s)
@@ -37,7 +41,7 @@ def main(argv):
           report = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {"stderr": proc.stderr[-2000:]}
         except subprocess.TimeoutExpired:
           code, report = "timeout", {}
-        row = {"command": "python -m launch.aot " + " ".join(cmd[3:]), "exit": code,
+        row = {"command": "python -m launch.aot " + " ".join(cmd[3:]), "exit": code, "mesh": F.mesh,
                "wall_s": round(time.time() - t0, 1), "size": size, "remat": remat, "topology": topo,
                "report": report}
         with open(F.out, "a") as f:

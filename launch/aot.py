@@ -26,6 +26,8 @@ def _prepare_environment(argv) -> None:
       os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={int(topo[4:])}".strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # quiets libtpu's host probing; the target is --topology
+  # Compile-only libtpu touches no chip, so several launch.aot processes (a sweep, a test) may load it at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 if __name__ == "__main__":

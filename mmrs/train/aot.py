@@ -10,8 +10,10 @@ Topologies: `cpu:N` (N CPU devices; the process must start with XLA_FLAGS=--xla_
 which launch/aot.py sets); TPU slices by their Cloud name (`v4-32`, `v5p-128`, `v5e-256`, `v6e-64`: the v4/v5p
 number counts TensorCores, 2 per chip; v5e/v6e count chips) or a raw libtpu topology (`v5p:4x4x4`), compiled
 through `jax.experimental.topologies` with libtpu (requirements-tpu-aot.txt) while the host stays on CPU (checked:
-v5p and v5e; v4 fails: libtpu 0.0.42.1's compile-only v4 devices are per TensorCore and jax's TPU mesh builder wants
-one device per chip). GPU
+v5p, v5e and v4). A Cloud v4 name asks libtpu for megacore devices (`chip_config_name="megacore"`: one device per
+chip with the chip's 32 GiB, as a real v4 slice has); a raw `v4:AxBxC` keeps libtpu's default of one device per
+TensorCore (half the chip's HBM each), which jax's TPU mesh builder refuses, so mesh.device_grid falls back to a
+physical-order mesh (logged). GPU
 targets are not supported: a compile-only CUDA topology needs jax's CUDA plugin and a matching GPU target config,
 which this CPU-only environment cannot build or check.
 
@@ -82,9 +84,14 @@ def topology_devices(topology: str) -> list:
                         "jax's CUDA plugin and a GPU target description; see mmrs/train/aot.py). Use a TPU topology "
                         "or cpu:N.")
   name = tpu_topology_name(topology)
+  # A Cloud v4 slice runs in megacore mode (one jax device per chip, both TensorCores); libtpu's compile-only v4
+  # topology defaults to one device per TensorCore, so ask for the chip config a real v4 slice has. (A raw name,
+  # `v4:2x2x4`, keeps libtpu's default: per-core devices, see mesh.device_grid and device_memory.)
+  options = {"chip_config_name": "megacore"} if ":" not in topology and TPU_FAMILIES.get(
+      topology.partition("-")[0], ("",))[0] == "v4" else {}
   try:
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-    return list(topologies.get_topology_desc(name, "tpu").devices)
+    return list(topologies.get_topology_desc(name, "tpu", **options).devices)
   except Exception as e:  # pylint: disable=broad-except  (libtpu missing or refusing the name)
     raise TopologyError(f"--topology={topology} ({name}) needs libtpu for compile-only TPU devices: pip install -r "
                         f"requirements-tpu-aot.txt (libtpu matching jax {jax.__version__}). libtpu said: {e}") from None
@@ -128,6 +135,9 @@ def device_memory(devices, override_bytes: int | None) -> tuple[int | None, str]
   kind = devices[0].device_kind
   found = metrics_lib.device_memory_bytes(kind)
   if found:
+    cores = len({getattr(d, "core_on_chip", 0) for d in devices})
+    if cores > 1 and devices[0].platform == "tpu":  # one device per TensorCore: the chip's HBM is split between them
+      return found // cores, f"mmrs/train/metrics.py DEVICE_MEMORY_BYTES ({kind}) / {cores} TensorCores per chip"
     return found, f"mmrs/train/metrics.py DEVICE_MEMORY_BYTES ({kind})"
   if devices[0].platform == "cpu":
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
