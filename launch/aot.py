@@ -3,7 +3,9 @@
 `python -m launch.aot --config=configs/mixmae.py:vit_b --topology=TOPO [--device_memory_gb=X] [--config.key=value]`
 
 TOPO: `cpu:N` (N fake CPU devices, always available), a Cloud TPU slice (`v4-32`, `v5p-128`, `v5e-256`, `v6e-64`)
-or a libtpu topology (`v5p:4x4x4`; TPU needs `pip install -r requirements-tpu-aot.txt`). Builds the mesh from
+or a libtpu topology (`v5p:4x4x4`; TPU needs `pip install -r requirements-tpu-aot.txt`), or N NVIDIA GPUs (`8xH100`;
+needs jax's CUDA plugin, `pip install -r requirements-gpu-aot.txt` or the [gpu] extra, but no GPU or driver; other
+GPU models: `--gpu_target_config=FILE`). Builds the mesh from
 config.mesh over the topology's devices, lowers and compiles every task's train step with the real shardings
 (mmrs/train/aot.py: the train loop's own plan_state/compile_tasks), prints a table per task and, last, one JSON line
 {"topology", "devices", "tasks": {TASK: {per_device_peak_bytes, per_device_argument_bytes,
@@ -45,7 +47,10 @@ def _define_flags() -> None:
   """Only when run as a script, so tests can import `run` next to launch.main's flags."""
   config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant,key=value'.",
                                   lock_config=True)
-  flags.DEFINE_string("topology", None, "cpu:N, v4-32, v5p-128, v5e-256, v6e-64, or a libtpu topology (v5p:4x4x4).")
+  flags.DEFINE_string("topology", None, "cpu:N, v4-32, v5p-128, v5e-256, v6e-64, a libtpu topology (v5p:4x4x4) or "
+                      "NxGPU (8xH100).")
+  flags.DEFINE_string("gpu_target_config", None, "For --topology=NxMODEL: a GpuTargetConfigProto text file "
+                      "describing the GPU (default: the built-in description of MODEL, mmrs/train/gpu_target.py).")
   flags.DEFINE_float("device_memory_gb", 0.0, "Per-device memory in GiB (default: the table in "
                      "mmrs/train/metrics.py; CPU: host RAM / N).")
   flags.mark_flags_as_required(["config", "topology"])
@@ -54,13 +59,23 @@ EXIT_DOES_NOT_FIT = 1
 EXIT_CONFIG_ERROR = 2
 
 
-def run(config, topology: str, device_memory_gb: float = 0.0, out=sys.stdout) -> int:
-  """Prints the tables and the JSON line; returns the exit code."""
+def run(config, topology: str, device_memory_gb: float = 0.0, out=sys.stdout,
+        gpu_target_config: str | None = None) -> int:
+  """Prints the tables and the JSON line; returns the exit code. `gpu_target_config`: a file path."""
   from mmrs.train import aot  # pylint: disable=g-import-not-at-top
   from mmrs.train import config_check  # pylint: disable=g-import-not-at-top
   override = int(device_memory_gb * 2**30) if device_memory_gb else None
+  target = None
+  if gpu_target_config:
+    try:
+      with open(gpu_target_config) as f:
+        target = f.read()
+    except OSError as e:
+      print(f"ERROR: --gpu_target_config={gpu_target_config}: {e.strerror}; give a GpuTargetConfigProto text file.",
+            file=sys.stderr)
+      return EXIT_CONFIG_ERROR
   try:
-    report = aot.compile_for(config, topology, device_memory_override=override)
+    report = aot.compile_for(config, topology, device_memory_override=override, gpu_target_config=target)
   except (config_check.ConfigError, aot.TopologyError) as e:
     print(f"ERROR: {e}", file=sys.stderr)
     return EXIT_CONFIG_ERROR
@@ -84,7 +99,8 @@ def run(config, topology: str, device_memory_gb: float = 0.0, out=sys.stdout) ->
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  sys.exit(run(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.device_memory_gb))
+  sys.exit(run(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.device_memory_gb,
+               gpu_target_config=flags.FLAGS.gpu_target_config))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import train_toy_method as toy
 from configs import mixmae
 from launch import aot as aot_cli
 from mmrs.train import aot
+from mmrs.train import gpu_target
 
 
 def _toy_config(**overrides):
@@ -70,8 +71,42 @@ def test_tpu_names():
   assert aot.tpu_topology_name("v5p:2x2x1") == "v5p:2x2x1"
   with pytest.raises(aot.TopologyError, match="power of two"):
     aot.tpu_topology_name("v5e-24")
-  with pytest.raises(aot.TopologyError, match="GPU targets"):
-    aot.topology_devices("8xH100")
+  with pytest.raises(aot.TopologyError, match="--gpu_target_config"):  # no built-in description: say how to give one
+    aot.topology_devices("8xQ9000")
+
+
+def _has_cuda_plugin():
+  try:
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  except ModuleNotFoundError:
+    return False
+
+
+def test_gpu_names_and_target_description():
+  assert gpu_target.parse_gpu_topology("8xH100") == (8, "h100") and gpu_target.parse_gpu_topology("v5p-8") is None
+  assert gpu_target.topology_shape(8) == "1x1x8" and gpu_target.topology_shape(32) == "1x4x8"
+  with pytest.raises(aot.TopologyError, match="whole hosts of 8"):
+    aot.topology_devices("12xH100")
+  text = gpu_target.target_config_text("h100")
+  assert "core_count: 132" in text and "major: 9 minor: 0" in text and '"NVIDIA H100 80GB HBM3"' in text
+
+
+@pytest.mark.skipif(_has_cuda_plugin(), reason="jax's CUDA plugin is installed: the GPU target compiles instead")
+def test_gpu_topology_without_cuda_plugin_fails_in_one_line(capsys):
+  out = io.StringIO()
+  assert aot_cli.run(_toy_config(), "8xH100", out=out) == aot_cli.EXIT_CONFIG_ERROR
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "CUDA plugin" in err and "requirements-gpu-aot.txt" in err, err
+  assert "GPU host" in err
+
+
+@pytest.mark.skipif(not _has_cuda_plugin(), reason="jax's CUDA plugin not installed (requirements-gpu-aot.txt)")
+def test_gpu_topology_compiles_with_cuda_plugin():
+  code, text, report = _run(_toy_config(mesh="data=-1,fsdp=1"), "2xH100")
+  assert code == 0, text
+  assert report["devices"] == 2 and "H100" in report["device_kind"] and report["fits"] is True
+  assert report["device_memory_bytes"] == 80 * 10**9
+  assert all(t["per_device_peak_bytes"] > 0 for t in report["tasks"].values())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
