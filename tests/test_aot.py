@@ -91,6 +91,18 @@ def test_gpu_names_and_target_description():
   assert "core_count: 132" in text and "major: 9 minor: 0" in text and '"NVIDIA H100 80GB HBM3"' in text
 
 
+def test_gpu_deviceless_options_leave_the_config_alone():
+  config = _toy_config()
+  config.lock()
+  before = config.xla_compiler_options.to_dict()
+  out = gpu_target.with_deviceless_options(config)
+  assert out.xla_compiler_options.to_dict() == {**before, "xla_gpu_enable_triton_gemm": False}
+  assert config.xla_compiler_options.to_dict() == before  # the caller's config is unchanged
+  with config.unlocked():
+    config.xla_compiler_options.xla_gpu_enable_triton_gemm = True  # the user's choice wins
+  assert gpu_target.with_deviceless_options(config) is config
+
+
 @pytest.mark.skipif(_has_cuda_plugin(), reason="jax's CUDA plugin is installed: the GPU target compiles instead")
 def test_gpu_topology_without_cuda_plugin_fails_in_one_line(capsys):
   out = io.StringIO()

@@ -196,6 +196,8 @@ def compile_for(config, topology: str, method=None, device_memory_override: int 
     raise DoesNotFit(report)
   if plan_only:
     return report
+  if devices[0].platform == "gpu":
+    config = gpu_target.with_deviceless_options(config)
   with jax.set_mesh(mesh):
     steps = step_lib.compile_tasks(config, method, optimizer, layout, mesh, batches, {})
   for name, st in steps.items():

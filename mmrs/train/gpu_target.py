@@ -13,8 +13,13 @@ on a host that has one, or write it, and pass `--gpu_target_config=FILE` to laun
 """
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
+
+from absl import logging
+
+from mmrs.train import config_check
 
 # model (lowercase) -> GpuDeviceInfoProto fields, platform, cuDNN version (major, minor, patch), description string.
 GPU_SPECS: dict[str, dict[str, Any]] = {
@@ -31,6 +36,12 @@ GPU_SPECS: dict[str, dict[str, Any]] = {
         compute_capability=(9, 0), dnn_version=(9, 8, 0), description="NVIDIA H100 80GB HBM3"),
 }
 GPUS_PER_HOST = 8
+# XLA options a compile without a device needs (each unless config.xla_compiler_options sets it). Triton GEMM fusions
+# are tiled by the autotuner, which needs a GPU: without one, jax 0.10.2's XLA fails on the ViT's matmuls with
+# "INTERNAL: Couldn't find output tile sizes that satisfy hlo: %dot... backend_config={"sizes":["16"]}" (ViT-B MixMAE,
+# 8xH100). With Triton GEMMs off the matmuls go to cuBLAS; on the real GPU XLA may pick a Triton kernel instead, whose
+# scratch memory differs a little, so the temp bytes are an estimate of the same order.
+DEVICELESS_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 _NAME = re.compile(r"^(\d+)x([A-Za-z][A-Za-z0-9_-]*)$")
 
 
@@ -66,3 +77,16 @@ def compile_only_devices(count: int, target_config: str) -> list:
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   return list(topologies.get_topology_desc("cuda", "cuda", target_config=target_config,
                                            topology=topology_shape(count)).devices)
+
+
+def with_deviceless_options(config):
+  """A copy of `config` whose xla_compiler_options add DEVICELESS_COMPILER_OPTIONS (the config itself is unchanged)."""
+  options = config_check.to_dict(config.get("xla_compiler_options"))
+  missing = {k: v for k, v in DEVICELESS_COMPILER_OPTIONS.items() if k not in options}
+  if not missing:
+    return config
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.xla_compiler_options = {**options, **missing}
+  logging.info("Compile-only GPU target: XLA options %s (no autotuner without a device).", missing)
+  return config
