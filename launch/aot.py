@@ -11,6 +11,7 @@ config.mesh over the topology's devices, lowers and compiles every task's train 
 {"topology", "devices", "tasks": {TASK: {per_device_peak_bytes, per_device_argument_bytes,
 per_device_param_and_opt_bytes, flops_per_step, compile_s, ...}}, "fits", "device_memory_bytes", ...}.
 Exit codes: 0 fits (or memory unknown), 1 does not fit, 2 config/mesh/topology error (in seconds, before compiling).
+`--plan_only`: stop after the sharded state layout (params + optimizer bytes per device, in seconds; no compile).
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def _define_flags() -> None:
                       "NxGPU (8xH100).")
   flags.DEFINE_string("gpu_target_config", None, "For --topology=NxMODEL: a GpuTargetConfigProto text file "
                       "describing the GPU (default: the built-in description of MODEL, mmrs/train/gpu_target.py).")
+  flags.DEFINE_bool("plan_only", False, "Stop after the sharded state layout: per_device_param_and_opt_bytes in "
+                    "seconds, no compile (tasks empty).")
   flags.DEFINE_float("device_memory_gb", 0.0, "Per-device memory in GiB (default: the table in "
                      "mmrs/train/metrics.py; CPU: host RAM / N).")
   flags.mark_flags_as_required(["config", "topology"])
@@ -60,7 +63,7 @@ EXIT_CONFIG_ERROR = 2
 
 
 def run(config, topology: str, device_memory_gb: float = 0.0, out=sys.stdout,
-        gpu_target_config: str | None = None) -> int:
+        gpu_target_config: str | None = None, plan_only: bool = False) -> int:
   """Prints the tables and the JSON line; returns the exit code. `gpu_target_config`: a file path."""
   from mmrs.train import aot  # pylint: disable=g-import-not-at-top
   from mmrs.train import config_check  # pylint: disable=g-import-not-at-top
@@ -75,7 +78,8 @@ def run(config, topology: str, device_memory_gb: float = 0.0, out=sys.stdout,
             file=sys.stderr)
       return EXIT_CONFIG_ERROR
   try:
-    report = aot.compile_for(config, topology, device_memory_override=override, gpu_target_config=target)
+    report = aot.compile_for(config, topology, device_memory_override=override, gpu_target_config=target,
+                             plan_only=plan_only)
   except (config_check.ConfigError, aot.TopologyError) as e:
     print(f"ERROR: {e}", file=sys.stderr)
     return EXIT_CONFIG_ERROR
@@ -86,6 +90,12 @@ def run(config, topology: str, device_memory_gb: float = 0.0, out=sys.stdout,
           f"mesh {report['mesh']}. Shard it more (config.mesh fsdp=...) or use more devices.", file=sys.stderr)
     print(json.dumps(report, sort_keys=True), file=out, flush=True)
     return EXIT_DOES_NOT_FIT
+  if plan_only:
+    print(f"{report['devices']} x {report['device_kind']}, mesh {report['mesh']}: params + optimizer state "
+          f"{aot.format_bytes(report['per_device_param_and_opt_bytes'])} per device (plan only, not compiled)",
+          file=out)
+    print(json.dumps(report, sort_keys=True), file=out, flush=True)
+    return 0
   for name, numbers in report["tasks"].items():
     print(aot.format_table(name, numbers), file=out)
   mem = report["device_memory_bytes"]
@@ -100,7 +110,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   sys.exit(run(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.device_memory_gb,
-               gpu_target_config=flags.FLAGS.gpu_target_config))
+               gpu_target_config=flags.FLAGS.gpu_target_config, plan_only=flags.FLAGS.plan_only))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,9 @@ def test_param_and_optimizer_bytes_fall_as_one_over_fsdp():
   for n in (1, 2, 4, 8):
     config = mixmae.get_config("tiny")
     config.model.encoder, config.mesh, config.fsdp_min_size = "B", f"data={8 // n},fsdp={n}", 2**12
-    per[n] = aot.compile_for(config, "cpu:8", plan_only=True)["per_device_param_and_opt_bytes"]
+    code, _, report = _run(config, "cpu:8", plan_only=True)  # launch.aot --plan_only: the layout, no compile
+    assert code == 0 and report["tasks"] == {} and report["mesh"] == {"data": 8 // n, "fsdp": n}
+    per[n] = report["per_device_param_and_opt_bytes"]
   for n in (2, 4, 8):  # a few small leaves (biases of non-embed axes) stay replicated: within 2% of 1/N
     assert per[1] / n <= per[n] <= 1.02 * per[1] / n, per
 
