@@ -4,6 +4,7 @@ appended to --out as JSON lines (command, exit code, the report), so an interrup
 
   python -m benchmarks.aot_memory --topologies=v5p-128,v4-32,v5e-256,cpu:64 --sizes=B,L,H --remat=none,full
   python -m benchmarks.aot_memory --topologies=v5p-128 --sizes=H --remat=full --mesh=data=-1,fsdp=8
+  python -m benchmarks.aot_memory --table=runs/aot_memory.jsonl   # the RESULTS.md rows
 TPU topologies need libtpu (requirements-tpu-aot.txt) importable, e.g. PYTHONPATH=<libtpu --target dir>.
 """
 import json
@@ -22,11 +23,38 @@ flags.DEFINE_list("extra", ["--config.model.scan_layers=True"], "More launch.aot
 flags.DEFINE_string("mesh", "", "config.mesh for every row, e.g. 'data=-1,fsdp=8' (default: the config's).")
 flags.DEFINE_string("out", "runs/aot_memory.jsonl", "JSON lines output (appended).")
 flags.DEFINE_integer("timeout_s", 3600, "Per-row timeout.")
+flags.DEFINE_list("table", [], "Instead of compiling: print the RESULTS.md rows of these JSON-lines files.")
+
+
+def table_rows(paths) -> list[str]:
+  """Markdown rows (topology, encoder, remat, mesh, peak, params+opt, temp, device memory, fits, compile s)."""
+  gib, rows = 2**30, []
+  for path in paths:
+    with open(path) as f:
+      for line in f:
+        row = json.loads(line)
+        rep = row["report"]
+        if not rep.get("tasks"):
+          rows.append(f"| {row['topology']} | ViT-{row['size']} | {row['remat']} | {row.get('mesh') or '-'} | "
+                      f"exit {row['exit']}, no report | | | | | |")
+          continue
+        extra = [e for e in row["command"].split() if e.startswith("--config.grad_accum_steps")]
+        remat = row["remat"] + "".join(f", {e.split('.', 1)[1]}" for e in extra)
+        mesh = ",".join(f"{k}={v}" for k, v in rep["mesh"].items())
+        for t in rep["tasks"].values():
+          rows.append(f"| {row['topology']} ({rep['devices']} x {rep['device_kind']}) | ViT-{row['size']} | {remat} | "
+                      f"{mesh} | {t['per_device_peak_bytes'] / gib:.2f} | "
+                      f"{t['per_device_param_and_opt_bytes'] / gib:.3f} | {t['per_device_temp_bytes'] / gib:.2f} | "
+                      f"{rep['device_memory_bytes'] / gib:.1f} | {rep['fits']} | {t['compile_s']} |")
+  return rows
 
 
 def main(argv):
   del argv
   F = flags.FLAGS
+  if F.table:
+    print("\n".join(table_rows(F.table)))
+    return
   for topo in F.topologies:
     for size in F.sizes:
       for remat in F.remat:
