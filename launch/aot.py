@@ -85,6 +85,12 @@ def run(config, topology: str, device_memory_gb: float = 0.0, out=sys.stdout,
     return EXIT_CONFIG_ERROR
   except aot.DoesNotFit as e:
     report = e.args[0]
+    if "compile_error" in report:
+      print(f"DOES NOT FIT: the compiler ran out of device memory on {report['devices']} x {report['device_kind']}, "
+            f"mesh {report['mesh']}: {report['compile_error']} Use remat (config.model.remat_policy=full), "
+            "config.grad_accum_steps, more fsdp or more devices.", file=sys.stderr)
+      print(json.dumps(report, sort_keys=True), file=out, flush=True)
+      return EXIT_DOES_NOT_FIT
     print(f"DOES NOT FIT: the sharded state alone needs {report['per_device_param_and_opt_bytes'] / 2**30:.2f} GiB "
           f"per device but a device has {report['device_memory_bytes'] / 2**30:.2f} GiB ({report['memory_source']}); "
           f"mesh {report['mesh']}. Shard it more (config.mesh fsdp=...) or use more devices.", file=sys.stderr)

@@ -65,6 +65,17 @@ def test_does_not_fit_and_bad_mesh_fail_fast_with_numbers(capsys):
   assert "xla_force_host_platform_device_count=999" in capsys.readouterr().err
 
 
+def test_compiler_out_of_memory_is_a_does_not_fit_answer(monkeypatch, capsys):
+  def refuse(*args, **kwargs):  # what libtpu's compiler raises for a program larger than HBM
+    raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+                       "(43.54G) exceeds available HBM (30.75G).")
+  monkeypatch.setattr(aot.step_lib, "compile_tasks", refuse)
+  code, _, report = _run(_toy_config(), "cpu:8")
+  assert code == aot_cli.EXIT_DOES_NOT_FIT and report["fits"] is False and "43.54G" in report["compile_error"]
+  err = capsys.readouterr().err
+  assert "DOES NOT FIT" in err and "remat" in err
+
+
 def test_tpu_names():
   assert aot.tpu_topology_name("v5p-128") == "v5p:4x4x4"
   assert aot.tpu_topology_name("v4-32") == "v4:2x2x4"

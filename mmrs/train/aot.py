@@ -164,7 +164,8 @@ def device_memory(devices, override_bytes: int | None) -> tuple[int | None, str]
 
 
 class DoesNotFit(RuntimeError):
-  """The state alone exceeds device memory (found before compiling)."""
+  """The state alone exceeds device memory (found before compiling), or the compiler ran out of device memory
+  (report["compile_error"])."""
 
 
 def compile_for(config, topology: str, method=None, device_memory_override: int | None = None,
@@ -198,8 +199,17 @@ def compile_for(config, topology: str, method=None, device_memory_override: int 
     return report
   if devices[0].platform == "gpu":
     config = gpu_target.with_deviceless_options(config)
-  with jax.set_mesh(mesh):
-    steps = step_lib.compile_tasks(config, method, optimizer, layout, mesh, batches, {})
+  try:
+    with jax.set_mesh(mesh):
+      steps = step_lib.compile_tasks(config, method, optimizer, layout, mesh, batches, {})
+  except Exception as e:  # pylint: disable=broad-except  (only the compiler's out-of-memory verdict is handled)
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # The TPU compiler refuses a program whose buffers exceed HBM ("Ran out of memory on HBM, the total memory
+    # required for HLO temporaries (43.54G) exceeds available HBM (30.75G)"): that is the answer, not a crash.
+    report["fits"] = False
+    report["compile_error"] = next((l.strip() for l in str(e).splitlines() if "RESOURCE_EXHAUSTED" in l), str(e))
+    raise DoesNotFit(report) from None
   for name, st in steps.items():
     m = st.compiled.memory_analysis()
     arg, out, alias, temp = (int(getattr(m, f"{k}_size_in_bytes", 0)) for k in ("argument", "output", "alias", "temp"))
