@@ -8,6 +8,7 @@ appended to --out as JSON lines (command, exit code, the report), so an interrup
 TPU topologies need libtpu (requirements-tpu-aot.txt) importable, e.g. PYTHONPATH=<libtpu --target dir>.
 """
 import json
+import re
 import subprocess
 import sys
 import time
@@ -34,6 +35,15 @@ def table_rows(paths) -> list[str]:
       for line in f:
         row = json.loads(line)
         rep = row["report"]
+        if rep.get("compile_error"):  # the compiler refused: its numbers in the peak / temp columns
+          need = re.search(r"temporaries \(([^)]*)\).*available HBM \(([^)]*)\)", rep["compile_error"])
+          temp = f"{need.group(1)} needed, {need.group(2)} usable" if need else rep["compile_error"]
+          mesh = ",".join(f"{k}={v}" for k, v in rep["mesh"].items())
+          rows.append(f"| {row['topology']} ({rep['devices']} x {rep['device_kind']}) | ViT-{row['size']} | "
+                      f"{row['remat']} | {mesh} | compiler: out of HBM | "
+                      f"{rep['per_device_param_and_opt_bytes'] / gib:.3f} | {temp} | "
+                      f"{rep['device_memory_bytes'] / gib:.1f} | False | - |")
+          continue
         if not rep.get("tasks"):
           rows.append(f"| {row['topology']} | ViT-{row['size']} | {row['remat']} | {row.get('mesh') or '-'} | "
                       f"exit {row['exit']}, no report | | | | | |")
