@@ -3,12 +3,15 @@
 `python -m launch.aot --config=configs/mixmae.py:vit_b --topology=TOPO [--device_memory_gb=X] [--config.key=value]`
 
 TOPO: `cpu:N` (N fake CPU devices, always available), a Cloud TPU slice (`v4-32`, `v5p-128`, `v5e-256`, `v6e-64`)
-or a libtpu topology (`v5p:4x4x4`; TPU needs `pip install -r requirements-tpu-aot.txt`). Builds the mesh from
+or a libtpu topology (`v5p:4x4x4`; TPU needs `pip install -r requirements-tpu-aot.txt`), or N NVIDIA GPUs (`8xH100`;
+needs jax's CUDA plugin, `pip install -r requirements-gpu-aot.txt` or the [gpu] extra, but no GPU or driver; other
+GPU models: `--gpu_target_config=FILE`). Builds the mesh from
 config.mesh over the topology's devices, lowers and compiles every task's train step with the real shardings
 (mmrs/train/aot.py: the train loop's own plan_state/compile_tasks), prints a table per task and, last, one JSON line
 {"topology", "devices", "tasks": {TASK: {per_device_peak_bytes, per_device_argument_bytes,
 per_device_param_and_opt_bytes, flops_per_step, compile_s, ...}}, "fits", "device_memory_bytes", ...}.
 Exit codes: 0 fits (or memory unknown), 1 does not fit, 2 config/mesh/topology error (in seconds, before compiling).
+`--plan_only`: stop after the sharded state layout (params + optimizer bytes per device, in seconds; no compile).
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ def _prepare_environment(argv) -> None:
       os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={int(topo[4:])}".strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # quiets libtpu's host probing; the target is --topology
+  # Compile-only libtpu touches no chip, so several launch.aot processes (a sweep, a test) may load it at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 if __name__ == "__main__":
@@ -43,7 +48,12 @@ def _define_flags() -> None:
   """Only when run as a script, so tests can import `run` next to launch.main's flags."""
   config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant,key=value'.",
                                   lock_config=True)
-  flags.DEFINE_string("topology", None, "cpu:N, v4-32, v5p-128, v5e-256, v6e-64, or a libtpu topology (v5p:4x4x4).")
+  flags.DEFINE_string("topology", None, "cpu:N, v4-32, v5p-128, v5e-256, v6e-64, a libtpu topology (v5p:4x4x4) or "
+                      "NxGPU (8xH100).")
+  flags.DEFINE_string("gpu_target_config", None, "For --topology=NxMODEL: a GpuTargetConfigProto text file "
+                      "describing the GPU (default: the built-in description of MODEL, mmrs/train/gpu_target.py).")
+  flags.DEFINE_bool("plan_only", False, "Stop after the sharded state layout: per_device_param_and_opt_bytes in "
+                    "seconds, no compile (tasks empty).")
   flags.DEFINE_float("device_memory_gb", 0.0, "Per-device memory in GiB (default: the table in "
                      "mmrs/train/metrics.py; CPU: host RAM / N).")
   flags.mark_flags_as_required(["config", "topology"])
@@ -52,23 +62,46 @@ EXIT_DOES_NOT_FIT = 1
 EXIT_CONFIG_ERROR = 2
 
 
-def run(config, topology: str, device_memory_gb: float = 0.0, out=sys.stdout) -> int:
-  """Prints the tables and the JSON line; returns the exit code."""
+def run(config, topology: str, device_memory_gb: float = 0.0, out=sys.stdout,
+        gpu_target_config: str | None = None, plan_only: bool = False) -> int:
+  """Prints the tables and the JSON line; returns the exit code. `gpu_target_config`: a file path."""
   from mmrs.train import aot  # pylint: disable=g-import-not-at-top
   from mmrs.train import config_check  # pylint: disable=g-import-not-at-top
   override = int(device_memory_gb * 2**30) if device_memory_gb else None
+  target = None
+  if gpu_target_config:
+    try:
+      with open(gpu_target_config) as f:
+        target = f.read()
+    except OSError as e:
+      print(f"ERROR: --gpu_target_config={gpu_target_config}: {e.strerror}; give a GpuTargetConfigProto text file.",
+            file=sys.stderr)
+      return EXIT_CONFIG_ERROR
   try:
-    report = aot.compile_for(config, topology, device_memory_override=override)
+    report = aot.compile_for(config, topology, device_memory_override=override, gpu_target_config=target,
+                             plan_only=plan_only)
   except (config_check.ConfigError, aot.TopologyError) as e:
     print(f"ERROR: {e}", file=sys.stderr)
     return EXIT_CONFIG_ERROR
   except aot.DoesNotFit as e:
     report = e.args[0]
+    if "compile_error" in report:
+      print(f"DOES NOT FIT: the compiler ran out of device memory on {report['devices']} x {report['device_kind']}, "
+            f"mesh {report['mesh']}: {report['compile_error']} Use remat (config.model.remat_policy=full), "
+            "config.grad_accum_steps, more fsdp or more devices.", file=sys.stderr)
+      print(json.dumps(report, sort_keys=True), file=out, flush=True)
+      return EXIT_DOES_NOT_FIT
     print(f"DOES NOT FIT: the sharded state alone needs {report['per_device_param_and_opt_bytes'] / 2**30:.2f} GiB "
           f"per device but a device has {report['device_memory_bytes'] / 2**30:.2f} GiB ({report['memory_source']}); "
           f"mesh {report['mesh']}. Shard it more (config.mesh fsdp=...) or use more devices.", file=sys.stderr)
     print(json.dumps(report, sort_keys=True), file=out, flush=True)
     return EXIT_DOES_NOT_FIT
+  if plan_only:
+    print(f"{report['devices']} x {report['device_kind']}, mesh {report['mesh']}: params + optimizer state "
+          f"{aot.format_bytes(report['per_device_param_and_opt_bytes'])} per device (plan only, not compiled)",
+          file=out)
+    print(json.dumps(report, sort_keys=True), file=out, flush=True)
+    return 0
   for name, numbers in report["tasks"].items():
     print(aot.format_table(name, numbers), file=out)
   mem = report["device_memory_bytes"]
@@ -82,7 +115,8 @@ def run(config, topology: str, device_memory_gb: float = 0.0, out=sys.stdout) ->
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  sys.exit(run(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.device_memory_gb))
+  sys.exit(run(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.device_memory_gb,
+               gpu_target_config=flags.FLAGS.gpu_target_config, plan_only=flags.FLAGS.plan_only))
 
 
 if __name__ == "__main__":

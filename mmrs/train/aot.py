@@ -10,10 +10,11 @@ Topologies: `cpu:N` (N CPU devices; the process must start with XLA_FLAGS=--xla_
 which launch/aot.py sets); TPU slices by their Cloud name (`v4-32`, `v5p-128`, `v5e-256`, `v6e-64`: the v4/v5p
 number counts TensorCores, 2 per chip; v5e/v6e count chips) or a raw libtpu topology (`v5p:4x4x4`), compiled
 through `jax.experimental.topologies` with libtpu (requirements-tpu-aot.txt) while the host stays on CPU (checked:
-v5p and v5e; v4 fails: libtpu 0.0.42.1's compile-only v4 devices are per TensorCore and jax's TPU mesh builder wants
-one device per chip). GPU
-targets are not supported: a compile-only CUDA topology needs jax's CUDA plugin and a matching GPU target config,
-which this CPU-only environment cannot build or check.
+v5p, v5e and v4). A Cloud v4 name asks libtpu for megacore devices (`chip_config_name="megacore"`: one device per
+chip with the chip's 32 GiB, as a real v4 slice has); a raw `v4:AxBxC` keeps libtpu's default of one device per
+TensorCore (half the chip's HBM each), which jax's TPU mesh builder refuses, so mesh.device_grid falls back to a
+physical-order mesh (logged). NVIDIA GPUs: `NxMODEL` (`8xH100`), compile-only CUDA devices from jax's CUDA plugin
+and a GPU target description, no GPU needed (mmrs/train/gpu_target.py; requirements-gpu-aot.txt).
 
 Numbers per task (per device): argument / output / alias / temp bytes from `compiled.memory_analysis()`;
 peak = argument + output - alias + temp (the donated state is aliased); param+opt = this device's shards of the
@@ -31,6 +32,7 @@ import jax
 import numpy as np
 
 from mmrs.train import config_check
+from mmrs.train import gpu_target
 from mmrs.train import mesh as mesh_lib
 from mmrs.train import metrics as metrics_lib
 from mmrs.train import state as state_lib
@@ -65,8 +67,9 @@ def tpu_topology_name(name: str) -> str:
   return f"{family}:{'x'.join(str(d) for d in sorted(dims))}"
 
 
-def topology_devices(topology: str) -> list:
-  """The devices to compile for (real CPU devices, or libtpu's compile-only TPU devices)."""
+def topology_devices(topology: str, gpu_target_config: str | None = None) -> list:
+  """The devices to compile for (real CPU devices, libtpu's compile-only TPU devices or the CUDA plugin's compile-only
+  GPU devices; `gpu_target_config`: a GpuTargetConfigProto text for NxMODEL, see mmrs/train/gpu_target.py)."""
   if topology.startswith("cpu:"):
     try:
       n = int(topology[4:])
@@ -77,17 +80,39 @@ def topology_devices(topology: str) -> list:
       raise TopologyError(f"--topology={topology}: this process has {len(have)} CPU device(s). Start it with "
                           f"XLA_FLAGS=--xla_force_host_platform_device_count={n} (python -m launch.aot does).")
     return have[:n]
-  if "x" in topology.split(":")[0] and topology.split("x")[0].isdigit():
-    raise TopologyError(f"--topology={topology!r}: GPU targets are not supported (a compile-only CUDA topology needs "
-                        "jax's CUDA plugin and a GPU target description; see mmrs/train/aot.py). Use a TPU topology "
-                        "or cpu:N.")
+  gpu = gpu_target.parse_gpu_topology(topology)
+  if gpu is not None:
+    return _gpu_devices(topology, *gpu, gpu_target_config)
   name = tpu_topology_name(topology)
+  # A Cloud v4 slice runs in megacore mode (one jax device per chip, both TensorCores); libtpu's compile-only v4
+  # topology defaults to one device per TensorCore, so ask for the chip config a real v4 slice has. (A raw name,
+  # `v4:2x2x4`, keeps libtpu's default: per-core devices, see mesh.device_grid and device_memory.)
+  options = {"chip_config_name": "megacore"} if ":" not in topology and TPU_FAMILIES.get(
+      topology.partition("-")[0], ("",))[0] == "v4" else {}
   try:
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-    return list(topologies.get_topology_desc(name, "tpu").devices)
+    return list(topologies.get_topology_desc(name, "tpu", **options).devices)
   except Exception as e:  # pylint: disable=broad-except  (libtpu missing or refusing the name)
     raise TopologyError(f"--topology={topology} ({name}) needs libtpu for compile-only TPU devices: pip install -r "
                         f"requirements-tpu-aot.txt (libtpu matching jax {jax.__version__}). libtpu said: {e}") from None
+
+
+def _gpu_devices(topology: str, count: int, model: str, target_config: str | None) -> list:
+  if target_config is None:
+    if model not in gpu_target.GPU_SPECS:
+      raise TopologyError(f"--topology={topology}: no built-in description of GPU {model!r} (known: "
+                          f"{', '.join(m.upper() for m in gpu_target.GPU_SPECS)}); pass --gpu_target_config=FILE "
+                          "(a GpuTargetConfigProto text, see mmrs/train/gpu_target.py).")
+    target_config = gpu_target.target_config_text(model)
+  try:
+    return gpu_target.compile_only_devices(count, target_config)
+  except ValueError as e:
+    raise TopologyError(f"--topology={topology}: {e}") from None
+  except Exception as e:  # pylint: disable=broad-except  (no CUDA plugin, or the plugin refusing the description)
+    raise TopologyError(f"--topology={topology} needs jax's CUDA plugin for compile-only GPU devices: pip install -r "
+                        f"requirements-gpu-aot.txt (or the [gpu] extra; jax-cuda12-plugin/pjrt {jax.__version__}), "
+                        f"no GPU or driver needed; or run launch.aot on the GPU host. jax said: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def abstract_batches(config, method, batch_size: int) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
@@ -128,6 +153,9 @@ def device_memory(devices, override_bytes: int | None) -> tuple[int | None, str]
   kind = devices[0].device_kind
   found = metrics_lib.device_memory_bytes(kind)
   if found:
+    cores = len({getattr(d, "core_on_chip", 0) for d in devices})
+    if cores > 1 and devices[0].platform == "tpu":  # one device per TensorCore: the chip's HBM is split between them
+      return found // cores, f"mmrs/train/metrics.py DEVICE_MEMORY_BYTES ({kind}) / {cores} TensorCores per chip"
     return found, f"mmrs/train/metrics.py DEVICE_MEMORY_BYTES ({kind})"
   if devices[0].platform == "cpu":
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -136,18 +164,19 @@ def device_memory(devices, override_bytes: int | None) -> tuple[int | None, str]
 
 
 class DoesNotFit(RuntimeError):
-  """The state alone exceeds device memory (found before compiling)."""
+  """The state alone exceeds device memory (found before compiling), or the compiler ran out of device memory
+  (report["compile_error"])."""
 
 
 def compile_for(config, topology: str, method=None, device_memory_override: int | None = None,
-                plan_only: bool = False) -> dict[str, Any]:
+                plan_only: bool = False, gpu_target_config: str | None = None) -> dict[str, Any]:
   """Compiles every task for `topology`; returns the report (the JSON line of launch.aot, plus "memory_source").
 
   Raises config_check.ConfigError for a mesh/batch that does not divide, DoesNotFit when the sharded state alone is
   larger than a device's memory (before any compile), TopologyError for an unknown topology. `plan_only`: stop
   after the layout (report["per_device_param_and_opt_bytes"], no compile).
   """
-  devices = topology_devices(topology)
+  devices = topology_devices(topology, gpu_target_config)
   config_check.resolve_compute_dtype(config, devices[0].platform)
   config_check.validate(config, None, device_count=len(devices), process_count=1)
   if method is None:
@@ -168,8 +197,19 @@ def compile_for(config, topology: str, method=None, device_memory_override: int 
     raise DoesNotFit(report)
   if plan_only:
     return report
-  with jax.set_mesh(mesh):
-    steps = step_lib.compile_tasks(config, method, optimizer, layout, mesh, batches, {})
+  if devices[0].platform == "gpu":
+    config = gpu_target.with_deviceless_options(config)
+  try:
+    with jax.set_mesh(mesh):
+      steps = step_lib.compile_tasks(config, method, optimizer, layout, mesh, batches, {})
+  except Exception as e:  # pylint: disable=broad-except  (only the compiler's out-of-memory verdict is handled)
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # The TPU compiler refuses a program whose buffers exceed HBM ("Ran out of memory on HBM, the total memory
+    # required for HLO temporaries (43.54G) exceeds available HBM (30.75G)"): that is the answer, not a crash.
+    report["fits"] = False
+    report["compile_error"] = next((l.strip() for l in str(e).splitlines() if "RESOURCE_EXHAUSTED" in l), str(e))
+    raise DoesNotFit(report) from None
   for name, st in steps.items():
     m = st.compiled.memory_analysis()
     arg, out, alias, temp = (int(getattr(m, f"{k}_size_in_bytes", 0)) for k in ("argument", "output", "alias", "temp"))

@@ -19,7 +19,9 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from flax import linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
@@ -28,6 +30,8 @@ BATCH_AXES = ("data", "fsdp")
 ACTIVATION_RULES = (("batch", BATCH_AXES),)
 # Logical parameter axes that may be split over "fsdp" (the big matmul dims of a ViT / MLP).
 FSDP_LOGICAL_AXES = ("embed", "mlp")
+# Device kinds for which jax.make_mesh itself passes allow_split_physical_axes=True (jax/_src/sharding_impls.py).
+_SPLIT_BY_DEFAULT = ("TPU v5 lite", "TPU v5e")
 
 
 def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
@@ -68,8 +72,60 @@ def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
 def make_mesh(spec: str, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   devices = list(devices) if devices is not None else jax.devices()
   sizes = parse_mesh_spec(spec, len(devices))
-  return jax.make_mesh(tuple(sizes.values()), tuple(sizes), axis_types=(jax.sharding.AxisType.Auto,) * len(sizes),
-                       devices=devices)
+  grid = device_grid(tuple(sizes.values()), devices)
+  return jax.sharding.Mesh(grid, tuple(sizes), axis_types=(jax.sharding.AxisType.Auto,) * len(sizes))
+
+
+def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+  """The devices arranged as `shape` (axes in MESH_AXES order, the last the most communication-heavy).
+
+  First jax's own builder, exactly as `jax.make_mesh` calls it (unchanged wherever it works: CPU, GPU, megacore v4,
+  v5p, v5e). jax's TPU builder refuses two kinds of device sets that are still valid meshes:
+  - an axis size that is no product of whole torus axes (e.g. fsdp=8 on v5p-128's 4x4x4 chips): retried with
+    `allow_split_physical_axes=True`, which splits a torus axis between two mesh axes;
+  - one device per TensorCore on a v4/v5p chip (libtpu's compile-only `v4:AxBxC` topology, or a v4 job run without
+    megacore): `_get_physical_tpu_mesh` asserts one device per chip. Then the devices are ordered by physical position
+    (slice, z, y, x, core) and reshaped, so the last mesh axis ("fsdp") groups the cores of a chip and then
+    neighbouring chips along x.
+  The path taken is logged (info for the builder, warning for a fallback, with jax's reason).
+  """
+  shape = tuple(int(s) for s in shape)
+  devices = list(devices)
+  split = devices[0].device_kind in _SPLIT_BY_DEFAULT
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=split)
+    logging.info("Mesh %s over %d x %s: jax's device-mesh builder.", shape, len(devices), devices[0].device_kind)
+    return grid
+  except (AssertionError, ValueError, NotImplementedError) as e:
+    if devices[0].platform != "tpu":
+      raise
+    first = e
+  if not split:
+    try:
+      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+      logging.warning("Mesh %s over %d x %s: jax's builder refused whole torus axes (%s); using it with "
+                      "allow_split_physical_axes=True.", shape, len(devices), devices[0].device_kind,
+                      _first_line(first))
+      return grid
+    except (AssertionError, ValueError, NotImplementedError) as e:
+      first = e
+  grid = np.asarray(sorted(devices, key=physical_order), dtype=object).reshape(shape)
+  logging.warning("Mesh %s over %d x %s: jax's TPU builder refused these devices (%s); using the devices in "
+                  "physical order (slice, z, y, x, core) reshaped.", shape, len(devices), devices[0].device_kind,
+                  _first_line(first))
+  return grid
+
+
+def physical_order(device: Any) -> tuple[int, ...]:
+  """Sort key: slice, then torus coordinates z, y, x, then the core on the chip (devices without coords: id)."""
+  coords = tuple(getattr(device, "coords", ()) or ())
+  return (int(getattr(device, "slice_index", 0) or 0), *reversed(coords), int(getattr(device, "core_on_chip", 0)),
+          int(device.id))
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
