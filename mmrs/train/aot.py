@@ -220,7 +220,8 @@ def compile_for(config, topology: str, method=None, device_memory_override: int 
         "per_device_peak_bytes": arg + out - alias + temp, "per_device_argument_bytes": arg,
         "per_device_output_bytes": out, "per_device_alias_bytes": alias, "per_device_temp_bytes": temp,
         "per_device_param_and_opt_bytes": state_bytes,
-        "flops_per_step": float(cost.get("flops", float("nan"))) * len(devices),
+        # None (JSON null) where the backend reports no count (XLA:GPU without a device).
+        "flops_per_step": float(cost["flops"]) * len(devices) if "flops" in cost else None,
         "analytic_flops_per_step": _analytic_flops(method, name, config.batch_size),
         "compile_s": round(st.seconds, 2)}
   if mem_bytes is not None:
@@ -228,13 +229,13 @@ def compile_for(config, topology: str, method=None, device_memory_override: int 
   return report
 
 
-def _analytic_flops(method, task: str, batch_size: int) -> float:
+def _analytic_flops(method, task: str, batch_size: int) -> "float | None":
   """The method's own FLOP count (what MFU uses); XLA's cost analysis counts a loop body once, so with
   scan_layers / grad_accum_steps its `flops_per_step` undercounts by the trip counts."""
   try:
     return float(method.flops_per_sample(task)) * batch_size
   except Exception:  # pylint: disable=broad-except  (informative only)
-    return float("nan")
+    return None
 
 
 def format_bytes(n: float) -> str:
@@ -249,8 +250,8 @@ def format_table(name: str, numbers: Mapping[str, Any]) -> str:
   for k, v in numbers.items():
     if k.endswith("_bytes"):
       rows.append(f"  {k:34s} {format_bytes(v):>14s}")
-    elif k == "flops_per_step":
-      rows.append(f"  {k:34s} {v:12.4g}")
+    elif k.endswith("flops_per_step"):
+      rows.append(f"  {k:34s} {'n/a' if v is None else f'{v:.4g}':>12s}")
     else:
       rows.append(f"  {k:34s} {v:12}")
   return "\n".join(rows)
