@@ -2,6 +2,7 @@
 
   python -m benchmarks.peer --method=mae_s2 --size=S --image_size=128 --batch=32 [--dtype=float32|bfloat16]
       [--torch_compile] [--repeats=2] [--steps=10] [--warmup=3] [--json_out=results.jsonl]
+  python -m benchmarks.peer --method=mixmae ... --hlo_only [--baseline_rev=REV]   # HLO layout-copy counts only
 
 mmrs side: the training step itself (benchmarks/step_throughput.py: config validation, `make_step_fn`,
 `compile_step`, Adafactor, global-norm clipping, the non-finite guard), on synthetic on-device batches.
@@ -73,6 +74,9 @@ def parse_args(argv=None):
                  help="Also run mmrs's step as of this git revision (an exported copy), alternating: before/after.")
   p.add_argument("--hlo_stats", action="store_true",
                  help="Count the layout copies/transposes and dots in mmrs's optimized step HLO (an XLA dump).")
+  p.add_argument("--hlo_only", action="store_true",
+                 help="Only compile mmrs's step (and the baseline's) and print --hlo_stats; no PyTorch, no timing. The "
+                      "counts do not depend on the machine's load.")
   p.add_argument("--json_out", default="", help="Append a full JSON record (for benchmarks/plot.py) to this file.")
   p.add_argument("--side", choices=SIDES, default=None, help=argparse.SUPPRESS)  # internal: one child's side
   args = p.parse_args(argv)
@@ -236,9 +240,8 @@ def export_revision(rev: str) -> str:
 
 
 def run_child(argv: list[str], side: str, tree: str = REPO, hlo: bool = False) -> dict:
-  cmd = [sys.executable, "-m", "benchmarks.peer",
-         *child_args([a for a in argv if not a.startswith(("--baseline_rev", "--hlo_stats", "--json_out"))],
-                     "jax" if side == "jax_baseline" else side)]
+  argv = [a for a in argv if not a.startswith(("--baseline_rev", "--hlo_stats", "--hlo_only", "--json_out"))]
+  cmd = [sys.executable, "-m", "benchmarks.peer", *child_args(argv, "jax" if side == "jax_baseline" else side)]
   env = dict(os.environ)
   dump = None
   if hlo and side.startswith("jax"):
@@ -253,6 +256,23 @@ def run_child(argv: list[str], side: str, tree: str = REPO, hlo: bool = False) -
   if dump:
     out["hlo"] = hlo_stats(dump)
   return out
+
+
+def hlo_only(argv: list[str], args, sides: list[str], trees: dict[str, str]) -> dict:
+  """Compile mmrs's step per jax side (one untimed step runs: a baseline revision's peer.py knows no compile-only
+  flag) and print the optimized HLO's stats, then one JSON line {"method", "hlo": {side: stats}}."""
+  argv = [a for a in argv if not a.startswith(("--steps", "--warmup", "--repeats"))] + ["--steps=1", "--warmup=0"]
+  out = {}
+  try:
+    for side in (s for s in sides if s.startswith("jax")):
+      out[side] = run_child(argv, side, trees[side], hlo=True)["hlo"]
+      print(f"  {LABELS[side]:<22} HLO {out[side]}", flush=True)
+  finally:
+    if args.baseline_rev:
+      shutil.rmtree(trees["jax_baseline"], ignore_errors=True)
+  summary = {"method": args.method, "hlo": out}
+  print(json.dumps(summary))
+  return summary
 
 
 def summarize(args, runs: dict[str, list[dict]]) -> dict:
@@ -285,6 +305,8 @@ def main(argv=None) -> dict:
     trees["jax_baseline"] = export_revision(args.baseline_rev)
     LABELS["jax_baseline"] = f"mmrs @ {args.baseline_rev}"
   enc, dec = model_dims(args)
+  if args.hlo_only:
+    return hlo_only(argv, args, sides, trees)
   print(f"{args.method}: encoder {args.size} {enc}, decoder {args.decoder} {dec}, {args.image_size} px, "
         f"patch {args.patch_size}, batch {args.batch}, {args.dtype}, {args.repeats} x {args.steps} timed steps "
         f"per side (after {args.warmup} warm-up); LD_PRELOAD={os.environ.get('LD_PRELOAD', '') or '-'}", flush=True)
