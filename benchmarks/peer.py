@@ -102,6 +102,12 @@ def model_dims(args) -> tuple[dict, dict]:
   return rename(enc), rename(dec)
 
 
+def _minor_faults() -> int:
+  """Minor page faults of this process so far (see benchmarks/step_throughput.py): per timed step, both sides."""
+  import resource  # pylint: disable=import-outside-toplevel
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _pin_threads(n: int) -> None:
   if n > 0 and hasattr(os, "sched_setaffinity"):
     cpus = sorted(os.sched_getaffinity(0))[:n]
@@ -137,7 +143,8 @@ def run_jax(args) -> dict:
   stats = jax.devices()[0].memory_stats() or {}  # None on CPU
   res = {"images_per_s": out["images_per_s"], "params": out["params"], "device_kind": out["device_kind"],
          "compile_s": sum(out["compile_s"].values()), "last_loss": out["last_loss"],
-         "memory_mib": out["memory_mib"], "mfu": out["mfu"], "peak_source": out["peak_source"]}
+         "memory_mib": out["memory_mib"], "mfu": out["mfu"], "peak_source": out["peak_source"],
+         "minor_faults_per_step": out.get("minor_faults_per_step")}
   if "peak_bytes_in_use" in stats:
     res["peak_memory_mib"] = stats["peak_bytes_in_use"] / 2**20
   return res
@@ -167,14 +174,17 @@ def run_torch(args, compile_model: bool) -> dict:
     loss = step(batch)
   sync()
   warm_s = time.perf_counter() - t0
+  faults0 = _minor_faults()
   t0 = time.perf_counter()
   for _ in range(args.steps):
     loss = step(batch)
   sync()
   seconds = time.perf_counter() - t0
+  faults = _minor_faults() - faults0
   kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
   out = {"images_per_s": args.steps * args.batch / seconds, "params": torch_vit.count_params(model),
-         "device_kind": kind, "compile_s": warm_s, "last_loss": float(loss), "threads": torch.get_num_threads()}
+         "device_kind": kind, "compile_s": warm_s, "last_loss": float(loss), "threads": torch.get_num_threads(),
+         "minor_faults_per_step": faults / args.steps}
   if device.type == "cuda":
     out["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
   return out
@@ -320,6 +330,7 @@ def main(argv=None) -> dict:
       print(f"  {LABELS[side]:<22} repeat {r + 1}: {out['images_per_s']:8.2f} images/s "
             f"({1e3 * args.batch / out['images_per_s']:8.1f} ms/step), {out['params']:,} params, "
             f"compile+warm-up {out['compile_s']:.1f}s, loss {out['last_loss']:.4f}"
+            + (f", {out['minor_faults_per_step']:,.0f} page faults/step" if out.get("minor_faults_per_step") else "")
             + (f", HLO {out['hlo']}" if out.get("hlo") else ""), flush=True)
       if not side.startswith("jax") and len(runs["jax"]) == 1 and len(runs[side]) == 1:
         pj, pt = runs["jax"][0]["params"], out["params"]
