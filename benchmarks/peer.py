@@ -275,7 +275,8 @@ def hlo_only(argv: list[str], args, sides: list[str], trees: dict[str, str]) -> 
   out = {}
   try:
     for side in (s for s in sides if s.startswith("jax")):
-      out[side] = run_child(argv, side, trees[side], hlo=True)["hlo"]
+      res = run_child(argv, side, trees[side], hlo=True)
+      out[side] = {**res["hlo"], "loss": round(res["last_loss"], 4)}  # one step, same rng: equal math, equal loss
       print(f"  {LABELS[side]:<22} HLO {out[side]}", flush=True)
   finally:
     if args.baseline_rev:
