@@ -320,7 +320,8 @@ def main(argv=None) -> dict:
     return hlo_only(argv, args, sides, trees)
   print(f"{args.method}: encoder {args.size} {enc}, decoder {args.decoder} {dec}, {args.image_size} px, "
         f"patch {args.patch_size}, batch {args.batch}, {args.dtype}, {args.repeats} x {args.steps} timed steps "
-        f"per side (after {args.warmup} warm-up); LD_PRELOAD={os.environ.get('LD_PRELOAD', '') or '-'}", flush=True)
+        f"per side (after {args.warmup} warm-up); LD_PRELOAD={os.environ.get('LD_PRELOAD', '') or '-'} "
+        f"MALLOC_CONF={os.environ.get('MALLOC_CONF', '') or '-'}", flush=True)
   runs: dict[str, list[dict]] = {s: [] for s in sides}
   rows = []
   for r in range(args.repeats):
@@ -354,7 +355,7 @@ def main(argv=None) -> dict:
     record = {**summary, "size": args.size, "decoder": args.decoder, "decoder_depth": args.decoder_depth,
               "image_size": args.image_size, "batch": args.batch, "dtype": args.dtype, "steps": args.steps,
               "repeats": args.repeats, "threads": args.threads, "baseline_rev": args.baseline_rev,
-              "ld_preload": os.environ.get("LD_PRELOAD", ""),
+              "ld_preload": os.environ.get("LD_PRELOAD", ""), "malloc_conf": os.environ.get("MALLOC_CONF", ""),
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "runs": [{"side": s, "repeat": r, **o} for s, r, o in rows]}
     with open(args.json_out, "a", encoding="utf-8") as f:
