@@ -2,6 +2,7 @@
 
   python -m benchmarks.peer --method=mae_s2 --size=S --image_size=128 --batch=32 [--dtype=float32|bfloat16]
       [--torch_compile] [--repeats=2] [--steps=10] [--warmup=3] [--json_out=results.jsonl]
+  python -m benchmarks.peer --method=mixmae ... --hlo_only [--baseline_rev=REV]   # HLO layout-copy counts only
 
 mmrs side: the training step itself (benchmarks/step_throughput.py: config validation, `make_step_fn`,
 `compile_step`, Adafactor, global-norm clipping, the non-finite guard), on synthetic on-device batches.
@@ -73,6 +74,9 @@ def parse_args(argv=None):
                  help="Also run mmrs's step as of this git revision (an exported copy), alternating: before/after.")
   p.add_argument("--hlo_stats", action="store_true",
                  help="Count the layout copies/transposes and dots in mmrs's optimized step HLO (an XLA dump).")
+  p.add_argument("--hlo_only", action="store_true",
+                 help="Only compile mmrs's step (and the baseline's) and print --hlo_stats; no PyTorch, no timing. The "
+                      "counts do not depend on the machine's load.")
   p.add_argument("--json_out", default="", help="Append a full JSON record (for benchmarks/plot.py) to this file.")
   p.add_argument("--side", choices=SIDES, default=None, help=argparse.SUPPRESS)  # internal: one child's side
   args = p.parse_args(argv)
@@ -96,6 +100,12 @@ def model_dims(args) -> tuple[dict, dict]:
     dec["depth"] = args.decoder_depth
   rename = lambda d: {"width": d["width"], "depth": d["depth"], "mlp_dim": d["mlp_dim"], "heads": d["num_heads"]}
   return rename(enc), rename(dec)
+
+
+def _minor_faults() -> int:
+  """Minor page faults of this process so far (see benchmarks/step_throughput.py): per timed step, both sides."""
+  import resource  # pylint: disable=import-outside-toplevel
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _pin_threads(n: int) -> None:
@@ -133,7 +143,8 @@ def run_jax(args) -> dict:
   stats = jax.devices()[0].memory_stats() or {}  # None on CPU
   res = {"images_per_s": out["images_per_s"], "params": out["params"], "device_kind": out["device_kind"],
          "compile_s": sum(out["compile_s"].values()), "last_loss": out["last_loss"],
-         "memory_mib": out["memory_mib"], "mfu": out["mfu"], "peak_source": out["peak_source"]}
+         "memory_mib": out["memory_mib"], "mfu": out["mfu"], "peak_source": out["peak_source"],
+         "minor_faults_per_step": out.get("minor_faults_per_step")}
   if "peak_bytes_in_use" in stats:
     res["peak_memory_mib"] = stats["peak_bytes_in_use"] / 2**20
   return res
@@ -163,14 +174,17 @@ def run_torch(args, compile_model: bool) -> dict:
     loss = step(batch)
   sync()
   warm_s = time.perf_counter() - t0
+  faults0 = _minor_faults()
   t0 = time.perf_counter()
   for _ in range(args.steps):
     loss = step(batch)
   sync()
   seconds = time.perf_counter() - t0
+  faults = _minor_faults() - faults0
   kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
   out = {"images_per_s": args.steps * args.batch / seconds, "params": torch_vit.count_params(model),
-         "device_kind": kind, "compile_s": warm_s, "last_loss": float(loss), "threads": torch.get_num_threads()}
+         "device_kind": kind, "compile_s": warm_s, "last_loss": float(loss), "threads": torch.get_num_threads(),
+         "minor_faults_per_step": faults / args.steps}
   if device.type == "cuda":
     out["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
   return out
@@ -236,9 +250,8 @@ def export_revision(rev: str) -> str:
 
 
 def run_child(argv: list[str], side: str, tree: str = REPO, hlo: bool = False) -> dict:
-  cmd = [sys.executable, "-m", "benchmarks.peer",
-         *child_args([a for a in argv if not a.startswith(("--baseline_rev", "--hlo_stats", "--json_out"))],
-                     "jax" if side == "jax_baseline" else side)]
+  argv = [a for a in argv if not a.startswith(("--baseline_rev", "--hlo_stats", "--hlo_only", "--json_out"))]
+  cmd = [sys.executable, "-m", "benchmarks.peer", *child_args(argv, "jax" if side == "jax_baseline" else side)]
   env = dict(os.environ)
   dump = None
   if hlo and side.startswith("jax"):
@@ -253,6 +266,24 @@ def run_child(argv: list[str], side: str, tree: str = REPO, hlo: bool = False) -
   if dump:
     out["hlo"] = hlo_stats(dump)
   return out
+
+
+def hlo_only(argv: list[str], args, sides: list[str], trees: dict[str, str]) -> dict:
+  """Compile mmrs's step per jax side (one untimed step runs: a baseline revision's peer.py knows no compile-only
+  flag) and print the optimized HLO's stats, then one JSON line {"method", "hlo": {side: stats}}."""
+  argv = [a for a in argv if not a.startswith(("--steps", "--warmup", "--repeats"))] + ["--steps=1", "--warmup=0"]
+  out = {}
+  try:
+    for side in (s for s in sides if s.startswith("jax")):
+      res = run_child(argv, side, trees[side], hlo=True)
+      out[side] = {**res["hlo"], "loss": round(res["last_loss"], 4)}  # one step, same rng: equal math, equal loss
+      print(f"  {LABELS[side]:<22} HLO {out[side]}", flush=True)
+  finally:
+    if args.baseline_rev:
+      shutil.rmtree(trees["jax_baseline"], ignore_errors=True)
+  summary = {"method": args.method, "hlo": out}
+  print(json.dumps(summary))
+  return summary
 
 
 def summarize(args, runs: dict[str, list[dict]]) -> dict:
@@ -285,9 +316,12 @@ def main(argv=None) -> dict:
     trees["jax_baseline"] = export_revision(args.baseline_rev)
     LABELS["jax_baseline"] = f"mmrs @ {args.baseline_rev}"
   enc, dec = model_dims(args)
+  if args.hlo_only:
+    return hlo_only(argv, args, sides, trees)
   print(f"{args.method}: encoder {args.size} {enc}, decoder {args.decoder} {dec}, {args.image_size} px, "
         f"patch {args.patch_size}, batch {args.batch}, {args.dtype}, {args.repeats} x {args.steps} timed steps "
-        f"per side (after {args.warmup} warm-up); LD_PRELOAD={os.environ.get('LD_PRELOAD', '') or '-'}", flush=True)
+        f"per side (after {args.warmup} warm-up); LD_PRELOAD={os.environ.get('LD_PRELOAD', '') or '-'} "
+        f"MALLOC_CONF={os.environ.get('MALLOC_CONF', '') or '-'}", flush=True)
   runs: dict[str, list[dict]] = {s: [] for s in sides}
   rows = []
   for r in range(args.repeats):
@@ -298,6 +332,7 @@ def main(argv=None) -> dict:
       print(f"  {LABELS[side]:<22} repeat {r + 1}: {out['images_per_s']:8.2f} images/s "
             f"({1e3 * args.batch / out['images_per_s']:8.1f} ms/step), {out['params']:,} params, "
             f"compile+warm-up {out['compile_s']:.1f}s, loss {out['last_loss']:.4f}"
+            + (f", {out['minor_faults_per_step']:,.0f} page faults/step" if out.get("minor_faults_per_step") else "")
             + (f", HLO {out['hlo']}" if out.get("hlo") else ""), flush=True)
       if not side.startswith("jax") and len(runs["jax"]) == 1 and len(runs[side]) == 1:
         pj, pt = runs["jax"][0]["params"], out["params"]
@@ -320,7 +355,7 @@ def main(argv=None) -> dict:
     record = {**summary, "size": args.size, "decoder": args.decoder, "decoder_depth": args.decoder_depth,
               "image_size": args.image_size, "batch": args.batch, "dtype": args.dtype, "steps": args.steps,
               "repeats": args.repeats, "threads": args.threads, "baseline_rev": args.baseline_rev,
-              "ld_preload": os.environ.get("LD_PRELOAD", ""),
+              "ld_preload": os.environ.get("LD_PRELOAD", ""), "malloc_conf": os.environ.get("MALLOC_CONF", ""),
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "runs": [{"side": s, "repeat": r, **o} for s, r, o in rows]}
     with open(args.json_out, "a", encoding="utf-8") as f:

@@ -49,6 +49,13 @@ def synthetic_batch(config, task, local_batch: int, s2_channels: int, view_chann
   return {m: rng.standard_normal(shape(channels[m]), np.float32) for m in task.modalities}
 
 
+def _minor_faults() -> int:
+  """This process's minor page faults so far (fresh memory touched; e.g. a step's scratch buffers when the
+  allocator returns them to the OS between steps): a load-independent allocator signal."""
+  import resource  # pylint: disable=import-outside-toplevel
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def benchmark(config, *, method=None, steps: int = 20, warmup: int = 3, real_data: bool = False,
               s2_channels: int = 13, view_channels=(1, 1), devices=None) -> dict:
   devices = list(devices) if devices is not None else jax.devices()
@@ -99,6 +106,7 @@ def benchmark(config, *, method=None, steps: int = 20, warmup: int = 3, real_dat
       state, metrics = compiled[name](state, batch_for(name), np.int32(step))
     jax.block_until_ready(state)
     flops = 0.0
+    faults0 = _minor_faults()
     t0 = time.perf_counter()
     for step in range(warmup * len(tasks), warmup * len(tasks) + steps):
       name = schedule.task_name(step)
@@ -106,6 +114,7 @@ def benchmark(config, *, method=None, steps: int = 20, warmup: int = 3, real_dat
       flops += float(method.flops_per_sample(name)) * config.batch_size
     jax.block_until_ready((state, metrics))
     seconds = time.perf_counter() - t0
+    faults = _minor_faults() - faults0
     if real_data:
       for td in task_data.values():
         if td.close is not None:
@@ -114,6 +123,7 @@ def benchmark(config, *, method=None, steps: int = 20, warmup: int = 3, real_dat
       "method": getattr(method, "name", config.method), "tasks": list(tasks), "batch_size": config.batch_size,
       "mesh": dict(mesh.shape), "devices": len(devices), "device_kind": devices[0].device_kind,
       "data": "real" if real_data else "synthetic", "steps": steps, "seconds": seconds,
+      "minor_faults_per_step": faults / steps,
       "steps_per_s": steps / seconds, "images_per_s": steps * config.batch_size / seconds,
       "mfu": flops / seconds / peak if peak else None, "peak_flops": peak, "peak_source": peak_source,
       "params": state_lib.count_params(state["params"]), "compile_s": compile_s, "memory_mib": memory,

@@ -12,8 +12,8 @@ Arguments: `shards=PATH` (overrides every dataset's shards).
 
 Keys read by mmrs/methods/mae.py (and auxmae.py / mixmae.py, which build on `mae_family_config`):
   model.encoder / model.decoder: size names of configs/common.py VIT_SIZES; model.decoder_depth (0 = the size's);
-  model.patch_size, model.use_cls_token, model.dropout_rate, model.attention (auto | xla | cudnn: auto = cuDNN
-  flash attention on GPU for bfloat16); compute_dtype (float32 | bfloat16 | auto; params float32);
+  model.patch_size, model.use_cls_token, model.dropout_rate, model.attention (auto | xla | head_major | cudnn:
+  auto = cuDNN flash attention on GPU for bfloat16, head_major on CPU; mmrs/models/vit.py attend()); compute_dtype (float32 | bfloat16 | auto; params float32);
   bands.s2 / bands.s1: the bands the model expects, in order (the data pipelines select them: data.*.s2_bands
   follows bands.s2); mask_ratio; norm_pix_loss (per-patch normalized pixel targets, MAE's option; off = the
   papers' plain MSE); data.<dataset>.image_size (crop size, a multiple of the patch size; also the FLOP count's).

@@ -115,3 +115,29 @@ def test_gpu_suite_cpu_smoke_runs_the_peer_and_appends_a_results_section(tmp_pat
   assert "step_mixmae_b4_noremat" in text and "| data_w0 |" in text  # the second batch size, the pipeline
   png = re.search(r"!\[mmrs vs PyTorch\]\((.+?)\)", text)
   assert png and (tmp_path / png.group(1)).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gemm_bound_reads_the_dots_of_optimized_hlo_and_replays_them_in_torch():
+  """benchmarks.gemm_bound: every dot of a compiled module (batched, transposed operands) is found with its shapes
+  and dimension numbers, counted, and its PyTorch replay computes the same product."""
+  from benchmarks import gemm_bound  # pylint: disable=import-outside-toplevel
+
+  def fn(a, b, x, w):  # a batched dot with a transposed rhs, then a weight-gradient-like dot twice
+    s = jax.numpy.einsum("bhqd,bhkd->bhqk", a, b)
+    return s.sum() + (x.T @ w).sum() + (x.T @ (2 * w)).sum()
+
+  args = [np.random.default_rng(i).standard_normal(s, dtype=np.float32)
+          for i, s in enumerate([(2, 3, 5, 4), (2, 3, 6, 4), (7, 8), (7, 9)])]
+  dots = gemm_bound.parse_dots(jax.jit(fn).lower(*args).compile().as_text())
+  assert sum(d["count"] for d in dots) >= 2
+  batched = [d for d in dots if d["dims"]["lhs_batch"]]
+  assert batched and batched[0]["out"][-2:] in ([5, 6], [6, 5]) and gemm_bound.flops(batched[0]) == 2 * 6 * 30 * 4
+  for d in dots:
+    rng = np.random.default_rng(0)
+    lhs, rhs = rng.standard_normal(d["lhs"], dtype=np.float32), rng.standard_normal(d["rhs"], dtype=np.float32)
+    dn = ((tuple(d["dims"]["lhs_contracting"]), tuple(d["dims"]["rhs_contracting"])),
+          (tuple(d["dims"]["lhs_batch"]), tuple(d["dims"]["rhs_batch"])))
+    want = np.asarray(jax.lax.dot_general(lhs, rhs, dn))
+    got = gemm_bound.torch_dot(torch.from_numpy(lhs), torch.from_numpy(rhs), d["dims"]).numpy()
+    assert list(got.shape) == d["out"], gemm_bound.describe(d)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -141,21 +141,23 @@ def test_vit_lite_decoder_fills_unseen_slots_and_has_one_head_per_group():
     apply(params, tokens, grid)
 
 
-def test_vit_xla_attention_matches_a_reference_softmax_attention():
+@pytest.mark.parametrize("implementation", ["xla", "head_major"])
+def test_vit_attention_matches_a_reference_softmax_attention(implementation):
   q, k, v = np.asarray(jax.random.normal(jax.random.key(0), (3, 2, 5, 2, 8)))
   scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8.0)
   weights = np.exp(scores - scores.max(-1, keepdims=True))
   weights /= weights.sum(-1, keepdims=True)
   want = np.einsum("bhqk,bkhd->bqhd", weights, v)
-  np.testing.assert_allclose(vit.attend(q, k, v, "xla"), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(vit.attend(q, k, v, implementation), want, rtol=1e-5, atol=1e-6)
 
 
-def test_vit_attention_auto_falls_back_to_xla_off_gpu_and_rejects_unknown_names():
-  """What a CPU can check: "auto" picks XLA here (so the two agree trivially: this is NOT a test of cuDNN) and
-  unknown names fail. cuDNN's numbers are checked only by the GPU test below (skipped without a GPU)."""
+def test_vit_attention_auto_picks_head_major_on_cpu_and_rejects_unknown_names():
+  """What a CPU can check: "auto" picks the head-major attention here (so the two agree trivially: this is NOT a
+  test of cuDNN) and unknown names fail. cuDNN's numbers are checked only by the GPU test below (skipped without a
+  GPU)."""
   q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 5, 2, 8))
-  if jax.default_backend() != "gpu":
-    np.testing.assert_array_equal(vit.attend(q, k, v, "auto"), vit.attend(q, k, v, "xla"))
+  if jax.default_backend() == "cpu":
+    np.testing.assert_array_equal(vit.attend(q, k, v, "auto"), vit.attend(q, k, v, "head_major"))
   with pytest.raises(ValueError, match="config.model.attention"):
     vit.attend(q, k, v, "flash")
 
