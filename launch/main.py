@@ -36,6 +36,8 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-proces
 flags.DEFINE_list("local_device_ids", None, "Device ordinals this process drives (default: "
                   "$MMRS_LOCAL_DEVICE_IDS, else all visible ones; gpu_slurm.sh sets all GPUs of the node).")
 flags.DEFINE_integer("init_timeout", None, "Seconds to wait for the coordinator (default $MMRS_INIT_TIMEOUT or 300).")
+flags.DEFINE_integer("heartbeat_timeout", None, "Seconds without a heartbeat after which a process counts as dead and "
+                     "the others are aborted (default $MMRS_HEARTBEAT_TIMEOUT or JAX's 100).")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with cluster auto-detection (TPU VM slices: "
                   "launch/tpu_vm.sh sets it; SLURM and GKE are detected without it).")
 flags.DEFINE_bool("allow_config_change", False,
@@ -77,6 +79,7 @@ def main(argv, *, method=None, task_data=None):
   try:
     distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
                            auto=flags.FLAGS.multihost, timeout_s=flags.FLAGS.init_timeout,
+                           heartbeat_timeout_s=flags.FLAGS.heartbeat_timeout,
                            local_device_ids=[int(i) for i in flags.FLAGS.local_device_ids]
                            if flags.FLAGS.local_device_ids else None)
   except distributed.DistributedStartError as e:

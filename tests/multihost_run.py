@@ -34,6 +34,8 @@ flags.DEFINE_string("elastic_workdir", None, "Where the elastic resume runs.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Processes.")
 flags.DEFINE_integer("process_id", None, "This process.")
+flags.DEFINE_string("compilation_cache_dir", "auto", "config.compilation_cache_dir of every run (the tests share one "
+                    "across runs, so a run that compiles what an earlier one did loads it).")
 
 
 def config_for(shards: str):
@@ -120,6 +122,7 @@ def main(argv):
   from mmrs.train import loop  # pylint: disable=g-import-not-at-top
   workdir = flags.FLAGS.workdir
   config = config_for(flags.FLAGS.shards)
+  config.compilation_cache_dir = flags.FLAGS.compilation_cache_dir
   os.makedirs(workdir, exist_ok=True)
   check_rows(config, workdir)
   runs = [(workdir, int(s)) for s in flags.FLAGS.phases.split(",") if s]

@@ -38,7 +38,9 @@ def _check(method, task_name, batch):
   params, state = nn.meta.unbox(jax.eval_shape(method.init, jax.random.key(0), batch))
   task = {t.name: t for t in method.tasks}[task_name]
   step = lambda p, s, b, rng: jax.value_and_grad(task.loss_fn, has_aux=True)(p, s, b, rng, True)
-  measured = flops.xla_flops(step, params, state, batch, jax.random.key(1))
+  # -O0 code generation: the same count (it is taken from the optimized HLO), half the CPU compile time.
+  measured = flops.xla_flops(step, params, state, batch, jax.random.key(1),
+                             compiler_options={"xla_backend_optimization_level": 0})
   analytic = B * method.flops_per_sample(task_name)
   assert analytic == pytest.approx(measured, rel=0.10)
 

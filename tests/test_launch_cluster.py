@@ -168,10 +168,11 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
   assert states == {f"process_{i}-of-2.json": {"cross": {"index": step}} for i in range(2)}
 
   # A restart where only process 1 cannot read the checkpoint (a storage outage there): the run stops (process 1
-  # with exit code 5; process 0, whose Orbax barriers lost their partner, is aborted by JAX) and the checkpoint is
-  # not moved aside on one host's error.
+  # with exit code 5; process 0, whose Orbax barriers lost their partner, is aborted by JAX once process 1 missed
+  # its heartbeats: --heartbeat_timeout=10 instead of JAX's 100 s) and the checkpoint is not moved aside on one
+  # host's error.
   procs = _toy(tmp_path, workdir, 2, _free_port(), "--config.total_steps=60", "--config.checkpoint_every_steps=0",
-               "--config.toy.tasks=cross", env_extra={"MMRS_TEST_RESTORE_ERROR": "1"})
+               "--config.toy.tasks=cross", "--heartbeat_timeout=10", env_extra={"MMRS_TEST_RESTORE_ERROR": "1"})
   outs = _communicate(procs)
   assert procs[1].returncode == 5 and procs[0].returncode != 0, outs[1][-3000:]
   assert f"ERROR: Checkpoint step {step} " in outs[1] and "not proven damaged, so nothing was moved" in outs[1]

@@ -26,6 +26,8 @@ SCRIPT = [sys.executable, "-m", "tests.multihost_run"]
 
 
 def _env(cache, devices):
+  # One compilation cache for all runs, the train loop's too (--compilation_cache_dir; its default, the workdir's
+  # own, gave B and A2 nothing to load): B loads C's compiled steps, A2 and A's second phase A's (on process 0).
   return dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -48,8 +50,8 @@ def _run(args, processes, devices, cache, timeout=900):
   procs = []
   for i, log in enumerate(logs):
     with open(log, "w") as f:
-      procs.append(subprocess.Popen(SCRIPT + args + extra(i), cwd=REPO, env=_env(cache, devices), stdout=f,
-                                    stderr=subprocess.STDOUT, text=True))
+      procs.append(subprocess.Popen(SCRIPT + args + extra(i) + [f"--compilation_cache_dir={cache}"], cwd=REPO,
+                                    env=_env(cache, devices), stdout=f, stderr=subprocess.STDOUT, text=True))
   try:
     for p in procs:
       p.wait(timeout=timeout)

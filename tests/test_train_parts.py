@@ -298,6 +298,8 @@ def test_distributed_needs_all_three_settings(monkeypatch):
   assert distributed.initialize() is False  # a single process needs nothing
   with pytest.raises(ValueError, match="needs all of"):
     distributed.initialize(coordinator_address="127.0.0.1:1234")
+  with pytest.raises(ValueError, match="heartbeat_timeout"):
+    distributed.initialize(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=0, heartbeat_timeout_s=0)
 
 
 @dataclasses.dataclass

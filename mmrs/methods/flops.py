@@ -56,9 +56,12 @@ def train_flops(forward: float, entry: float = 0.0) -> float:
   return 3.0 * forward + 2.0 * entry
 
 
-def xla_flops(fn: Callable, *args: Any, **kwargs: Any) -> float:
-  """FLOPs that XLA's `cost_analysis()` reports for `jax.jit(fn)(*args, **kwargs)` on the default backend."""
-  cost = jax.jit(fn).lower(*args, **kwargs).compile().cost_analysis()
+def xla_flops(fn: Callable, *args: Any, compiler_options: dict[str, Any] | None = None, **kwargs: Any) -> float:
+  """FLOPs that XLA's `cost_analysis()` reports for `jax.jit(fn)(*args, **kwargs)` on the default backend.
+
+  `compiler_options` go to the compile, e.g. {"xla_backend_optimization_level": 0}: the count is of the HLO after
+  XLA's HLO passes, which the backend's code-generation level does not change, at a fraction of the compile time."""
+  cost = jax.jit(fn).lower(*args, **kwargs).compile(compiler_options).cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax returned one dict per computation
     cost = cost[0]
   if not cost or "flops" not in cost:

@@ -15,6 +15,12 @@ task sees (MMRS_LOCAL_DEVICE_IDS=0,...,G-1, ordinals *within* the task's CUDA_VI
 
 An unreachable coordinator makes JAX's C++ client abort the process (SIGABRT, a stack trace, no Python exception),
 so the address is probed first and a plain `DistributedStartError` is raised instead.
+
+Dead peers. When one process dies (or leaves without JAX's shutdown barrier, e.g. after a checkpoint read error) the
+others can be left waiting in a collective or an Orbax barrier; JAX's coordination service aborts them once the dead
+process has sent no heartbeat for `heartbeat_timeout_s` (--heartbeat_timeout, $MMRS_HEARTBEAT_TIMEOUT; default JAX's
+100 s). A shorter value frees a stuck job's nodes sooner but must stay well above the longest stall of a live
+process's heartbeat thread (a busy or swapping host); the multi-process tests use 10 s.
 """
 from __future__ import annotations
 
@@ -27,7 +33,9 @@ from absl import logging
 
 ENV_ADDRESS, ENV_NUM, ENV_ID = "MMRS_COORDINATOR_ADDRESS", "MMRS_NUM_PROCESSES", "MMRS_PROCESS_ID"
 ENV_LOCAL_DEVICES, ENV_TIMEOUT = "MMRS_LOCAL_DEVICE_IDS", "MMRS_INIT_TIMEOUT"
+ENV_HEARTBEAT = "MMRS_HEARTBEAT_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300  # JAX's default: long enough for a slow node to come up
+DEFAULT_HEARTBEAT_TIMEOUT_S = 100  # JAX's default (jax.distributed.initialize's heartbeat_timeout_seconds)
 
 
 class DistributedStartError(RuntimeError):
@@ -43,13 +51,21 @@ def _multi_host_cluster() -> bool:
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, auto: bool = False, local_device_ids: list[int] | None = None,
-               timeout_s: int | None = None) -> bool:
-  """Initializes jax.distributed if needed (call before anything touches devices). Returns True if it did."""
+               timeout_s: int | None = None, heartbeat_timeout_s: int | None = None) -> bool:
+  """Initializes jax.distributed if needed (call before anything touches devices). Returns True if it did.
+
+  `heartbeat_timeout_s`: seconds without a heartbeat after which a process counts as dead and every other process
+  is aborted (default $MMRS_HEARTBEAT_TIMEOUT, else JAX's 100)."""
   address = coordinator_address or os.environ.get(ENV_ADDRESS)
   num = num_processes if num_processes is not None else _env_int(ENV_NUM)
   pid = process_id if process_id is not None else _env_int(ENV_ID)
   local = local_device_ids if local_device_ids is not None else _env_ints(ENV_LOCAL_DEVICES)
   timeout = int(timeout_s if timeout_s is not None else (_env_int(ENV_TIMEOUT) or DEFAULT_TIMEOUT_S))
+  heartbeat = heartbeat_timeout_s if heartbeat_timeout_s is not None else _env_int(ENV_HEARTBEAT)
+  heartbeat = DEFAULT_HEARTBEAT_TIMEOUT_S if heartbeat is None else int(heartbeat)
+  if heartbeat < 1:
+    raise ValueError(f"--heartbeat_timeout / ${ENV_HEARTBEAT} must be a positive number of seconds, got {heartbeat} "
+                     f"(JAX's default is {DEFAULT_HEARTBEAT_TIMEOUT_S}).")
   explicit = [address is not None, num is not None, pid is not None]
   if any(explicit) and not all(explicit):
     raise ValueError("Multi-process start needs all of --coordinator_address, --num_processes and --process_id "
@@ -62,18 +78,20 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     _use_gloo_on_cpu()
     deadline = time.monotonic() + timeout
     _probe(address, pid, timeout)
-    logging.info("jax.distributed.initialize(%s, num_processes=%d, process_id=%d, local_device_ids=%s)", address,
-                 num, pid, local)
+    logging.info("jax.distributed.initialize(%s, num_processes=%d, process_id=%d, local_device_ids=%s, "
+                 "heartbeat_timeout_seconds=%d)", address, num, pid, local, heartbeat)
     # All four given: JAX skips its cluster auto-detection (and its local_device_ids=[SLURM_LOCALID] guess).
     jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid,
                                local_device_ids=local,
-                               initialization_timeout=max(int(deadline - time.monotonic()), 10))
+                               initialization_timeout=max(int(deadline - time.monotonic()), 10),
+                               heartbeat_timeout_seconds=heartbeat)
     return True
   if auto or _multi_host_cluster():
     _use_gloo_on_cpu()
-    logging.info("jax.distributed.initialize() with cluster auto-detection (SLURM / TPU), local_device_ids=%s",
-                 local)
-    jax.distributed.initialize(local_device_ids=local, initialization_timeout=timeout)
+    logging.info("jax.distributed.initialize() with cluster auto-detection (SLURM / TPU), local_device_ids=%s, "
+                 "heartbeat_timeout_seconds=%d", local, heartbeat)
+    jax.distributed.initialize(local_device_ids=local, initialization_timeout=timeout,
+                               heartbeat_timeout_seconds=heartbeat)
     return True
   return False
 
