@@ -35,6 +35,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks import records
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _INST = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+) = (\w+)\[([\d,]*)\]\S* (\w+)\((.*?)\)(.*)$")
 _DIMS = re.compile(r"(lhs_batch_dims|rhs_batch_dims|lhs_contracting_dims|rhs_contracting_dims)=\{([\d,]*)\}")
@@ -241,10 +243,8 @@ def main(argv=None) -> dict:
              "ratio_torch_over_xla": round(xla_s / torch_s, 4), "threads": args.threads,
              "ld_preload": os.environ.get("LD_PRELOAD", "")}
   if args.json_out:
-    record = {**summary, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "per_dot": [{**d, "xla_s": med["xla"][i], "torch_s": med["torch"][i]} for i, d in enumerate(dots)]}
-    with open(args.json_out, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
+    records.append(args.json_out, {**summary, "per_dot": [{**d, "xla_s": med["xla"][i], "torch_s": med["torch"][i]}
+                                                          for i, d in enumerate(dots)]})
   print(json.dumps(summary))
   return summary
 

@@ -44,6 +44,8 @@ import tarfile
 import tempfile
 import time
 
+from benchmarks import records
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDES = ("jax", "torch", "torch_compile")
 LABELS = {"jax": "mmrs (JAX/XLA)", "torch": "PyTorch eager", "torch_compile": "PyTorch torch.compile",
@@ -356,10 +358,8 @@ def main(argv=None) -> dict:
               "image_size": args.image_size, "batch": args.batch, "dtype": args.dtype, "steps": args.steps,
               "repeats": args.repeats, "threads": args.threads, "baseline_rev": args.baseline_rev,
               "ld_preload": os.environ.get("LD_PRELOAD", ""), "malloc_conf": os.environ.get("MALLOC_CONF", ""),
-              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "runs": [{"side": s, "repeat": r, **o} for s, r, o in rows]}
-    with open(args.json_out, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
+    records.append(args.json_out, record)
   print(json.dumps(summary))
   return summary
 
