@@ -62,6 +62,11 @@ EXIT_DOES_NOT_FIT = 1
 EXIT_CONFIG_ERROR = 2
 
 
+def _print_report(report: dict, out) -> None:
+  """The one JSON line every outcome ends with (strict JSON: no NaN)."""
+  print(json.dumps(report, sort_keys=True, allow_nan=False), file=out, flush=True)
+
+
 def run(config, topology: str, device_memory_gb: float = 0.0, out=sys.stdout,
         gpu_target_config: str | None = None, plan_only: bool = False) -> int:
   """Prints the tables and the JSON line; returns the exit code. `gpu_target_config`: a file path."""
@@ -89,18 +94,18 @@ def run(config, topology: str, device_memory_gb: float = 0.0, out=sys.stdout,
       print(f"DOES NOT FIT: the compiler ran out of device memory on {report['devices']} x {report['device_kind']}, "
             f"mesh {report['mesh']}: {report['compile_error']} Use remat (config.model.remat_policy=full), "
             "config.grad_accum_steps, more fsdp or more devices.", file=sys.stderr)
-      print(json.dumps(report, sort_keys=True, allow_nan=False), file=out, flush=True)
+      _print_report(report, out)
       return EXIT_DOES_NOT_FIT
     print(f"DOES NOT FIT: the sharded state alone needs {report['per_device_param_and_opt_bytes'] / 2**30:.2f} GiB "
           f"per device but a device has {report['device_memory_bytes'] / 2**30:.2f} GiB ({report['memory_source']}); "
           f"mesh {report['mesh']}. Shard it more (config.mesh fsdp=...) or use more devices.", file=sys.stderr)
-    print(json.dumps(report, sort_keys=True, allow_nan=False), file=out, flush=True)
+    _print_report(report, out)
     return EXIT_DOES_NOT_FIT
   if plan_only:
     print(f"{report['devices']} x {report['device_kind']}, mesh {report['mesh']}: params + optimizer state "
           f"{aot.format_bytes(report['per_device_param_and_opt_bytes'])} per device (plan only, not compiled)",
           file=out)
-    print(json.dumps(report, sort_keys=True, allow_nan=False), file=out, flush=True)
+    _print_report(report, out)
     return 0
   for name, numbers in report["tasks"].items():
     print(aot.format_table(name, numbers), file=out)
@@ -108,7 +113,7 @@ def run(config, topology: str, device_memory_gb: float = 0.0, out=sys.stdout,
   print(f"{report['devices']} x {report['device_kind']}, mesh {report['mesh']}, device memory "
         f"{'unknown' if mem is None else f'{mem / 2**30:.1f} GiB'} ({report['memory_source']}): "
         f"{'fits' if report['fits'] else 'unknown' if report['fits'] is None else 'DOES NOT FIT'}", file=out)
-  print(json.dumps(report, sort_keys=True, allow_nan=False), file=out, flush=True)
+  _print_report(report, out)
   return EXIT_DOES_NOT_FIT if report["fits"] is False else 0
 
 
