@@ -138,6 +138,8 @@ deploy() {
 
 start() {
   # Detached: setsid + nohup + redirects cut the wrapper from the ssh session (a disconnect does not stop it). The wrapper records the exit code; on gs:// workdirs it syncs the metrics every 2 min.
+  # "Already running" needs a live pid AND no exit_code: the wrapper writes exit_code as its last act, and its pid can
+  # outlive that (a zombie not yet reaped, or a reused pid), which would otherwise skip the restart on that worker.
   local train sync="" cmd a
   train="python -m $MODULE --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR") --multihost"
   for a in "${EXTRA[@]+"${EXTRA[@]}"}"; do train+=" $(printf '%q' "$a")"; done
@@ -147,7 +149,7 @@ start() {
   fi
   # The wrapper forwards SIGTERM (--stop, a VM shutdown) to the trainer and waits for its checkpoint.
   local body="cd ~/mmrs && . ~/mmrs_venv/bin/activate || exit 2; ${sync:+(while sleep 120; do $sync; done) & sync_pid=\$!; }$train & child=\$!; trap 'kill -TERM \$child 2>/dev/null' TERM; while :; do rc=0; wait \$child || rc=\$?; kill -0 \$child 2>/dev/null || break; done; ${sync:+kill \$sync_pid; $sync; }echo \$rc > $LOGDIR/exit_code; exit \$rc"
-  cmd="mkdir -p $LOGDIR && d=$LOGDIR && if [ -f \$d/pid ] && kill -0 \$(cat \$d/pid) 2>/dev/null; then echo \"\$(hostname): already running\"; exit 0; fi; rm -f \$d/exit_code; setsid nohup bash -c $(printf '%q' "$body") >>\$d/train.log 2>&1 </dev/null & echo \$! > \$d/pid; echo \"\$(hostname): started, log \$d/train.log\""
+  cmd="mkdir -p $LOGDIR && d=$LOGDIR && if [ -f \$d/pid ] && [ ! -f \$d/exit_code ] && kill -0 \$(cat \$d/pid) 2>/dev/null; then echo \"\$(hostname): already running\"; exit 0; fi; rm -f \$d/exit_code; setsid nohup bash -c $(printf '%q' "$body") >>\$d/train.log 2>&1 </dev/null & echo \$! > \$d/pid; echo \"\$(hostname): started, log \$d/train.log\""
   ((DRY)) && echo "# 4. train on every worker, detached"
   on_workers "$cmd"
 }
