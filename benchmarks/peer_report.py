@@ -17,6 +17,8 @@ import re
 import shutil
 import time
 
+from mmrs import atomic_io
+
 STEP_NAME = re.compile(r"step_(?P<method>\w+?)_b(?P<batch>\d+)_(?P<remat>remat|noremat)\.json$")
 
 
@@ -122,10 +124,7 @@ def append(results: str, text: str) -> None:
   if os.path.exists(results):
     with open(results, encoding="utf-8") as f:
       old = f.read()
-  tmp = results + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
-  os.replace(tmp, results)
+  atomic_io.write_text(results, old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
 
 
 def main(argv=None) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+
+from mmrs import atomic_io
 
 SERIES = (("jax_images_per_s", "mmrs (JAX/XLA)", "#1f77b4"), ("torch_images_per_s", "PyTorch eager", "#ff7f0e"),
           ("torch_compile_images_per_s", "PyTorch torch.compile", "#2ca02c"))
@@ -65,11 +66,8 @@ def plot(records: list[dict], out: str, title: str = "") -> str:
   ax.set_title(title or f"Train step, mmrs vs PyTorch ({', '.join(kinds)})", fontsize=9)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  tmp = out + ".tmp.png"
-  fig.savefig(tmp, dpi=120)
+  atomic_io.write_with(out, lambda tmp: fig.savefig(tmp, dpi=120))  # a reader never sees half a PNG
   plt.close(fig)
-  os.replace(tmp, out)  # atomic: a reader never sees half a PNG
   return out
 
 

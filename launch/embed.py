@@ -26,11 +26,12 @@ Outputs in --out:
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from absl import app, flags
+
+from mmrs import atomic_io
 
 flags.DEFINE_string("encoder", None, "A converted encoder directory (launch.convert_checkpoint).")
 flags.DEFINE_string("s2", None, "Sentinel-2 GeoTIFF (reflectance x 1e4).")
@@ -222,10 +223,7 @@ def embed_scene(encoder_dir: str, out: str, s2: str | None = None, s1: str | Non
                    bands={m: list(enc.bands[m]) for m in scene.files}, tile=tile, cell_pixels=cell,
                    grid=[grid_h, grid_w], dim=dim, crs=str(scene.crs), pca_explained_variance=explained,
                    files=["embeddings.tif", "embed.png", "embed.json"])
-    tmp = os.path.join(out, "embed.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(summary, f, indent=1)
-    os.replace(tmp, os.path.join(out, "embed.json"))
+    atomic_io.write_json(os.path.join(out, "embed.json"), summary, sort_keys=False)
     return summary
   finally:
     scene.close()
@@ -272,9 +270,7 @@ def _write_picture(path: str, rgb, pca, shape) -> None:
   draw, font = ImageDraw.Draw(canvas), visualize._font()  # pylint: disable=protected-access
   for x, text in ((pad, "RGB"), (2 * pad + w, "PCA 1-3 of patch embeddings")):
     draw.text((x, 2), text, fill=(0, 0, 0), font=font)
-  tmp = path + ".tmp"
-  canvas.save(tmp, format="PNG")
-  os.replace(tmp, path)
+  atomic_io.write_with(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 def main(argv):

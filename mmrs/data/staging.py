@@ -42,6 +42,8 @@ from typing import Sequence
 from absl import logging
 from etils import epath
 
+from mmrs import atomic_io
+
 CHUNK = 8 << 20
 _LOCK_NAME = ".mmrs_stage.lock"
 
@@ -194,10 +196,7 @@ def stage_dataset(url: str, split: str, groups: Sequence[str], stage_dir: str | 
         raise _unreachable(url, f"{url}/{name}", e) from None
     if (root / "stats.json").exists():
       stage_file(root / "stats.json", os.path.join(local, "stats.json"), None, None)
-    tmp = local_manifest + ".tmp"
-    with open(tmp, "w") as f:
-      f.write(manifest_text)
-    os.replace(tmp, local_manifest)  # last: a staged directory with a manifest is complete
+    atomic_io.write_text(local_manifest, manifest_text)  # last: a staged directory with a manifest is complete
   if copied:
     logging.info("Staged %d of %d file(s) of %s (split %s, groups %s) in %s.", copied, len(names), url, split,
                  list(groups), local)

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import json
 import os
 import shutil
 import uuid
 
 from array_record.python import array_record_module
 
+from mmrs import atomic_io
 from mmrs.data.band_stats import BandStats
 from mmrs.data import records
 
@@ -44,16 +44,6 @@ def _file_entry(path: str) -> dict:
     for chunk in iter(lambda: f.read(8 << 20), b""):
       h.update(chunk)
   return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
-
-
-def write_json_atomic(path: str, obj) -> None:
-  tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def _check_replaceable(out_dir: str) -> None:
@@ -163,8 +153,8 @@ class DatasetWriter:
                     splits=dict(splits), records_per_shard=per_file, files=files,
                     bands={m: list(b) for m, b in sorted(self._bands.items())},
                     stats_from_split=self.stats_split if self.stats_split in self._stats else "all")
-    write_json_atomic(os.path.join(self.tmp_dir, "stats.json"), stats)
-    write_json_atomic(os.path.join(self.tmp_dir, "manifest.json"), manifest)
+    atomic_io.write_json(os.path.join(self.tmp_dir, "stats.json"), stats)
+    atomic_io.write_json(os.path.join(self.tmp_dir, "manifest.json"), manifest)
     self._swap_in()
     self._closed = True
     return manifest

@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mmrs import atomic_io
 from mmrs import bands as bands_lib
 from mmrs.models import layout
 from mmrs.train import checkpoint as ckpt_lib
@@ -395,14 +396,8 @@ def save(out_dir: str, variables: Mapping[str, Any], meta: Mapping[str, Any]) ->
 
   os.makedirs(out_dir, exist_ok=True)
   flat = {k: np.ascontiguousarray(v) for k, v in flatten(variables).items()}
-  tmp = os.path.join(out_dir, WEIGHTS_FILE + ".tmp")
-  save_file(flat, tmp, metadata={"format": FORMAT})
-  os.replace(tmp, os.path.join(out_dir, WEIGHTS_FILE))
-  tmp = os.path.join(out_dir, META_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(meta, f, indent=1, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, os.path.join(out_dir, META_FILE))
+  atomic_io.write_with(os.path.join(out_dir, WEIGHTS_FILE), lambda tmp: save_file(flat, tmp, metadata={"format": FORMAT}))
+  atomic_io.write_json(os.path.join(out_dir, META_FILE), meta)
 
 
 def load(path: str) -> tuple[dict, dict]:
@@ -442,7 +437,6 @@ def read_checkpoint(path: str) -> tuple[dict, dict, dict]:
   """(params, method_state, meta) of a checkpoint as host numpy arrays; the optimizer state is not read."""
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
 
   step_dir = ckpt_lib.absolute(find_step_dir(path))
   meta = json.loads((step_dir / "meta" / "metadata").read_text())

@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mmrs import atomic_io
 from mmrs.finetune import convert
 from mmrs.finetune import encoder_api
 from mmrs.finetune import model_card
@@ -229,23 +230,10 @@ def _np32(sd):
           for k, v in sd.items()}
 
 
-def _atomic_write(path, text: str):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def _write_json(path, obj):
-  _atomic_write(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
 def _save_weights(sd, path, metadata):
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
-  tmp = path + ".tmp"
-  save_file(sd, tmp, metadata=metadata)
-  os.replace(tmp, path)
+  atomic_io.write_with(path, lambda tmp: save_file(sd, tmp, metadata=metadata))
 
 
 def export(encoder_dir: str, fmt: str, out: str, modalities: Sequence[str] | None = None,
@@ -274,8 +262,8 @@ def export(encoder_dir: str, fmt: str, out: str, modalities: Sequence[str] | Non
     _save_weights(sd, os.path.join(out, "model.safetensors"), st_meta)
     for name, obj in files.items():
       if obj is not None:
-        _write_json(os.path.join(out, name), obj)
-    _atomic_write(os.path.join(out, "README.md"), model_card.render(info, "hf"))
+        atomic_io.write_json(os.path.join(out, name), obj)
+    atomic_io.write_text(os.path.join(out, "README.md"), model_card.render(info, "hf"))
     return [os.path.join(out, n) for n in (*files, "README.md")]
   else:
     sd = vit_to_timm(params, meta, modalities)
@@ -283,13 +271,13 @@ def export(encoder_dir: str, fmt: str, out: str, modalities: Sequence[str] | Non
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     weights, side = out, out[:-len(".safetensors")] + ".json"
     _save_weights(sd, weights, st_meta)
-    _write_json(side, info)
+    atomic_io.write_json(side, info)
     return [weights, side]
   os.makedirs(out, exist_ok=True)
   names = ("model.safetensors", "config.json", "mmrs.json", "README.md")
   weights, config, side, card = (os.path.join(out, n) for n in names)
   _save_weights(sd, weights, st_meta)
-  _write_json(config, info["timm"])
-  _write_json(side, info)
-  _atomic_write(card, model_card.render(info, "timm"))
+  atomic_io.write_json(config, info["timm"])
+  atomic_io.write_json(side, info)
+  atomic_io.write_text(card, model_card.render(info, "timm"))
   return [weights, config, side, card]

@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Any, Mapping, Sequence
 
+from mmrs import atomic_io
+
 # Column order of the metrics (others follow alphabetically).
 METRIC_ORDER = ("map_micro", "map_macro", "f1_micro", "f1_macro", "accuracy", "precision_weighted",
                 "recall_weighted", "f1_weighted", "iou_water", "miou", "average_accuracy", "pixel_accuracy")
@@ -57,16 +59,11 @@ def table(results: Sequence[Mapping[str, Any]]) -> str:
 def write(workdir: str, result: Mapping[str, Any]) -> tuple[str, str]:
   os.makedirs(workdir, exist_ok=True)
   json_path, md_path = os.path.join(workdir, JSON_FILE), os.path.join(workdir, MD_FILE)
-  with open(json_path + ".tmp", "w") as f:
-    json.dump(result, f, indent=1, sort_keys=True)
-    f.write("\n")
-  os.replace(json_path + ".tmp", json_path)
+  atomic_io.write_json(json_path, result)
   title = f"# {result.get('dataset', '')} {result.get('task', '')} evaluation\n\n"
   notes = "".join(f"- {k}: {_fmt(result[k])}\n" for k in ("init_from", "step", "label_set") if result.get(k) not in
                   (None, ""))
-  with open(md_path + ".tmp", "w") as f:
-    f.write(title + table([result]) + ("\n" + notes if notes else "") + selection_tables(result))
-  os.replace(md_path + ".tmp", md_path)
+  atomic_io.write_text(md_path, title + table([result]) + ("\n" + notes if notes else "") + selection_tables(result))
   return json_path, md_path
 
 

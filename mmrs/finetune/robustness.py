@@ -39,9 +39,9 @@ from typing import Any, Mapping, Sequence
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from mmrs import atomic_io
 from mmrs.finetune import report
 from mmrs.finetune import stresses as stresses_lib
 
@@ -511,9 +511,7 @@ def plot_curves(result: Mapping[str, Any], path: str | None = None):
 
 
 def _save(fig, path: str, dpi: int = 110) -> None:
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=dpi)
-  os.replace(tmp, path)
+  atomic_io.write_with(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
 
 
 def _rgb(x: np.ndarray, bands: Sequence[str]) -> np.ndarray:
@@ -589,14 +587,9 @@ def write_outputs(out: str, result: Mapping[str, Any], shots: Mapping[str, Any] 
   os.makedirs(out, exist_ok=True)
   paths = []
   jpath = os.path.join(out, "robustness.json")
-  with open(jpath + ".tmp", "w") as f:
-    json.dump(_strict(result), f, indent=1, allow_nan=False)
-    f.write("\n")
-  os.replace(jpath + ".tmp", jpath)
+  atomic_io.write_json(jpath, _strict(result), sort_keys=False, allow_nan=False)
   mpath = os.path.join(out, "robustness.md")
-  with open(mpath + ".tmp", "w") as f:
-    f.write(markdown(result))
-  os.replace(mpath + ".tmp", mpath)
+  atomic_io.write_text(mpath, markdown(result))
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   ppath = os.path.join(out, "robustness.png")
   plt.close(plot_curves(result, ppath))

@@ -33,6 +33,7 @@ from absl import logging
 import jax
 from etils import epath
 
+from mmrs import atomic_io
 from mmrs.train import loop as loop_lib
 
 # dataset -> (metric, "max" | "min"): the number each paper reports first; model selection maximizes it.
@@ -178,10 +179,7 @@ class Selection(loop_lib.StepHook):
                "best_step": None if self.best is None else self.best["step"],
                "best_value": None if self.best is None else self.best["value"], "curve": self.curve}
     self.workdir.mkdir(parents=True, exist_ok=True)
-    path = self.workdir / STATE_FILE
-    tmp = self.workdir / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, allow_nan=True) + "\n")
-    tmp.replace(path)
+    atomic_io.write_json(self.workdir / STATE_FILE, payload, sort_keys=False)
 
   def _load(self) -> None:
     """The curve from validation.json and the best from the best checkpoint's own JSON (it wins)."""

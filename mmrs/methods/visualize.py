@@ -18,13 +18,12 @@ with n_rows = min(B, max_images), n_cols = 3 * modalities.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from mmrs import atomic_io
 from mmrs import bands as bands_lib
 
 COLUMNS = ("seen", "reconstruction", "target")
@@ -124,15 +123,4 @@ def save_reconstruction_png(recon: Mapping[str, Mapping[str, np.ndarray]], bands
   {"s2": bands.S2_L2A_BANDS, "s1": ("VV", "VH")}.
   """
   canvas = render_grid(recon, bands, max_images=max_images, scale=scale, titles=titles)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      Image.fromarray(canvas).save(f, format="PNG")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  return atomic_io.write_with(path, lambda tmp: Image.fromarray(canvas).save(tmp, format="PNG"))

@@ -1,0 +1,73 @@
+"""Atomic file writes: a reader sees the old file or the whole new one, never half of it.
+
+Every result, manifest, card and picture mmrs writes goes through here (one implementation instead of one per
+module). Local paths: a uniquely named temporary file in the same directory, flushed and fsync'ed, then
+`os.replace` (atomic on POSIX; two concurrent writers cannot share a temporary). Object-store paths (`gs://...`,
+through etils.epath): written beside the target and renamed, the best that store offers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from typing import Any, Callable
+
+
+def _is_remote(path) -> bool:
+  return "://" in os.fspath(path)
+
+
+@contextlib.contextmanager
+def _replacing(path: str):
+  """Yields a temporary file name in `path`'s directory; on success fsyncs it and renames it onto `path`, on error
+  removes it (the previous `path`, if any, is untouched)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  stem, suffix = os.path.splitext(os.path.basename(path))
+  # The real suffix stays last: savefig and rasterio choose the format from it.
+  # Not mkstemp: its 0600 mode would survive the rename; the writer creates the file under the user's umask.
+  tmp = os.path.join(directory, f"{stem}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
+  try:
+    yield tmp
+    with open(tmp, "rb+") as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
+def write_text(path, text: str) -> str:
+  """Writes `text` (UTF-8) to `path` atomically; returns the path as a string."""
+  if _is_remote(path):
+    from etils import epath  # pylint: disable=g-import-not-at-top  (0.2 s; only object stores need it)
+    target = epath.Path(path)
+    tmp = target.parent / f"{target.name}.tmp"
+    tmp.write_text(text)
+    tmp.replace(target)
+    return os.fspath(path)
+  with _replacing(os.fspath(path)) as tmp:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+  return os.fspath(path)
+
+
+def write_json(path, obj: Any, *, sort_keys: bool = True, allow_nan: bool = True) -> str:
+  """`obj` as indented JSON plus a newline (the layout every mmrs JSON file has)."""
+  return write_text(path, json.dumps(obj, indent=1, sort_keys=sort_keys, allow_nan=allow_nan) + "\n")
+
+
+def write_with(path, save: Callable[[str], Any]) -> str:
+  """Atomic write for libraries that save to a file name (PIL, matplotlib, safetensors): save(tmp) then rename.
+
+  The temporary keeps `path`'s extension. Local paths only: these are pictures and weights written next to a run.
+  """
+  path = os.fspath(path)
+  if _is_remote(path):
+    raise ValueError(f"write_with: {path} is not a local path; write it locally and copy it")
+  with _replacing(path) as tmp:
+    save(tmp)
+  return path
