@@ -216,7 +216,7 @@ def test_pos_embed_is_resampled_bicubically_to_any_grid():
 
 
 def test_pos_embed_bicubic_matches_torch():
-  torch = pytest.importorskip("torch")  # in the dev venv, not in CI
+  torch = pytest.importorskip("torch")  # CI installs it (requirements-ci.txt)
   rng = np.random.default_rng(0)
   for (h, w), (nh, nw) in (((4, 4), (8, 12)), ((7, 5), (3, 9)), ((6, 6), (14, 14))):
     grid = rng.normal(size=(h, w, 5)).astype(np.float32)
