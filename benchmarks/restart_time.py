@@ -4,7 +4,7 @@ Runs `python -m launch.main` for one step of MixMAE `tiny` on the bundled BigEar
 dir first) in fresh workdirs: (1) cache off, (2) cache on but empty (cold: compiles and writes), (3) cache on and
 filled (warm: a requeued job). Prints one JSON line per case: process wall time and the logged compile seconds.
 
-  python -m benchmarks.restart_time [--config=configs/mixmae.py:tiny]
+  python -m benchmarks.restart_time [--config=configs/mixmae.py:tiny] [--override=model.encoder=B,batch_size=8]
 """
 import json
 import os
@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 
 flags.DEFINE_string("config", "configs/mixmae.py:tiny", "Config (its shards are replaced by the converted sample).")
+flags.DEFINE_list("override", [], "Extra config overrides KEY=VALUE for every case, e.g. model.encoder=B,batch_size=8.")
 
 
 def main(argv):
@@ -32,7 +33,7 @@ def main(argv):
     workdir = os.path.join(root, f"run_{case}")
     cmd = [sys.executable, "-m", "launch.main", f"--config={flags.FLAGS.config},shards={shards}",
            f"--workdir={workdir}", "--config.total_steps=1", "--config.checkpoint_every_steps=0",
-           f"--config.compilation_cache_dir={setting}"]
+           f"--config.compilation_cache_dir={setting}"] + [f"--config.{kv}" for kv in flags.FLAGS.override]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
