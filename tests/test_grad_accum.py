@@ -165,3 +165,17 @@ def test_grad_accum_must_divide_the_rows_per_shard():
   with pytest.raises(config_check.ConfigError, match="grad_accum_steps"):
     config_check.validate(config, None, device_count=8, process_count=1)
   config_check.validate(config, None, device_count=4, process_count=1)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_the_step_splits_rows_as_micro_batch_rows_says(k):
+  """JointMAE sizes its scenario groups from methods.base.micro_batch_rows; the step's split must hold those rows."""
+  from mmrs.methods import base  # pylint: disable=import-outside-toplevel
+  x = jnp.arange(B * 3).reshape(B, 3)
+  split = step_lib.split_micro_batches({"x": x}, k)["x"]
+  rows = base.micro_batch_rows(B, k)
+  assert split.shape == (k, B // k, 3)
+  for j in range(k):
+    np.testing.assert_array_equal(split[j], x[rows[j]])
+  with pytest.raises(ValueError, match="grad_accum_steps=3 does not divide the batch of 8 rows"):
+    step_lib.split_micro_batches({"x": x}, 3)

@@ -48,9 +48,14 @@ def micro_batch_rows(batch_size: int, k: int) -> np.ndarray:
   devices (each device's contiguous rows split the same way) with no data movement. Methods whose static shapes
   depend on which rows a micro-batch holds (JointMAE's scenario groups) size them from this table.
   """
-  if k < 1 or batch_size % k:
-    raise ValueError(f"config.grad_accum_steps={k} does not divide the batch of {batch_size} rows.")
+  check_micro_batches(batch_size, k)
   return np.arange(batch_size).reshape(batch_size // k, k).T
+
+
+def check_micro_batches(batch_size: int, k: int) -> None:
+  if k < 1 or batch_size % k:
+    raise ValueError(f"config.grad_accum_steps={k} does not divide the batch of {batch_size} rows: choose a "
+                     "grad_accum_steps that divides config.batch_size.")
 
 
 # Parameter conventions (the loop relies on them):

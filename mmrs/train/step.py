@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 import optax
 
+from mmrs.methods import base
 from mmrs.train import mesh as mesh_lib
 from mmrs.train import optimizers
 from mmrs.train import state as state_lib
@@ -68,8 +69,7 @@ def split_micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Ar
   """(B, ...) -> (k, B / k, ...): micro-batch j = rows j, j + k, j + 2k, ... (`base.micro_batch_rows`; see the
   module docstring)."""
   def split(x):
-    if x.shape[0] % k:
-      raise ValueError(f"config.grad_accum_steps={k} does not divide the batch of {x.shape[0]} rows.")
+    base.check_micro_batches(x.shape[0], k)
     x = jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
     return nn.with_logical_constraint(x, (None, "batch"))  # each micro-batch stays split over the batch axes
   return jax.tree.map(split, batch)
