@@ -3,6 +3,7 @@
     mmrs-train      = python -m launch.main                 mmrs-convert = python -m launch.convert_checkpoint
     mmrs-export     = python -m launch.export               mmrs-embed   = python -m launch.embed
     mmrs-inspect    = python -m data_prep.inspect           mmrs-prep-*  = python -m data_prep.<converter>
+    mmrs-aot        = python -m launch.aot
 
 Each function runs the module as `__main__`, exactly as `python -m` does: the module's own
 `if __name__ == "__main__": app.run(main)` parses sys.argv, and absl's --help/--helpshort show that module's
@@ -33,6 +34,10 @@ def embed():
 
 def inspect():
   _run("data_prep.inspect")
+
+
+def aot():
+  _run("launch.aot")
 
 
 def prep_bigearthnet_mm():

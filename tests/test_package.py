@@ -4,6 +4,7 @@ To stay fast the fresh venv does not reinstall jax & co: a .pth file in it point
 site-packages for the dependencies, and mmrs itself is built into a wheel and installed with --no-deps. The test then
 runs the installed copy from a directory outside the repo, with no PYTHONPATH, and checks it is that copy that ran.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -85,7 +86,7 @@ def test_pyproject_declares_dependencies_extras_and_scripts():
       assert have[:len(want) - 1] == want[:len(want) - 1] and tuple(map(int, have)) >= tuple(map(int, want)), dep
   scripts = project["scripts"]
   assert scripts["mmrs-train"] == "launch.console:train"
-  assert {"mmrs-convert", "mmrs-export", "mmrs-inspect", "mmrs-robustness", "mmrs-embed"} <= set(scripts)
+  assert {"mmrs-convert", "mmrs-export", "mmrs-inspect", "mmrs-robustness", "mmrs-embed", "mmrs-aot"} <= set(scripts)
 
 
 def test_installed_package_loads_an_encoder_outside_the_repo(installed, tmp_path):
@@ -111,6 +112,14 @@ def test_console_scripts_run(installed, tmp_path):
   out = subprocess.run([str(bindir / "mmrs-export"), "--checkpoint=" + str(tmp_path / "nothing"), "--out=x"],
                        capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=300)
   assert out.returncode != 0 and "launch.convert_checkpoint" in out.stderr  # ran launch.export's main
+  configs_dir = subprocess.run([str(bindir / "python"), "-c", "import configs, os; print(os.path.dirname("
+                                "configs.__file__))"], capture_output=True, text=True, env=_env(), cwd=str(tmp_path),
+                               check=True).stdout.strip()
+  out = subprocess.run([str(bindir / "mmrs-aot"), f"--config={configs_dir}/mixmae.py:tiny", "--topology=cpu:2",
+                        "--plan_only"], capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.loads(out.stdout.strip().splitlines()[-1])  # launch.aot's JSON line, from the installed copy
+  assert report["devices"] == 2 and report["per_device_param_and_opt_bytes"] > 0
   for name in _pyproject()["project"]["scripts"]:
     assert (bindir / name).exists(), name
 
