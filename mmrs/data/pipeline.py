@@ -14,6 +14,17 @@ global position), never by process or worker. So global batch k holds the same r
 whatever the number of processes, devices or grain workers: a run can resume on another process count (elastic
 resume) and stays exactly one run.
 
+Why not grain's `ElasticIterator` (grain 0.2.18, `grain._src.python.dataset.elastic_iterator`), the other route
+to elastic resume: it also keeps global batch k = positions [k*B, (k+1)*B) and a process-count-free state
+(`global_next_index`), but process i takes positions i, i+P, i+2P, ... of each batch. The batch sharding puts
+process i's rows elsewhere (contiguous blocks per device, in the mesh's device order), so the same record would sit
+in another row of the global array on another process count, and everything drawn per row (MAE masks, MixMAE's
+k positions, JointMAE's scenario groups, dropout) would change: same records, different losses. Reading exactly the
+rows the sharding assigns keeps the resumed run equal to the uninterrupted one row for row (tests/test_multihost.py
+checks record ids per row and losses). It also forbids filters and the padded last batch, which `data.on_bad=skip`
+and finetune evaluation need. What it offers that this does not: resuming with another global batch size (refused
+here; the order is defined per batch).
+
 Batching happens at the `MapDataset` level (element k = this process's rows of global batch k, read with
 `read_threads` threads, decoded, augmented and stacked), so `mp_prefetch` workers (which split the elements
 round-robin and hand them back in order) cannot change the data, and the iterator state is just the number of
