@@ -5,6 +5,10 @@ when the config's method is the toy. Hooks, by environment (0-based count of nex
   MMRS_TEST_BLOCK_AT=N         next() call N sleeps forever (a process alive but stuck: kill -9 it)
   MMRS_TEST_SIGTERM_AT=P:N     process P sends itself SIGTERM at next() call N (a preemption notice on one host)
   MMRS_TEST_RESTORE_ERROR=P    process P's every restore of a train state fails with a storage-outage error
+  MMRS_TEST_STEP_SLEEP_S=T     every next() call sleeps T seconds. JAX's SIGTERM notifier polls once a second and the
+                               sync step then travels through the coordination service: a toy run on a fast CPU
+                               (~100 steps/s) would finish before a preemption notice lands; this keeps a run long
+                               enough for it, whatever the host.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ class HookedIterator:
     self.block_at = int(os.environ.get("MMRS_TEST_BLOCK_AT", "-1"))
     target, _, at = os.environ.get("MMRS_TEST_SIGTERM_AT", "-1:-1").partition(":")
     self.sigterm_at = int(at) if int(target) == process_index else -1
+    self.sleep_s = float(os.environ.get("MMRS_TEST_STEP_SLEEP_S", "0"))
 
   def next(self):
     if self.calls == self.block_at:
@@ -33,6 +38,8 @@ class HookedIterator:
         time.sleep(60)
     if self.calls == self.sigterm_at:
       os.kill(os.getpid(), signal.SIGTERM)
+    if self.sleep_s:
+      time.sleep(self.sleep_s)
     self.calls += 1
     return next(self.inner) if hasattr(self.inner, "__next__") else self.inner.next()
 

@@ -92,7 +92,7 @@ def test_slurm_job_trains_survives_kill9_and_requeues_on_time_limit(tmp_path, sh
              FAKE_SLURM_NODELIST="127.0.0.[1-2]")
   argv = ["--nodes=2", "--gpus_per_node=2", "--cpus_per_node=2", f"--port={_free_port()}", f"--venv={sys.prefix}",
           "--module=tests.launch_entry", f"--config=configs/mae_s2.py:tiny,shards={shards}", f"--workdir={workdir}",
-          "--", "--config.total_steps=40", "--config.checkpoint_every_steps=4", "--config.data.s2_only.workers=1"]
+          "--", "--config.total_steps=200", "--config.checkpoint_every_steps=4", "--config.data.s2_only.workers=1"]
 
   # 1. Both processes stall at their 8th batch (step 8): steps 1-7 ran, metrics up to 6 are written, 4 is saved.
   job = _Job(tmp_path, workdir, argv, dict(env, MMRS_TEST_BLOCK_AT="7"))
@@ -112,7 +112,7 @@ def test_slurm_job_trains_survives_kill9_and_requeues_on_time_limit(tmp_path, sh
   signame = when.split("=", 1)[1].split("@")[0].removeprefix("B:")
 
   # 2. Resubmitted: resumes from 4. Once step 9 is logged the time limit nears: SLURM signals the batch shell.
-  job = _Job(tmp_path, workdir, argv, env)
+  job = _Job(tmp_path, workdir, argv, dict(env, MMRS_TEST_STEP_SLEEP_S="0.05"))  # the signal lands before step 200
   job.wait_for(lambda: any(r["step"] >= 9 for r in _metrics(workdir)), "step 9")
   os.kill(int((tmp_path / "slurm" / "batch.pid").read_text()), getattr(signal, "SIG" + signame))
   assert job.rc() == PREEMPTED, job.log()[-5000:]
@@ -123,7 +123,7 @@ def test_slurm_job_trains_survives_kill9_and_requeues_on_time_limit(tmp_path, sh
   done = [l for l in log.splitlines() if l.startswith("done step=")]
   assert len(done) == 2 and len(set(done)) == 1 and "preempted=True" in done[0]  # the same step on both
   step = int(done[0].split()[1].split("=")[1])
-  assert 9 <= step < 40
+  assert 9 <= step < 200
   data = workdir / "checkpoints" / str(step) / "data"
   assert sorted(p.name for p in data.glob("process_*")) == ["process_0-of-2.json", "process_1-of-2.json"]
   assert _jsonl(tmp_path / "slurm" / "requeue.jsonl") == [{"job": "4242"}]
@@ -154,14 +154,15 @@ def _communicate(procs, timeout=600):
 
 def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
   workdir = tmp_path / "w"
-  procs = _toy(tmp_path, workdir, 2, _free_port(), "--config.total_steps=60", "--config.checkpoint_every_steps=0",
-               "--config.toy.tasks=cross", env_extra={"MMRS_TEST_SIGTERM_AT": "1:3"})
+  # >= 10 s of steps (50 ms each): the notice (polled once a second by JAX) must land before the run ends.
+  procs = _toy(tmp_path, workdir, 2, _free_port(), "--config.total_steps=200", "--config.checkpoint_every_steps=0",
+               "--config.toy.tasks=cross", env_extra={"MMRS_TEST_SIGTERM_AT": "1:3", "MMRS_TEST_STEP_SLEEP_S": "0.05"})
   outs = _communicate(procs)
   assert [p.returncode for p in procs] == [PREEMPTED, PREEMPTED], outs[1][-3000:]
   done = [next(l for l in o.splitlines() if l.startswith("done step=")) for o in outs]
   assert done[0] == done[1] and "preempted=True" in done[0]
   step = int(done[0].split()[1].split("=")[1])
-  assert 3 <= step < 60
+  assert 3 <= step < 200
   ckpts = workdir / "checkpoints"
   assert sorted(p.name for p in ckpts.iterdir()) == [str(step)]
   states = {p.name: json.loads(p.read_text())["states"] for p in (ckpts / str(step) / "data").glob("process_*")}
@@ -171,7 +172,7 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
   # with exit code 5; process 0, whose Orbax barriers lost their partner, is aborted by JAX once process 1 missed
   # its heartbeats: --heartbeat_timeout=10 instead of JAX's 100 s) and the checkpoint is not moved aside on one
   # host's error.
-  procs = _toy(tmp_path, workdir, 2, _free_port(), "--config.total_steps=60", "--config.checkpoint_every_steps=0",
+  procs = _toy(tmp_path, workdir, 2, _free_port(), "--config.total_steps=200", "--config.checkpoint_every_steps=0",
                "--config.toy.tasks=cross", "--heartbeat_timeout=10", env_extra={"MMRS_TEST_RESTORE_ERROR": "1"})
   outs = _communicate(procs)
   assert procs[1].returncode == 5 and procs[0].returncode != 0, outs[1][-3000:]
