@@ -396,7 +396,8 @@ def save(out_dir: str, variables: Mapping[str, Any], meta: Mapping[str, Any]) ->
 
   os.makedirs(out_dir, exist_ok=True)
   flat = {k: np.ascontiguousarray(v) for k, v in flatten(variables).items()}
-  atomic_io.write_with(os.path.join(out_dir, WEIGHTS_FILE), lambda tmp: save_file(flat, tmp, metadata={"format": FORMAT}))
+  atomic_io.write_with(os.path.join(out_dir, WEIGHTS_FILE),
+                       lambda tmp: save_file(flat, tmp, metadata={"format": FORMAT}))
   atomic_io.write_json(os.path.join(out_dir, META_FILE), meta)
 
 
