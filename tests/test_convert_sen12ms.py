@@ -10,11 +10,12 @@ import sys
 import numpy as np
 import pytest
 import rasterio
-from array_record.python import array_record_module
 
 from data_prep import convert, sen12ms, splitting
 from mmrs import bands
-from mmrs.data import label_sets, records
+from mmrs.data import label_sets
+
+from shard_reader import read_split
 
 N = 20  # patch side (256 in the real data)
 
@@ -64,16 +65,6 @@ def make_tree(root):
   return root
 
 
-def read_split(out, split):
-  with open(os.path.join(out, "manifest.json")) as f:
-    groups = json.load(f)["splits"].get(split, {})
-  recs = {}
-  for files in groups.values():
-    for fn in files:
-      r = array_record_module.ArrayRecordReader(os.path.join(out, fn))
-      recs.update({x["id"]: x for x in (records.decode(b, meta=True) for b in r.read_all())})
-      r.close()
-  return recs
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 import rasterio
-from array_record.python import array_record_module
 
 from data_prep import convert, sen1floods11
 from mmrs import bands
-from mmrs.data import records
+
+from shard_reader import read_split
 
 N = 32  # chip side (512 in the real data)
 SPLITS = {"train": ["Ghana_1", "Mekong_6"], "valid": ["Ghana_2"], "test": ["India_3", "Peru_9"],
@@ -67,19 +67,6 @@ def make_tree(root):
   return os.path.join(root, "v1.1")
 
 
-def read_split(out, split):
-  with open(os.path.join(out, "manifest.json")) as f:
-    groups = json.load(f)["splits"].get(split, {})
-  recs = {}
-  for group, files in groups.items():
-    for fn in files:
-      r = array_record_module.ArrayRecordReader(os.path.join(out, fn))
-      for b in r.read_all():
-        rec = records.decode(b, meta=True)
-        rec["group"] = group
-        recs[rec["id"]] = rec
-      r.close()
-  return recs
 
 
 @pytest.fixture(scope="module")

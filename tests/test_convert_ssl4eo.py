@@ -1,5 +1,4 @@
 """data_prep.ssl4eo on a tiny SSL4EO-S12 tree in the real layout (s1/, s2c/, s2a/ per location and season)."""
-import json
 import os
 import shutil
 import subprocess
@@ -8,11 +7,11 @@ import sys
 import numpy as np
 import pytest
 import rasterio
-from array_record.python import array_record_module
 
 from data_prep import convert, ssl4eo
 from mmrs import bands
-from mmrs.data import records
+
+from shard_reader import read_split
 
 G = 12  # 10 m grid; 20 m bands are 6 px, 60 m bands 2 px
 RES = {b.name: b.resolution_m for b in bands.BANDS.values()}
@@ -69,16 +68,6 @@ def make_tree(root):
   return root
 
 
-def read_all(out, split="train"):
-  with open(os.path.join(out, "manifest.json")) as f:
-    manifest_splits = json.load(f)["splits"]
-  recs = []
-  for group, files in sorted(manifest_splits.get(split, {}).items()):
-    for f in files:
-      r = array_record_module.ArrayRecordReader(os.path.join(out, f))
-      recs += [records.decode(b, meta=True) for b in r.read_all()]
-      r.close()
-  return {r["id"]: r for r in recs}
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +95,7 @@ def test_counts_and_pairing(converted):
 
 def test_records_resampled_and_paired(converted):
   out, _ = converted
-  recs = read_all(out)
+  recs = read_split(out)
   assert sorted(recs) == ["0000000_0", "0000000_1", "0000001_0", "0000001_1", "0000003_0"]
   r = recs["0000000_1"]
   assert r["s2"].shape == (G, G, 13) and r["s2"].dtype == np.uint16 and r["s1"].shape == (G, G, 2)
@@ -125,7 +114,7 @@ def test_records_resampled_and_paired(converted):
 
 def test_s1_nan_cleaned_and_mostly_nodata_dropped(converted):
   out, _ = converted
-  recs = read_all(out)
+  recs = read_split(out)
   r = recs["0000000_0"]
   assert r["s1_valid"].sum() == G * G - 3 and np.isfinite(r["s1"]).all()
   assert r["s1"].reshape(-1, 2)[0, 0] == bands.S1_NODATA_FILL_DB
@@ -138,7 +127,7 @@ def test_l2a_and_max_days(src, tmp_path):
   m = ssl4eo.convert(src, str(tmp_path / "l2a"), s2_level="L2A", max_days=1.0, num_shards=1, grid=G)
   assert m["bands"]["s2"] == list(bands.S2_L2A_BANDS)
   assert m["counts"]["pairs"] == 0 and m["counts"]["s2_only"] == 5  # every gap is ~2 days > 1
-  r = read_all(str(tmp_path / "l2a"))["0000000_0"]
+  r = read_split(str(tmp_path / "l2a"))["0000000_0"]
   assert r["s2"].shape == (G, G, 12)
 
 
@@ -146,7 +135,7 @@ def test_hash_split_keeps_a_location_together(src, tmp_path):
   m = ssl4eo.convert(src, str(tmp_path / "h"), split="hash:0.5,0.5", num_shards=1, grid=G)
   seen = {}
   for split in m["splits"]:
-    for rid in read_all(str(tmp_path / "h"), split):
+    for rid in read_split(str(tmp_path / "h"), split):
       seen.setdefault(rid.split("_")[0], set()).add(split)
   assert set(m["splits"]) <= {"train", "val"} and all(len(s) == 1 for s in seen.values())
   assert sorted(seen) == ["0000000", "0000001", "0000003"]
@@ -235,7 +224,7 @@ def test_real_sizes_latlong_crs_and_off_size_chips_are_resampled_and_counted(tmp
   out = str(tmp_path / "out")
   m = ssl4eo.convert(root, out, num_shards=1)
   assert (m["counts"]["pairs"], m["counts"]["resampled_chips"], m["counts"]["skipped"]) == (2, 1, 0)
-  recs = read_all(out)
+  recs = read_split(out)
   a, b = recs["0000042_0"], recs["0000042_1"]
   assert a["s2"].shape == b["s2"].shape == (264, 264, 13) and b["s1"].shape == (264, 264, 2)
   assert "resampled" not in a["meta"]
