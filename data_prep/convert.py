@@ -126,6 +126,19 @@ def run(items: Sequence, build: Callable, writer: DatasetWriter, *, on_bad: str 
   return manifest
 
 
+def resolve_splits_dir(splits_dir: str | None, find: Callable[[], str | None], holds: str) -> str | None:
+  """The --splits_dir flag of the converters with published split lists: "auto" -> find() (None where the lists are
+  not found: --split decides), "" or "none" -> None, anything else must be a folder (`holds`: what it should hold,
+  named in the error)."""
+  if splits_dir == "auto":
+    return find()
+  if splits_dir in (None, "", "none"):
+    return None
+  if not os.path.isdir(splits_dir):
+    raise ValueError(f"--splits_dir={splits_dir} is not a directory (use auto, none, or the folder holding {holds}).")
+  return splits_dir
+
+
 def parse_split_spec(spec: str) -> tuple[str, ...] | tuple[tuple[str, float], ...]:
   """'train' -> ('train',) (everything in one split); 'hash:0.8,0.1,0.1' -> (('train', .8), ('val', .1),
   ('test', .1)); 'hash:train=0.9,val=0.1' names the splits. Fractions must sum to 1."""

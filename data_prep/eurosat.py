@@ -78,13 +78,8 @@ def list_items(src: str, *, splits_dir: str = "auto", split: str = "train",
   summary = {"image_root": root, "ignored_folders": [], "missing_classes": [], "splits_dir": None, "unlisted": 0}
   summary["ignored_folders"] = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
                                       and d not in label_sets.EUROSAT_CLASSES)
-  if splits_dir == "auto":
-    splits_dir = find_split_lists(src)
-  elif splits_dir in ("", "none"):
-    splits_dir = None
-  elif not os.path.isdir(splits_dir):
-    raise ValueError(f"--splits_dir={splits_dir} is not a directory (use auto, none, or the folder holding "
-                     "eurosat-{train,val,test}.txt).")
+  splits_dir = convert_lib.resolve_splits_dir(splits_dir, lambda: find_split_lists(src),
+                                              "eurosat-{train,val,test}.txt")
   listed: dict[str, list[str]] | None = None
   if splits_dir:
     summary["splits_dir"] = splits_dir

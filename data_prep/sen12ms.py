@@ -135,13 +135,8 @@ def list_items(src: str, *, dataset: str = "sen12ms", splits_dir: str = "auto", 
   summary: dict = {"splits_dir": None, "unlisted": 0}
   listed = None
   if not dfc:
-    if splits_dir == "auto":
-      splits_dir = find_split_lists(src)
-    elif splits_dir in ("", "none"):
-      splits_dir = None
-    elif not os.path.isdir(splits_dir):
-      raise ValueError(f"--splits_dir={splits_dir} is not a directory (use auto, none, or the folder holding "
-                       "{train,val,test}_list.pkl).")
+    splits_dir = convert_lib.resolve_splits_dir(splits_dir, lambda: find_split_lists(src),
+                                                "{train,val,test}_list.pkl")
     if splits_dir:
       listed = _read_split_lists(splits_dir)
       summary["splits_dir"] = splits_dir

@@ -112,13 +112,8 @@ def list_items(src: str, *, tile: int = 0, splits_dir: str = "auto", split: str 
   """One item per labelled chip, with its split(s); plus a split summary for the manifest."""
   hand = hand_dir_of(src)
   chips = sorted(chip_id(n) for n in os.listdir(os.path.join(hand, "LabelHand")) if n.endswith("_LabelHand.tif"))
-  if splits_dir == "auto":
-    splits_dir = find_splits_dir(src, hand)
-  elif splits_dir in ("", "none"):
-    splits_dir = None
-  elif not os.path.isdir(splits_dir):
-    raise ValueError(f"--splits_dir={splits_dir} is not a directory (use auto, none, or the folder holding "
-                     f"{', '.join(SPLIT_FILES.values())}).")
+  splits_dir = convert_lib.resolve_splits_dir(splits_dir, lambda: find_splits_dir(src, hand),
+                                              ", ".join(SPLIT_FILES.values()))
   summary = {"splits_dir": splits_dir, "listed_but_missing": [], "unlisted": 0, "listed": {}}
   if splits_dir is None:
     spec = convert_lib.parse_split_spec(split)

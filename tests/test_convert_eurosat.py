@@ -95,6 +95,9 @@ def test_hash_split_without_lists(src, tmp_path):
   again = eurosat.convert(src, str(tmp_path / "h2"), splits_dir="none", split="hash:0.6,0.2,0.2", num_shards=1,
                           image_size=N)
   assert again["splits"] == m["splits"] and again["records_per_shard"] == m["records_per_shard"]
+  with pytest.raises(ValueError, match=r"--splits_dir=.*nowhere is not a directory .*eurosat-\{train,val,test\}\.txt"):
+    eurosat.convert(src, str(tmp_path / "h3"), splits_dir=str(tmp_path / "nowhere"), num_shards=1, image_size=N)
+  assert not os.path.exists(tmp_path / "h3")  # refused before anything is written
 
 
 def test_bad_images_fail_and_skip(src, tmp_path):
