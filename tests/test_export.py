@@ -26,8 +26,7 @@ import tiny_encoder
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 HAVE_HF = HAVE_TORCH and importlib.util.find_spec("transformers") is not None
-NOT_IN_CI = ("not in requirements.txt (CI adds CPU torch + transformers from requirements-ci.txt, not timm: "
-             "torchvision does not import beside that wheel); pip install \"mmrs[export]\" "
+NOT_IN_CI = ("not in requirements.txt (CI installs them from requirements-ci.txt); pip install \"mmrs[export]\" "
              "(torch==2.14.1 torchvision==0.29.1 transformers==5.23.0 timm==1.0.31)")
 needs_hf = pytest.mark.skipif(not HAVE_HF, reason="torch/transformers not installed; " + NOT_IN_CI)
 

@@ -84,6 +84,10 @@ def test_pyproject_declares_dependencies_extras_and_scripts():
       name = name.split("[")[0].lower()
       have, want = lock[name].split("."), ver.split(".")
       assert have[:len(want) - 1] == want[:len(want) - 1] and tuple(map(int, have)) >= tuple(map(int, want)), dep
+  # CI installs the [export] extra from requirements-ci.txt: the same pins.
+  with open(os.path.join(REPO, "requirements-ci.txt")) as f:
+    ci = sorted(line.split("#")[0].strip() for line in f if line.split("#")[0].strip())
+  assert ci == sorted(extras["export"])
   scripts = project["scripts"]
   assert scripts["mmrs-train"] == "launch.console:train"
   assert {"mmrs-convert", "mmrs-export", "mmrs-inspect", "mmrs-robustness", "mmrs-embed", "mmrs-aot"} <= set(scripts)
