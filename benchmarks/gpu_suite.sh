@@ -62,8 +62,9 @@ run() {
 if ((SMOKE)); then
   echo "cpu (--cpu_smoke dry run; numbers are meaningless)" >"$OUT/device.txt"
   export JAX_PLATFORMS=cpu
-  PEER=(--size=mu --decoder=mu --decoder_depth=1 --image_size=16 --patch_size=8 --batch=2 --steps=1 --warmup=1
-        --repeats=1 --fast_compile)
+  # The GPU run's peer flags (bfloat16 on both sides, torch.compile) on a tiny model: their code paths run here too.
+  PEER=(--size=mu --decoder=mu --decoder_depth=1 --image_size=16 --patch_size=8 --batch=2 --dtype=bfloat16
+        --torch_compile --steps=1 --warmup=2 --repeats=1 --fast_compile)
   PEER_METHODS=(mixmae)
   STEP_METHODS=(mixmae)
   STEP_VARIANT=tiny

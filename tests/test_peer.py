@@ -103,15 +103,18 @@ def test_gpu_suite_cpu_smoke_runs_the_peer_and_appends_a_results_section(tmp_pat
                            "ratio_vs_eager", "ratio_vs_compile", "params_jax", "params_torch", "device_kind"]
   assert summary["method"] == "mixmae" and summary["params_jax"] == summary["params_torch"] > 0
   assert summary["jax_images_per_s"] > 0 and summary["torch_images_per_s"] > 0
-  assert summary["torch_compile_images_per_s"] is None and summary["ratio_vs_compile"] is None
+  assert summary["torch_compile_images_per_s"] > 0  # the GPU run's flags: bfloat16 and torch.compile
   assert summary["ratio_vs_eager"] == pytest.approx(summary["jax_images_per_s"] / summary["torch_images_per_s"],
                                                      rel=1e-3)
+  assert summary["ratio_vs_compile"] == pytest.approx(
+      summary["jax_images_per_s"] / summary["torch_compile_images_per_s"], rel=1e-3)
   record = json.loads((out / "peer.jsonl").read_text().splitlines()[-1])
-  assert {r["side"] for r in record["runs"]} == {"jax", "torch"} and record["batch"] == 2
+  assert {r["side"] for r in record["runs"]} == {"jax", "torch", "torch_compile"} and record["batch"] == 2
+  assert record["dtype"] == "bfloat16"
 
   text = results.read_text()
   assert text.startswith("# Benchmark results\n") and "## GPU suite (`benchmarks/gpu_suite.sh`)" in text
-  assert "| mixmae | ViT-mu/16px, decoder mux1, b2, float32 |" in text  # the peer row
+  assert "| mixmae | ViT-mu/16px, decoder mux1, b2, bfloat16 |" in text  # the peer row
   assert "step_mixmae_b4_noremat" in text and "| data_w0 |" in text  # the second batch size, the pipeline
   png = re.search(r"!\[mmrs vs PyTorch\]\((.+?)\)", text)
   assert png and (tmp_path / png.group(1)).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
