@@ -25,6 +25,12 @@ def _pyproject():
     return tomllib.load(f)
 
 
+def _requirements(name: str) -> list[str]:
+  """The requirement lines of a requirements file, comments and blank lines dropped."""
+  with open(os.path.join(REPO, name)) as f:
+    return [r for r in (line.split("#")[0].strip() for line in f) if r]
+
+
 def _env():
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
   env["JAX_PLATFORMS"] = "cpu"
@@ -69,12 +75,10 @@ def test_pyproject_declares_dependencies_extras_and_scripts():
   assert {"export", "tfds", "dev"} <= set(extras)
   # The core pins agree with the exact lock in requirements.txt.
   lock = {}
-  with open(os.path.join(REPO, "requirements.txt")) as f:
-    for line in f:
-      line = line.split("#")[0].strip()
-      if "==" in line:
-        name, ver = line.split("==")
-        lock[name.split("[")[0].strip().lower()] = ver.strip()
+  for line in _requirements("requirements.txt"):
+    if "==" in line:
+      name, ver = line.split("==")
+      lock[name.split("[")[0].strip().lower()] = ver.strip()
   for dep in project["dependencies"]:
     if "==" in dep:
       name, ver = dep.split("==")
@@ -85,9 +89,7 @@ def test_pyproject_declares_dependencies_extras_and_scripts():
       have, want = lock[name].split("."), ver.split(".")
       assert have[:len(want) - 1] == want[:len(want) - 1] and tuple(map(int, have)) >= tuple(map(int, want)), dep
   # CI installs the [export] extra from requirements-ci.txt: the same pins.
-  with open(os.path.join(REPO, "requirements-ci.txt")) as f:
-    ci = sorted(line.split("#")[0].strip() for line in f if line.split("#")[0].strip())
-  assert ci == sorted(extras["export"])
+  assert sorted(_requirements("requirements-ci.txt")) == sorted(extras["export"])
   scripts = project["scripts"]
   assert scripts["mmrs-train"] == "launch.console:train"
   assert {"mmrs-convert", "mmrs-export", "mmrs-inspect", "mmrs-robustness", "mmrs-embed", "mmrs-aot"} <= set(scripts)
