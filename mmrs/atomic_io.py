@@ -1,7 +1,8 @@
 """Atomic file writes: a reader sees the old file or the whole new one, never half of it.
 
-Every result, manifest, card and picture mmrs writes goes through here (one implementation instead of one per
-module). Local paths: a uniquely named temporary file in the same directory, flushed and fsync'ed, then
+Every whole-file result, manifest, card and picture mmrs writes goes through here (one implementation instead of
+one per module); files written piece by piece (shards, the embeddings GeoTIFF, staged copies) keep their own
+`.partial`/`.tmp` + rename. Local paths: a uniquely named temporary file in the same directory, flushed and fsync'ed, then
 `os.replace` (atomic on POSIX; two concurrent writers cannot share a temporary). Object-store paths (`gs://...`,
 through etils.epath): written beside the target and renamed, the best that store offers.
 """
