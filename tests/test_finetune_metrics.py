@@ -130,3 +130,30 @@ def test_dfc2020_reports_the_papers_8_classes_and_keeps_the_10_class_figure():
   assert r["miou_all"] == pytest.approx(100 * jac.mean(), abs=1e-9)
   rec = skm.recall_score(y.ravel(), pred.ravel(), labels=list(range(10)), average=None)
   assert r["average_accuracy"] == pytest.approx(100 * rec[keep].mean(), abs=1e-9)
+
+
+def test_multilabel_macro_ap_counts_an_absent_class_as_sklearn_does():
+  """A class without a positive label: sklearn's macro AP counts it 0 (and warns); map_macro follows it, and
+  map_macro_present / num_classes_without_positives state the other convention."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  y = (rng.random((60, 5)) < 0.4).astype(np.float32)
+  y[:, 2] = 0  # class 2 has no positive in this split
+  logits = rng.normal(size=(60, 5)) + 2.0 * y
+  acc = metrics.MultiLabelMetrics(5)
+  _feed(acc, logits, y)
+  r = acc.result()
+  p = 1 / (1 + np.exp(-logits))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # sklearn: "No positive class found in y_true"
+    want = skm.average_precision_score(y, p, average="macro")
+  assert r["map_macro"] == pytest.approx(100 * want, abs=1e-9)
+  present = [c for c in range(5) if c != 2]
+  assert r["map_macro_present"] == pytest.approx(
+      100 * skm.average_precision_score(y[:, present], p[:, present], average="macro"), abs=1e-9)
+  assert r["num_classes_without_positives"] == 1
+  y[0, 2] = 1  # every class present: one convention, no extra key
+  full = metrics.MultiLabelMetrics(5)
+  full.update(logits, y)
+  r = full.result()
+  assert r["num_classes_without_positives"] == 0 and "map_macro_present" not in r

@@ -3,15 +3,20 @@
 Each accumulator has `update(outputs, labels, valid)` (host numpy; `valid` masks the padding of a last partial
 batch) and `result() -> dict` with the metric names used in results tables:
   multilabel:   map_micro, map_macro (average precision, as sklearn's `average_precision_score`), f1_micro,
-                f1_macro (at probability 0.5)
+                f1_macro (at probability 0.5), num_classes_without_positives, and map_macro_present when that
+                count is not 0
   class:        accuracy, f1_macro, precision_weighted, recall_weighted, f1_weighted
   segmentation: miou, average_accuracy, pixel_accuracy, and iou_<name> per class (e.g. iou_water)
 Classification and segmentation metrics stream through a confusion matrix; average precision needs a ranking, so
 the multi-label accumulator keeps the scores (19 floats per image: 10 MB for BigEarthNet's 125k test images).
 Averages follow sklearn's conventions: multi-label macro F1 over every class column (a class absent from labels
 and predictions counts 0, as sklearn's f1_score(average="macro") on multi-hot arrays); single-label macro F1 and
-weighted scores over the classes present in the labels or the predictions (zero_division=0); macro AP, mIoU and average accuracy over classes with at least one positive label
-(mIoU: a non-empty union), so a class absent from a small split does not count as 0.
+weighted scores over the classes present in the labels or the predictions (zero_division=0); macro AP over every
+class column, a class without a positive label counting 0 (sklearn's average_precision_score(average="macro"),
+which warns about it), so map_macro is comparable with numbers computed by sklearn; where a split lacks some class,
+map_macro_present averages over the classes that have a positive (the convention that skips them) and
+num_classes_without_positives says how many were counted 0. mIoU and average accuracy average over classes with
+at least one positive label (mIoU: a non-empty union), so a class absent from a small split does not count as 0.
 """
 from __future__ import annotations
 
@@ -72,15 +77,20 @@ class MultiLabelMetrics:
     pred = scores >= self.threshold
     y = labels.astype(bool)
     tp, fp, fn = (pred & y).sum(0), (pred & ~y).sum(0), (~pred & y).sum(0)
-    return {
+    present = np.isfinite(per_class)  # average_precision is nan for a class without a positive label
+    out = {
         "map_micro": 100 * average_precision(labels, scores),
-        "map_macro": 100 * float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan"),
+        "map_macro": 100 * float(np.where(present, per_class, 0.0).mean()),  # sklearn: an absent class counts 0
         "f1_micro": 100 * float(_f1_from_counts(tp.sum(), fp.sum(), fn.sum())),
         # Over every class column, an absent one (no label, no prediction) counting 0: sklearn's multi-label
         # f1_score(average="macro", zero_division=0).
         "f1_macro": 100 * float(_f1_from_counts(tp, fp, fn).mean()),
         "num_examples": int(len(labels)),
+        "num_classes_without_positives": int((~present).sum()),
     }
+    if not present.all():
+      out["map_macro_present"] = 100 * float(per_class[present].mean()) if present.any() else float("nan")
+    return out
 
 
 class ConfusionMatrix:
