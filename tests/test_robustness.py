@@ -259,3 +259,21 @@ def test_command_line_options_and_bad_runs(tmp_path):
     robustness.evaluate_runs([str(tmp_path)], ["fog"])
   with pytest.raises(robustness.RobustnessError, match="not among the stresses"):
     robustness.evaluate_runs([str(tmp_path)], ["clouds"], {"shift": [1]})
+
+
+def test_clean_value_of_a_pretrained_run_is_its_results_json(shards, tmp_path):
+  """A run finetuned from an encoder pretrained on other data (encoder.json statistics unlike the sample's
+  stats.json) is evaluated by robustness with the statistics it was trained and tested with."""
+  import mmrs.finetune  # pylint: disable=g-import-not-at-top
+  import tiny_encoder  # pylint: disable=g-import-not-at-top
+  from configs.finetune import bigearthnet  # pylint: disable=g-import-not-at-top
+  enc = tiny_encoder.write_encoder(tmp_path / "enc", tiny_encoder.vit_params(), image_size=32,
+                                   bands=bands_lib.S2_L2A_BANDS)
+  config = bigearthnet.get_config(f"tiny,shards={shards},init_from={enc},steps=2")
+  config.checkpoint_every_steps = 2
+  config.xla_compiler_options = {"xla_backend_optimization_level": 0}
+  path = str(tmp_path / "ft_pretrained")
+  mmrs.finetune.run(config, path)
+  result, _ = robustness.evaluate_runs([path], ["clouds"], {"clouds": [100]}, examples=0)
+  own = json.load(open(os.path.join(path, "results.json")))["metrics"]["map_micro"]
+  assert result["runs"]["ft_pretrained"]["clean"] == own

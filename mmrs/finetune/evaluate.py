@@ -52,14 +52,12 @@ class Evaluator:
 
   def __init__(self, config, method):
     from mmrs.data import normalize as normalize_lib  # pylint: disable=g-import-not-at-top
-    from mmrs.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
     self.config, self.method = config, method
     self.ft = config.finetune
     self.batch_size = int(config.get("eval_batch_size", 0) or config.batch_size)
     self.batch_size -= self.batch_size % jax.process_count()
-    train_info = pipeline_lib.describe(config.data.train, method.modalities)
     normalize = functools.partial(normalize_lib.normalize_batch,
-                                  normalizer=method.input_normalizer(train_info.normalizer))  # as in training
+                                  normalizer=method.training_normalizer())  # as in training
     names = _class_names(config, self.ft.label_set)
     reported = tuple(self.ft.get("report_classes", ()) or ())
     unknown = [c for c in reported if c not in names]

@@ -159,6 +159,12 @@ class Finetune:
     return encoder_api.input_normalizer(self.meta, self.config.finetune.get("normalization", "encoder"),
                                         data_normalizer)
 
+  def training_normalizer(self):
+    """The normalizer training used (input_normalizer of config.data.train's): evaluation and robustness use this
+    one too, so a pretrained encoder is never evaluated under other statistics than it was finetuned with."""
+    from mmrs.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+    return self.input_normalizer(pipeline_lib.describe(self.config.data.train, self.modalities).normalizer)
+
   # --- construction ------------------------------------------------------------------------------------------
   def _random_encoder(self, config):
     if self.kind == "resnet":

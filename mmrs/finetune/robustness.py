@@ -6,9 +6,10 @@
 A run is a finetune workdir (`python -m launch.main` with a configs/finetune config): its config.json says how it
 was built and what its evaluation split is, checkpoints/ holds the model, results.json its own clean evaluation.
 The run is rebuilt through the public entry points (`mmrs.finetune.method.build(config)`, `convert.read_checkpoint`)
-and evaluated like `mmrs.finetune.evaluate`: the same split, order, centre crops, batch size, normalization with the
-TRAINING statistics, and the same jitted `method.predict` for the clean pass, so severity 0 is the run's own clean
-metric bit for bit (severity 0 of every stress is that clean pass; the stresses are identities there, tested).
+and evaluated like `mmrs.finetune.evaluate`: the same split, order, centre crops, batch size, the normalization
+training used (`method.training_normalizer()`: a pretrained encoder's encoder.json statistics, not the downstream
+data's), and the same jitted `method.predict` for the clean pass, so severity 0 is the run's own clean metric bit
+for bit (severity 0 of every stress is that clean pass; the stresses are identities there, tested).
 The split is read once; every batch is evaluated clean and under every (stress, severity), each stress being one
 compiled program for all its severities (severity is an argument, not a constant).
 
@@ -131,9 +132,8 @@ class Evaluator:
 
   def __post_init__(self):
     from mmrs.data import normalize as normalize_lib  # pylint: disable=g-import-not-at-top
-    from mmrs.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
     method, task = self.run.method, self.run.config.finetune.task
-    self.normalizer = pipeline_lib.describe(self.run.config.data.train, method.modalities).normalizer
+    self.normalizer = method.training_normalizer()  # as training and mmrs.finetune.evaluate
     normalize = functools.partial(normalize_lib.normalize_batch, normalizer=self.normalizer)
     self._normalize = normalize
 
