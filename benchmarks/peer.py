@@ -160,7 +160,8 @@ def run_torch(args, compile_model: bool) -> dict:
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.manual_seed(0)
   enc, dec = model_dims(args)
-  model = torch_vit.build(args.method, enc=enc, dec=dec, patch_size=args.patch_size, s2_channels=args.s2_bands)
+  model = torch_vit.build(args.method, enc=enc, dec=dec, patch_size=args.patch_size, s2_channels=args.s2_bands,
+                          image_size=args.image_size)
   model.to(device).train()
   if device.type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on both sides (XLA: highest precision)

@@ -20,17 +20,36 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def sincos_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+def sincos_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0, device=None) -> torch.Tensor:
   """(grid_h * grid_w, dim) row-major; first half of the features encodes the row, second half the column."""
   quarter = dim // 4
-  omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-  rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64),
-                              indexing="ij")
+  f64 = dict(dtype=torch.float64, device=device)
+  omega = 1.0 / temperature ** (torch.arange(quarter, **f64) / quarter)
+  rows, cols = torch.meshgrid(torch.arange(grid_h, **f64), torch.arange(grid_w, **f64), indexing="ij")
   parts = []
   for pos in (rows.reshape(-1), cols.reshape(-1)):
     angle = pos[:, None] * omega[None, :]
     parts += [angle.sin(), angle.cos()]
   return torch.cat(parts, dim=1).float()
+
+
+class Positions(nn.Module):
+  """Fixed sin-cos positions of a (grid_h, grid_w) patch grid, made once at construction as a (non-persistent)
+  buffer when the grid is known, else computed in forward for the grid at hand.
+
+  Why not a cache filled on first use: torch.compile guards on the module's state, so a dict that the first call
+  fills makes the second call recompile (the whole model, minutes for ViT-B on a GPU). A buffer set in __init__ is
+  never mutated in forward.
+  """
+
+  def __init__(self, dim: int, grid: tuple[int, int] | None):
+    super().__init__()
+    self.dim, self.grid = dim, tuple(grid) if grid else None
+    self.register_buffer("table", sincos_2d(*grid, dim) if grid else None, persistent=False)
+
+  def forward(self, grid_h: int, grid_w: int, like: torch.Tensor) -> torch.Tensor:
+    table = self.table if self.grid == (grid_h, grid_w) else sincos_2d(grid_h, grid_w, self.dim, device=like.device)
+    return table.to(like.dtype)
 
 
 class Attention(nn.Module):
@@ -65,7 +84,7 @@ class Encoder(nn.Module):
   """ViT encoder with a Conv2d entry layer and a modality embedding per modality, CLS token, final LayerNorm."""
 
   def __init__(self, in_channels: Mapping[str, int], width: int, depth: int, mlp_dim: int, heads: int,
-               patch_size: int):
+               patch_size: int, grid: tuple[int, int] | None = None):
     super().__init__()
     self.patch_size, self.width = patch_size, width
     self.patch_embed = nn.ModuleDict({m: nn.Conv2d(c, width, patch_size, stride=patch_size)
@@ -74,13 +93,7 @@ class Encoder(nn.Module):
     self.cls_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
     self.blocks = nn.ModuleList([Block(width, mlp_dim, heads) for _ in range(depth)])
     self.norm = nn.LayerNorm(width, eps=1e-6)
-    self._pos = {}
-
-  def pos_embed(self, gh: int, gw: int, like: torch.Tensor) -> torch.Tensor:
-    key = (gh, gw, like.device, like.dtype)
-    if key not in self._pos:
-      self._pos[key] = sincos_2d(gh, gw, self.width).to(like.device, like.dtype)
-    return self._pos[key]
+    self.pos_embed = Positions(width, grid)
 
   def embed(self, modality: str, images: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, L, D) tokens with position and modality embedding, row-major."""
@@ -102,7 +115,8 @@ class Decoder(nn.Module):
   The CLS token joins the blocks and is not predicted.
   """
 
-  def __init__(self, in_width: int, width: int, depth: int, mlp_dim: int, heads: int, out_dim: int):
+  def __init__(self, in_width: int, width: int, depth: int, mlp_dim: int, heads: int, out_dim: int,
+               grid: tuple[int, int] | None = None):
     super().__init__()
     self.width = width
     self.input_proj = nn.Linear(in_width, width)
@@ -110,7 +124,7 @@ class Decoder(nn.Module):
     self.blocks = nn.ModuleList([Block(width, mlp_dim, heads) for _ in range(depth)])
     self.norm = nn.LayerNorm(width, eps=1e-6)
     self.head = nn.Linear(width, out_dim)
-    self._pos = {}
+    self.pos_embed = Positions(width, grid)
 
   def forward(self, latent: torch.Tensor, grid: tuple[int, int], ids_restore: torch.Tensor | None = None):
     """latent (B, 1 + n, D_enc); ids_restore (B, L): MAE's unshuffle indices, None when n == L (no mask)."""
@@ -121,10 +135,7 @@ class Decoder(nn.Module):
       masks = self.mask_token.to(x.dtype).expand(x.shape[0], length - x.shape[1], -1)
       x = torch.cat([x, masks], dim=1)
       x = torch.gather(x, 1, ids_restore[..., None].expand(-1, -1, x.shape[2]))
-    key = (grid, x.device, x.dtype)
-    if key not in self._pos:
-      self._pos[key] = sincos_2d(grid[0], grid[1], self.width).to(x.device, x.dtype)
-    x = torch.cat([cls, x + self._pos[key][None]], dim=1)
+    x = torch.cat([cls, x + self.pos_embed(grid[0], grid[1], x)[None]], dim=1)
     for block in self.blocks:
       x = block(x)
     return self.head(self.norm(x)[:, 1:]).float()
@@ -163,11 +174,12 @@ def shuffle_from_kept(keep_ids: torch.Tensor, length: int) -> tuple[torch.Tensor
 class MAES2(nn.Module):
   """MAE on S2: loss = mean over masked patches of the per-patch pixel MSE (plain targets, no norm_pix)."""
 
-  def __init__(self, channels: int, enc: dict, dec: dict, patch_size: int = 16, mask_ratio: float = 0.75):
+  def __init__(self, channels: int, enc: dict, dec: dict, patch_size: int = 16, mask_ratio: float = 0.75,
+               grid: tuple[int, int] | None = None):
     super().__init__()
     self.p, self.mask_ratio = patch_size, mask_ratio
-    self.encoder = Encoder({"s2": channels}, patch_size=patch_size, **enc)
-    self.decoder = Decoder(enc["width"], out_dim=patch_size * patch_size * channels, **dec)
+    self.encoder = Encoder({"s2": channels}, patch_size=patch_size, grid=grid, **enc)
+    self.decoder = Decoder(enc["width"], out_dim=patch_size * patch_size * channels, grid=grid, **dec)
 
   def forward(self, s2: torch.Tensor, keep_ids: torch.Tensor | None = None):
     """s2 (B, C, H, W). Returns (loss, pred (B, L, p*p*C), mask (B, L) True = masked)."""
@@ -194,13 +206,13 @@ class MixMAE(nn.Module):
   modality was hidden; loss = lam * L_S1 + (1 - lam) * L_S2."""
 
   def __init__(self, s2_channels: int, s1_channels: int, enc: dict, dec: dict, patch_size: int = 16,
-               k_fraction: float = 0.5, lam: float = 0.5):
+               k_fraction: float = 0.5, lam: float = 0.5, grid: tuple[int, int] | None = None):
     super().__init__()
     self.p, self.k_fraction, self.lam = patch_size, k_fraction, lam
-    self.encoder = Encoder({"s2": s2_channels, "s1": s1_channels}, patch_size=patch_size, **enc)
+    self.encoder = Encoder({"s2": s2_channels, "s1": s1_channels}, patch_size=patch_size, grid=grid, **enc)
     self.decoders = nn.ModuleDict({
-        "s2": Decoder(enc["width"], out_dim=patch_size * patch_size * s2_channels, **dec),
-        "s1": Decoder(enc["width"], out_dim=patch_size * patch_size * s1_channels, **dec)})
+        "s2": Decoder(enc["width"], out_dim=patch_size * patch_size * s2_channels, grid=grid, **dec),
+        "s1": Decoder(enc["width"], out_dim=patch_size * patch_size * s1_channels, grid=grid, **dec)})
 
   def forward(self, s2: torch.Tensor, s1: torch.Tensor, take_s2: torch.Tensor | None = None):
     """Returns (loss, {modality: pred}, take_s2 (B, L) bool)."""
@@ -331,12 +343,15 @@ def make_step(model: nn.Module, optimizer, dtype: torch.dtype, clip_norm: float 
 
 
 def build(method: str, *, enc: dict, dec: dict, patch_size: int, s2_channels: int, s1_channels: int = 2,
-          mask_ratio: float = 0.75, k_fraction: float = 0.5, lam: float = 0.5) -> nn.Module:
-  """enc/dec: {"width", "depth", "mlp_dim", "heads"}."""
+          mask_ratio: float = 0.75, k_fraction: float = 0.5, lam: float = 0.5,
+          image_size: int | None = None) -> nn.Module:
+  """enc/dec: {"width", "depth", "mlp_dim", "heads"}. `image_size` (square images): the position tables are made
+  here for that size (other sizes still work, computing theirs per call)."""
+  grid = (image_size // patch_size,) * 2 if image_size else None
   if method == "mae_s2":
-    return MAES2(s2_channels, enc, dec, patch_size, mask_ratio)
+    return MAES2(s2_channels, enc, dec, patch_size, mask_ratio, grid=grid)
   if method == "mixmae":
-    return MixMAE(s2_channels, s1_channels, enc, dec, patch_size, k_fraction, lam)
+    return MixMAE(s2_channels, s1_channels, enc, dec, patch_size, k_fraction, lam, grid=grid)
   raise ValueError(f"Unknown method {method!r}: use mae_s2 or mixmae.")
 
 

@@ -82,6 +82,23 @@ def test_mixmae_forward_matches_mmrs_on_the_same_weights():
   np.testing.assert_allclose(float(t_loss), float(loss), rtol=1e-4)
 
 
+def test_torch_compile_traces_the_peer_once():
+  """torch.compile of the peer model must not recompile on the second step (a position cache filled on first use
+  did: a second multi-minute compile of ViT-B on a GPU). Dynamo's guards do not depend on the backend, so the cheap
+  "eager" backend shows it; with and without the position tables made at construction."""
+  import torch._dynamo  # pylint: disable=import-outside-toplevel
+  dims_ = {"width": 32, "depth": 1, "mlp_dim": 64, "heads": 2}
+  for method, sized in (("mixmae", {}), ("mae_s2", {"image_size": 16})):
+    torch._dynamo.reset()
+    model = torch_vit.build(method, enc=dims_, dec=dims_, patch_size=8, s2_channels=12, **sized)
+    forward = torch.compile(model, backend="eager")
+    batch = torch_vit.synthetic_batch(method, 2, 16, 12, 2, "cpu")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+      for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+          forward(*batch)[0].backward()
+
+
 def test_gpu_suite_cpu_smoke_runs_the_peer_and_appends_a_results_section(tmp_path):
   """`gpu_suite.sh --cpu_smoke`: a tiny benchmarks.peer run (its JSON line), the step, the pipeline, the section."""
   results = tmp_path / "RESULTS.md"
