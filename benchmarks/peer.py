@@ -27,6 +27,9 @@ Prints a table, then (last line) one JSON object:
 {"method", "jax_images_per_s", "torch_images_per_s", "torch_compile_images_per_s" (or null), "ratio_vs_eager",
 "ratio_vs_compile" (or null), "params_jax", "params_torch", "device_kind"}. `--json_out` appends a fuller record
 (config, every repeat) for benchmarks/plot.py.
+
+A side that fails or outlasts `--side_timeout_s` does not take the others down: its values are null, its error text
+goes into the record ("errors", and the run's "error"), the remaining sides still run, and the exit code is 1.
 """
 from __future__ import annotations
 
@@ -80,6 +83,11 @@ def parse_args(argv=None):
                  help="Only compile mmrs's step (and the baseline's) and print --hlo_stats; no PyTorch, no timing. The "
                       "counts do not depend on the machine's load.")
   p.add_argument("--json_out", default="", help="Append a full JSON record (for benchmarks/plot.py) to this file.")
+  p.add_argument("--attention", default="", help="mmrs's config.model.attention (auto, xla, cudnn, head_major); "
+                 "empty = the config's. gpu_suite.sh passes xla when its cuDNN check failed.")
+  p.add_argument("--side_timeout_s", type=float, default=0,
+                 help="Stop a side's child after this many seconds (0 = never); it is recorded as failed and the "
+                      "other sides' numbers are kept.")
   p.add_argument("--side", choices=SIDES, default=None, help=argparse.SUPPRESS)  # internal: one child's side
   args = p.parse_args(argv)
   if args.decoder is None:
@@ -132,6 +140,8 @@ def mmrs_config(args):
     c.data[name].image_size = args.image_size
   c.batch_size = args.batch
   c.compute_dtype = args.dtype
+  if args.attention:
+    c.model.attention = args.attention
   if args.fast_compile:
     c.xla_compiler_options = {"xla_backend_optimization_level": 0}
   return c
@@ -252,7 +262,11 @@ def export_revision(rev: str) -> str:
   return out
 
 
-def run_child(argv: list[str], side: str, tree: str = REPO, hlo: bool = False) -> dict:
+class SideFailed(RuntimeError):
+  """One side's child failed or ran out of time: its error text, for the record; the other sides go on."""
+
+
+def run_child(argv: list[str], side: str, tree: str = REPO, hlo: bool = False, timeout_s: float = 0) -> dict:
   argv = [a for a in argv if not a.startswith(("--baseline_rev", "--hlo_stats", "--hlo_only", "--json_out"))]
   cmd = [sys.executable, "-m", "benchmarks.peer", *child_args(argv, "jax" if side == "jax_baseline" else side)]
   env = dict(os.environ)
@@ -260,11 +274,17 @@ def run_child(argv: list[str], side: str, tree: str = REPO, hlo: bool = False) -
   if hlo and side.startswith("jax"):
     dump = tempfile.mkdtemp(prefix="peer_hlo_")
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={dump} --xla_dump_hlo_as_text".strip()
-  proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=False)
+  try:
+    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=False,
+                          timeout=timeout_s or None)
+  except subprocess.TimeoutExpired as e:
+    err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+    tail = "\n".join(err.strip().splitlines()[-15:])
+    raise SideFailed(f"the {LABELS[side]} side ran out of its {timeout_s:g}s (--side_timeout_s):\n{tail}") from None
   lines = [l for l in proc.stdout.strip().splitlines() if l.startswith("{")]
   if proc.returncode or not lines:
     tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-    raise SystemExit(f"benchmarks.peer: the {LABELS[side]} side failed (exit {proc.returncode}):\n{tail}")
+    raise SideFailed(f"the {LABELS[side]} side failed (exit {proc.returncode}):\n{tail}")
   out = json.loads(lines[-1])
   if dump:
     out["hlo"] = hlo_stats(dump)
@@ -278,7 +298,10 @@ def hlo_only(argv: list[str], args, sides: list[str], trees: dict[str, str]) -> 
   out = {}
   try:
     for side in (s for s in sides if s.startswith("jax")):
-      res = run_child(argv, side, trees[side], hlo=True)
+      try:
+        res = run_child(argv, side, trees[side], hlo=True)
+      except SideFailed as e:
+        raise SystemExit(f"benchmarks.peer: {e}") from None
       out[side] = {**res["hlo"], "loss": round(res["last_loss"], 4)}  # one step, same rng: equal math, equal loss
       print(f"  {LABELS[side]:<22} HLO {out[side]}", flush=True)
   finally:
@@ -290,19 +313,22 @@ def hlo_only(argv: list[str], args, sides: list[str], trees: dict[str, str]) -> 
 
 
 def summarize(args, runs: dict[str, list[dict]]) -> dict:
-  med = {s: statistics.median(r["images_per_s"] for r in rs) for s, rs in runs.items()}
-  params_jax, params_torch = runs["jax"][0]["params"], runs["torch"][0]["params"]
-  compiled = med.get("torch_compile")
+  """Medians per side; a side with no successful run (it failed) gives None, and so do its ratios."""
+  med = {s: statistics.median(r["images_per_s"] for r in rs) for s, rs in runs.items() if rs}
+  first = lambda side, key: runs[side][0][key] if runs.get(side) else None
+  rnd = lambda x, n: None if x is None else round(x, n)
+  ratio = lambda a, b: a / b if a is not None and b is not None else None
+  jax_, eager, compiled = med.get("jax"), med.get("torch"), med.get("torch_compile")
   return {
       "method": args.method,
-      "jax_images_per_s": round(med["jax"], 3),
-      "torch_images_per_s": round(med["torch"], 3),
-      "torch_compile_images_per_s": round(compiled, 3) if compiled is not None else None,
-      "ratio_vs_eager": round(med["jax"] / med["torch"], 4),
-      "ratio_vs_compile": round(med["jax"] / compiled, 4) if compiled is not None else None,
-      "params_jax": params_jax,
-      "params_torch": params_torch,
-      "device_kind": runs["jax"][0]["device_kind"],
+      "jax_images_per_s": rnd(jax_, 3),
+      "torch_images_per_s": rnd(eager, 3),
+      "torch_compile_images_per_s": rnd(compiled, 3),
+      "ratio_vs_eager": rnd(ratio(jax_, eager), 4),
+      "ratio_vs_compile": rnd(ratio(jax_, compiled), 4),
+      "params_jax": first("jax", "params"),
+      "params_torch": first("torch", "params") or first("torch_compile", "params"),
+      "device_kind": next((rs[0]["device_kind"] for rs in runs.values() if rs), None),
   }
 
 
@@ -326,10 +352,17 @@ def main(argv=None) -> dict:
         f"per side (after {args.warmup} warm-up); LD_PRELOAD={os.environ.get('LD_PRELOAD', '') or '-'} "
         f"MALLOC_CONF={os.environ.get('MALLOC_CONF', '') or '-'}", flush=True)
   runs: dict[str, list[dict]] = {s: [] for s in sides}
+  errors: dict[str, str] = {}  # side -> why it failed; a failed side is not retried in later repeats
   rows = []
   for r in range(args.repeats):
-    for side in sides:
-      out = run_child(argv, side, trees[side], hlo=args.hlo_stats and r == 0)
+    for side in (s for s in sides if s not in errors):
+      try:
+        out = run_child(argv, side, trees[side], hlo=args.hlo_stats and r == 0, timeout_s=args.side_timeout_s)
+      except SideFailed as e:
+        errors[side] = str(e)
+        rows.append((side, r + 1, {"error": str(e)[-2000:]}))
+        print(f"  {LABELS[side]:<22} repeat {r + 1}: FAILED: {e}", flush=True)
+        continue
       runs[side].append(out)
       rows.append((side, r + 1, out))
       print(f"  {LABELS[side]:<22} repeat {r + 1}: {out['images_per_s']:8.2f} images/s "
@@ -337,7 +370,7 @@ def main(argv=None) -> dict:
             f"compile+warm-up {out['compile_s']:.1f}s, loss {out['last_loss']:.4f}"
             + (f", {out['minor_faults_per_step']:,.0f} page faults/step" if out.get("minor_faults_per_step") else "")
             + (f", HLO {out['hlo']}" if out.get("hlo") else ""), flush=True)
-      if not side.startswith("jax") and len(runs["jax"]) == 1 and len(runs[side]) == 1:
+      if not side.startswith("jax") and runs["jax"] and len(runs[side]) == 1:
         pj, pt = runs["jax"][0]["params"], out["params"]
         if abs(pj - pt) > 1e-3 * pj:
           raise SystemExit(f"benchmarks.peer: parameter counts differ by more than 0.1 %: mmrs {pj:,} vs PyTorch "
@@ -349,19 +382,26 @@ def main(argv=None) -> dict:
   print(f"| side | {' | '.join(f'repeat {i + 1}' for i in range(args.repeats))} | median images/s | vs eager |")
   print(f"|---|{'---|' * args.repeats}---|---|")
   for side in sides:
+    if not runs[side]:
+      print(f"| {LABELS[side]} | failed: {errors[side].splitlines()[0]} |")
+      continue
     vals = [f"{r['images_per_s']:.2f}" for r in runs[side]]
     med = statistics.median(r["images_per_s"] for r in runs[side])
-    print(f"| {LABELS[side]} | {' | '.join(vals)} | {med:.2f} | {med / summary['torch_images_per_s']:.3f}x |")
-  print(f"params: mmrs {summary['params_jax']:,}, PyTorch {summary['params_torch']:,}; "
-        f"device {summary['device_kind']}")
+    eager = summary["torch_images_per_s"]
+    print(f"| {LABELS[side]} | {' | '.join(vals)} | {med:.2f} | {f'{med / eager:.3f}x' if eager else '–'} |")
+  print(f"params: mmrs {summary['params_jax']}, PyTorch {summary['params_torch']}; device {summary['device_kind']}")
   if args.json_out:
     record = {**summary, "size": args.size, "decoder": args.decoder, "decoder_depth": args.decoder_depth,
               "image_size": args.image_size, "batch": args.batch, "dtype": args.dtype, "steps": args.steps,
               "repeats": args.repeats, "threads": args.threads, "baseline_rev": args.baseline_rev,
               "ld_preload": os.environ.get("LD_PRELOAD", ""), "malloc_conf": os.environ.get("MALLOC_CONF", ""),
-              "runs": [{"side": s, "repeat": r, **o} for s, r, o in rows]}
+              "runs": [{"side": s, "repeat": r, **o} for s, r, o in rows], "errors": errors}
     records.append(args.json_out, record)
   print(json.dumps(summary))
+  if errors:  # after the summary line: what ran is kept; the exit code still says that something did not
+    sys.stdout.flush()
+    raise SystemExit(f"benchmarks.peer: {len(errors)} of {len(sides)} sides failed ({', '.join(errors)}); the other "
+                     "sides' numbers are in the summary line above" + (" and --json_out" if args.json_out else ""))
   return summary
 
 

@@ -57,7 +57,7 @@ def plot(records: list[dict], out: str, title: str = "") -> str:
     ys = [r.get(key) or 0.0 for r in records]
     bars = ax.bar(xs, ys, width, label=name, color=color)
     for bar, rec, y in zip(bars, records, ys):
-      if y and key == "jax_images_per_s":
+      if y and key == "jax_images_per_s" and rec.get("ratio_vs_eager"):  # None where the eager side failed
         ax.annotate(f"{rec['ratio_vs_eager']:.2f}x eager", (bar.get_x() + bar.get_width() / 2, y),
                     ha="center", va="bottom", fontsize=7)
   ax.set_xticks(range(len(records)), [label(r) for r in records], fontsize=7)

@@ -99,6 +99,33 @@ def test_torch_compile_traces_the_peer_once():
           forward(*batch)[0].backward()
 
 
+def test_peer_keeps_the_other_sides_when_one_fails(tmp_path, monkeypatch, capsys):
+  """A side whose child fails (here torch.compile) is recorded with its error and skipped in later repeats; the
+  others' numbers are kept in the summary line and the record, and the exit code still says it failed."""
+  from benchmarks import peer  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def fake_child(argv, side, tree, hlo=False, timeout_s=0):
+    calls.append(side)
+    if side == "torch_compile":
+      raise peer.SideFailed("the PyTorch torch.compile side failed (exit 1):\nInductorError: boom")
+    speed = {"jax": 30.0, "torch": 20.0}[side]
+    return {"images_per_s": speed, "params": 1000, "device_kind": "cpu", "compile_s": 1.0, "last_loss": 1.0}
+
+  monkeypatch.setattr(peer, "run_child", fake_child)
+  out = tmp_path / "peer.jsonl"
+  with pytest.raises(SystemExit, match="1 of 3 sides failed"):
+    peer.main(["--method=mixmae", "--size=mu", "--torch_compile", "--repeats=2", f"--json_out={out}"])
+  assert calls == ["jax", "torch", "torch_compile", "jax", "torch"]
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert summary["jax_images_per_s"] == 30.0 and summary["torch_images_per_s"] == 20.0
+  assert summary["ratio_vs_eager"] == 1.5 and summary["torch_compile_images_per_s"] is None
+  assert summary["ratio_vs_compile"] is None
+  record = json.loads(out.read_text())
+  assert "InductorError: boom" in record["errors"]["torch_compile"]
+  assert [r["side"] for r in record["runs"] if "error" in r] == ["torch_compile"]
+
+
 def test_gpu_suite_cpu_smoke_runs_the_peer_and_appends_a_results_section(tmp_path):
   """`gpu_suite.sh --cpu_smoke`: a tiny benchmarks.peer run (its JSON line), the step, the pipeline, the section."""
   results = tmp_path / "RESULTS.md"
