@@ -57,6 +57,8 @@ import re
 import numpy as np
 from absl import app, flags, logging
 
+from launch import cli
+
 from data_prep import convert, geotiff
 from data_prep.convert import BadInput
 from mmrs.data.writer import DatasetWriter
@@ -746,4 +748,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -44,7 +44,8 @@ def run_cli(module: str, function: str, **kwargs):
   try:
     return getattr(mod, function)(**kwargs)
   except (ValueError, FileNotFoundError, FileExistsError, ConversionError) as e:
-    sys.exit(f"data_prep.{module}: {e}")
+    from launch import cli  # pylint: disable=g-import-not-at-top
+    cli.fail(f"data_prep.{module}: {e}")
 
 
 def _safe_build(args):

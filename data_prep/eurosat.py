@@ -23,7 +23,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from absl import app, flags
+from absl import flags
+
+from launch import cli
 
 from data_prep import chip_io, splitting
 from data_prep import convert as convert_lib
@@ -152,4 +154,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -22,6 +22,8 @@ from typing import Any, Iterator
 import numpy as np
 from absl import app, flags
 
+from launch import cli
+
 from mmrs.data import records
 
 
@@ -201,8 +203,7 @@ def main(argv):
   try:
     inspect(argv[1], fmt=FLAGS.format, limit=FLAGS.limit, verify=FLAGS.verify)
   except (ShardError, FileNotFoundError, records.RecordError) as e:
-    print(f"inspect: {e}", file=sys.stderr)
-    return 1
+    cli.fail(f"inspect: {e}")
   except BrokenPipeError:  # `| head`
     return 0
   return 0
@@ -210,4 +211,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -53,6 +53,8 @@ import re
 import numpy as np
 from absl import app, flags, logging
 
+from launch import cli
+
 from data_prep import convert, geotiff
 from data_prep.convert import BadInput
 from mmrs.data.writer import DatasetWriter
@@ -576,4 +578,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

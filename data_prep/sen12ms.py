@@ -36,7 +36,9 @@ import os
 import re
 
 import numpy as np
-from absl import app, flags
+from absl import flags
+
+from launch import cli
 
 from data_prep import chip_io, splitting
 from data_prep import convert as convert_lib
@@ -225,4 +227,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

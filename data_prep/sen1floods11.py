@@ -44,7 +44,9 @@ import dataclasses
 import os
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
+
+from launch import cli
 
 from data_prep import chip_io, splitting
 from data_prep import convert as convert_lib
@@ -249,4 +251,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

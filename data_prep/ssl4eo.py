@@ -42,7 +42,9 @@ import os
 import re
 
 import numpy as np
-from absl import app, flags
+from absl import flags
+
+from launch import cli
 
 from data_prep import convert as convert_lib
 from data_prep import chip_io, geotiff
@@ -243,4 +245,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -3,11 +3,13 @@
     mmrs-train      = python -m launch.main                 mmrs-convert = python -m launch.convert_checkpoint
     mmrs-export     = python -m launch.export               mmrs-embed   = python -m launch.embed
     mmrs-inspect    = python -m data_prep.inspect           mmrs-prep-*  = python -m data_prep.<converter>
-    mmrs-aot        = python -m launch.aot
+    mmrs-aot        = python -m launch.aot                  mmrs-robustness = python -m launch.robustness
 
 Each function runs the module as `__main__`, exactly as `python -m` does: the module's own
 `if __name__ == "__main__": app.run(main)` parses sys.argv, and absl's --help/--helpshort show that module's
-docstring and flags (absl exits with status 1 after printing help, with either spelling).
+docstring and flags (absl exits with status 1 after printing help, with either spelling). Calling a module's
+`main` from another module instead would make absl list no flags under --helpshort (they belong to `__main__`'s
+module only). User errors exit 2 with one `ERROR:` line (launch/cli.py).
 """
 import runpy
 
@@ -38,6 +40,10 @@ def inspect():
 
 def aot():
   _run("launch.aot")
+
+
+def robustness():
+  _run("launch.robustness")
 
 
 def prep_bigearthnet_mm():

@@ -7,9 +7,9 @@ Keeps the encoder only, the requested modalities' entry layers, the requested ba
 12 L2A bands of an L1C-pretrained model drop B10), and records bands, normalization, image size and the source run.
 See mmrs/finetune/convert.py for what each step does.
 """
-import sys
+from absl import flags
 
-from absl import app, flags
+from launch import cli
 
 flags.DEFINE_string("checkpoint", None, "Pretraining workdir, its checkpoints/ folder, or one step folder.")
 flags.DEFINE_string("out", None, "Output directory (encoder.safetensors + encoder.json).")
@@ -30,11 +30,11 @@ def main(argv):
                                       image_size=FLAGS.image_size, bands=FLAGS.bands or None,
                                       patch_size=FLAGS.patch_size or None)
   except (convert.ConversionError, FileNotFoundError, ValueError) as e:
-    sys.exit(f"convert_checkpoint: {e}")
+    cli.fail(f"convert_checkpoint: {e}")
   print(f"Wrote {FLAGS.out}: {meta['architecture']['kind']} encoder, modalities {meta['modalities']}, "
         f"bands {meta['bands']}, image size {meta['image_size']}, patch size {meta['patch_size']}, "
         f"from step {meta['source'].get('step')} of {meta['source'].get('checkpoint')}.")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -27,9 +27,10 @@ Outputs in --out:
 from __future__ import annotations
 
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
+
+from launch import cli
 
 from mmrs import atomic_io
 
@@ -279,10 +280,10 @@ def main(argv):
     summary = embed_scene(FLAGS.encoder, FLAGS.out, s2=FLAGS.s2, s1=FLAGS.s1, tile=FLAGS.tile,
                           batch_size=FLAGS.batch_size, s2_bands=FLAGS.s2_bands, s1_bands=FLAGS.s1_bands)
   except (OSError, ValueError) as e:  # rasterio's RasterioIOError is an OSError
-    sys.exit(f"embed: {e}")
+    cli.fail(f"embed: {e}")
   print(f"Wrote {', '.join(summary['files'])} to {FLAGS.out}: grid {summary['grid'][0]}x{summary['grid'][1]} of "
         f"{summary['dim']}-d embeddings ({summary['cell_pixels']} px cells), bands {summary['bands']}.")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -8,9 +8,9 @@ ENCODER_DIR is the output of `launch.convert_checkpoint`. `hf` writes a director
 with pretrained_cfg / model_args, and a model card) in timm's VisionTransformer naming (ResNet: torchvision/timm
 names). All carry the bands, channel order, normalization, pooling and fusion as JSON. See mmrs/finetune/export.py.
 """
-import sys
+from absl import flags
 
-from absl import app, flags
+from launch import cli
 
 flags.DEFINE_string("checkpoint", None, "A converted encoder directory (encoder.safetensors + encoder.json).")
 flags.DEFINE_enum("format", "hf", ["hf", "timm"], "Export format.")
@@ -30,9 +30,9 @@ def main(argv):
   try:
     files = export.export(FLAGS.checkpoint, FLAGS.format, FLAGS.out, mods, license=FLAGS.license)
   except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"export: {e}")
+    cli.fail(f"export: {e}")
   print("Wrote " + ", ".join(files))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,7 +9,8 @@ MMRS_NUM_PROCESSES / MMRS_PROCESS_ID / MMRS_LOCAL_DEVICE_IDS (launch/gpu_slurm.s
 Exit codes (wrappers and launch/gpu_slurm.sh act on them):
   0   finished: total_steps reached (a final checkpoint is saved)
   1   an unexpected error (traceback on stderr)
-  2   a config, flag or resume problem, found before training (or on resume); nothing was overwritten
+  2   a user error, as one `ERROR:` line (launch/cli.py): a config, flag or resume problem found before training
+      (nothing was overwritten), or a missing or damaged input (shards, init_from)
   3   training stopped on a NaN/inf (config.on_nonfinite="stop"); the last good checkpoint is kept
   4   the processes could not connect (unreachable coordinator, busy port)
   5   the latest checkpoint could not be read (storage errors after retries) and is not proven damaged: nothing was
@@ -19,12 +20,15 @@ Exit codes (wrappers and launch/gpu_slurm.sh act on them):
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from launch import cli
 
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant,key=value'.",
                                 lock_config=True)
@@ -55,26 +59,16 @@ def _default_logdir(workdir: str) -> str:
   if "://" not in workdir:
     return workdir
   # Appending to files on object stores is not supported; write metrics locally (launch/tpu_vm.sh syncs them).
-  import os  # pylint: disable=g-import-not-at-top
   local = os.path.join(os.path.expanduser("~/mmrs_logs"), workdir.rstrip("/").rsplit("/", 1)[-1])
   logging.warning("--workdir is remote: metrics.jsonl and TensorBoard events go to %s (set --logdir to change).",
                   local)
   return local
 
 
-class _QuietLibraries:
-  """Drops INFO chatter of orbax/grain/absl-internal modules so the progress lines stay readable."""
-  NOISY = ("/orbax/", "/grain/", "/jax/_src/")
-
-  def filter(self, record) -> bool:
-    return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
-
-
 def main(argv, *, method=None, task_data=None):
   """absl main. `method` / `task_data` are for scripts that bring their own (tests/train_toy_method.py)."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   from mmrs.train import distributed  # pylint: disable=g-import-not-at-top
   try:
     distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
@@ -93,6 +87,7 @@ def main(argv, *, method=None, task_data=None):
   from mmrs.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from mmrs.train import config_check  # pylint: disable=g-import-not-at-top
   from mmrs.train import loop  # pylint: disable=g-import-not-at-top
+  new_workdir = "://" not in workdir and not os.path.exists(workdir)
   try:
     if config.get("finetune"):
       from mmrs import finetune  # pylint: disable=g-import-not-at-top
@@ -100,14 +95,18 @@ def main(argv, *, method=None, task_data=None):
       summary = out["train"]
     else:
       summary = loop.train(config, workdir, method=method, task_data=task_data, **kwargs)
-  except (config_check.ConfigError, ckpt_lib.CheckpointMismatch) as e:
-    _fail(e, EXIT_CONFIG_ERROR)
   except loop.NonFiniteError as e:
     _fail(e, EXIT_NONFINITE)
   except ckpt_lib.CheckpointUnavailable as e:
     # The processes may have left Orbax's barriers out of step: JAX's shutdown barrier at exit would then abort
     # this process (SIGABRT) and hide the exit code, so leave without it.
     _fail(e, EXIT_CHECKPOINT_UNAVAILABLE, skip_shutdown=True)
+  except Exception as e:  # pylint: disable=broad-except
+    if not isinstance(e, (config_check.ConfigError, ckpt_lib.CheckpointMismatch)) and not cli.is_user_error(e):
+      raise  # a bug: traceback, exit 1
+    if new_workdir:
+      _remove_empty_dirs(workdir)  # a missing or damaged input leaves no empty run directory behind
+    _fail(e, EXIT_CONFIG_ERROR)
   logging.info("Done: %s", {k: v for k, v in summary.items() if k != "state"})
   print(f"done step={summary['step']} preempted={summary['preempted']}", flush=True)
   if summary["preempted"]:
@@ -115,15 +114,23 @@ def main(argv, *, method=None, task_data=None):
     sys.exit(EXIT_PREEMPTED)
 
 
+def _remove_empty_dirs(path: str) -> None:
+  """Removes `path` and its subdirectories if they hold no file (what a run that failed on its input created)."""
+  for root, _, _ in sorted(os.walk(path), key=lambda w: -len(w[0])):
+    try:
+      os.rmdir(root)  # only succeeds on an empty directory
+    except OSError:
+      pass
+
+
 def _fail(error: Exception, code: int, skip_shutdown: bool = False):
   logging.error("%s", error)
-  print(f"\nERROR: {error}", file=sys.stderr, flush=True)
+  print("\n" + cli.error_line(error), file=sys.stderr, flush=True)
   if skip_shutdown:
-    import os  # pylint: disable=g-import-not-at-top
     sys.stdout.flush()
     os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

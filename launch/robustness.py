@@ -10,7 +10,9 @@ mmrs/finetune/robustness.py and mmrs/finetune/stresses.py.
 """
 import sys
 
-from absl import app, flags
+from absl import flags
+
+from launch import cli
 
 flags.DEFINE_list("runs", None, "Finetune workdirs, comma-separated.")
 flags.DEFINE_list("stress", ["clouds", "missing_s2", "missing_s1", "shift", "time_gap", "speckle"],
@@ -48,16 +50,17 @@ def main(argv):
         FLAGS.runs, [s.strip() for s in FLAGS.stress if s.strip()], parse_severities(FLAGS.severities),
         seed=FLAGS.seed, metric=FLAGS.metric, batch_size=FLAGS.batch_size, examples=FLAGS.examples)
   except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"robustness: {e}")
+    cli.fail(f"robustness: {e}")
   paths = robustness.write_outputs(FLAGS.out, result, shots)
   sys.stdout.write(robustness.markdown(result))
   print("Wrote " + ", ".join(paths))
 
 
 def run():
-  """Console entry point (`mmrs-robustness`)."""
-  app.run(main)
+  """`main` under launch/cli.py, for callers that import this module (the mmrs-robustness script instead runs it as
+  `__main__` through launch/console.py, so that --helpshort lists the flags above)."""
+  cli.run(main)
 
 
 if __name__ == "__main__":
-  run()
+  cli.run(main)

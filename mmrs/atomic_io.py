@@ -20,6 +20,20 @@ def _is_remote(path) -> bool:
   return "://" in os.fspath(path)
 
 
+def _umask() -> int:
+  """The process's umask, read without changing it where Linux shows it (/proc/self/status)."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def _replacing(path: str):
   """Yields a temporary file name in `path`'s directory; on success fsyncs it and renames it onto `path`, on error
@@ -34,6 +48,7 @@ def _replacing(path: str):
     yield tmp
     with open(tmp, "rb+") as f:
       os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())  # some writers (safetensors' save_file) create their file 0600
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):

@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from mmrs import atomic_io
@@ -50,6 +51,16 @@ def test_write_with_keeps_the_extension_and_the_umask_mode(tmp_path):
   assert seen[0].endswith(".png") and seen[0] != out  # matplotlib/PIL pick the format from the name
   assert open(out, "rb").read() == b"\x89PNG"
   assert os.stat(out).st_mode & 0o777 == 0o644  # not mkstemp's 0600: others can read a shared run's outputs
+
+
+def test_a_writer_that_creates_its_file_0600_still_gives_the_umask_mode(tmp_path):
+  from safetensors.numpy import save_file  # creates its file 0600 (exported encoders were unreadable to others)
+  old = os.umask(0o022)
+  try:
+    out = atomic_io.write_with(tmp_path / "model.safetensors", lambda tmp: save_file({"w": np.zeros(2)}, tmp))
+  finally:
+    os.umask(old)
+  assert os.stat(out).st_mode & 0o777 == 0o644
 
 
 def test_object_store_paths_are_refused_for_library_writers():

@@ -121,6 +121,6 @@ def test_cli_exit_codes(dataset, damaged):
   with open(os.path.join(damaged, "train.paired-00000-of-00002.array_record"), "r+b") as f:
     f.truncate(100)
   bad = cli(damaged)
-  assert bad.returncode == 1 and "train.paired-00000-of-00002.array_record" in bad.stderr
+  assert bad.returncode == 2 and "train.paired-00000-of-00002.array_record" in bad.stderr
   missing = cli(os.path.dirname(dataset))
-  assert missing.returncode == 1 and "manifest.json not found" in missing.stderr
+  assert missing.returncode == 2 and "manifest.json not found" in missing.stderr

@@ -117,7 +117,9 @@ def test_console_scripts_run(installed, tmp_path):
   assert "Entry point" in out.stdout and "--workdir" in out.stdout and "--config" in out.stdout  # launch.main's
   out = subprocess.run([str(bindir / "mmrs-export"), "--checkpoint=" + str(tmp_path / "nothing"), "--out=x"],
                        capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=300)
-  assert out.returncode != 0 and "launch.convert_checkpoint" in out.stderr  # ran launch.export's main
+  # launch.export's main ran, and its user error is one line and exit 2 (launch/cli.py), as with `python -m`
+  assert out.returncode == 2 and out.stderr.strip().startswith("ERROR: export:"), out.stderr[-3000:]
+  assert "launch.convert_checkpoint" in out.stderr and "Traceback" not in out.stderr
   configs_dir = subprocess.run([str(bindir / "python"), "-c", "import configs, os; print(os.path.dirname("
                                 "configs.__file__))"], capture_output=True, text=True, env=_env(), cwd=str(tmp_path),
                                check=True).stdout.strip()

@@ -53,3 +53,15 @@ def test_images_hparams_and_evaluations_reach_tensorboard(tmp_path):
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [(l["step"], l["task"]) for l in lines] == [(1, "mixmae"), (3, "val")]
   assert lines[1]["map_micro"] == 61.5 and "per_class" not in lines[1]
+
+
+def test_a_cpu_run_n_a_mfu_stays_out_of_tensorboard(tmp_path, caplog):
+  # On a CPU the progress line's MFU is n/a (NaN): metrics.jsonl keeps it, TensorBoard gets no NaN point (and
+  # tensorboardX no "NaN or Inf found in input tensor" warning on every log step).
+  writer = metrics.MetricsWriter(tmp_path)
+  with caplog.at_level("WARNING"):
+    writer.write({"step": 1, "task": "mixmae", "loss": 0.5, "mfu": float("nan"), "images_per_s": 30.0})
+  writer.close()
+  assert "NaN or Inf" not in caplog.text
+  assert {tag for _, tag, _ in events(tmp_path)} == {"mixmae/loss", "mixmae/images_per_s"}
+  assert np.isnan(json.loads((tmp_path / "metrics.jsonl").read_text())["mfu"])

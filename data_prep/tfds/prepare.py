@@ -7,6 +7,8 @@
 """
 from absl import app, flags
 
+from launch import cli
+
 flags.DEFINE_string("dataset", None, "Builder name (see data_prep/tfds/__init__.py).")
 flags.DEFINE_string("config", None, "Builder config (sen12ms | dfc2020; s1s2 | s2; v1 | v2, detected from "
                     "manual_dir when not given).")
@@ -38,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, user_errors=(ValueError, FileNotFoundError))  # an unknown builder, a missing manual_dir

@@ -143,7 +143,8 @@ class MetricsWriter:
     if self._tb is not None:
       prefix = f"{record['task']}/" if record.get("task") else ""
       for k, v in record.items():
-        if k not in ("step", "task") and isinstance(v, (int, float)) and not isinstance(v, bool):
+        # Non-finite values (mfu on a CPU: n/a) stay in metrics.jsonl only; tensorboardX warns on each one.
+        if k not in ("step", "task") and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
           self._tb.add_scalar(prefix + k, v, record["step"])
 
   def write_image(self, tag: str, image: Any, step: int) -> None:
