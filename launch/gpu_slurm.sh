@@ -6,8 +6,11 @@
 # Usage:
 #   launch/gpu_slurm.sh --install [--venv=.venv] [--python=python3.11]   # once, on a login node (shared FS)
 #   launch/gpu_slurm.sh --nodes=2 --gpus_per_node=8 --config=configs/mixmae.py:vit_b --workdir=/shared/runs/m1 \
-#     [--partition=P] [--account=A] [--time=24:00:00] [--cpus_per_node=64] [--port=29500] [--venv=.venv] \
-#     [--signal_seconds=300] [--module=launch.main] [--in_allocation] [--dry_run] [-- --config.key=value ...]
+#     [--partition=P] [--account=A] [--time=24:00:00] [--cpus_per_node=64] [--port=P] [--venv=.venv] \
+#     [--signal_seconds=300] [--module=launch.main] [--shared_nodes] [--in_allocation] [--dry_run] \
+#     [-- --config.key=value ...]
+#   --port: the coordinator's port (default 20000 + job id % 10000: two jobs on one node do not collide).
+#   --shared_nodes: do not ask for whole nodes (default --exclusive: the run's throughput and memory are its own).
 #   --install creates the venv with requirements-gpu.txt (jax[cuda12] pinned to requirements.txt's jax).
 #   --dry_run prints the sbatch script and the submit command instead of running them.
 #
@@ -19,19 +22,26 @@
 # process per host): one grain pipeline per node with all its CPUs for workers, one data-iterator state per node,
 # and 8x fewer processes in the coordination service.
 #
-# Preemption and time limit: the job asks SLURM for SIGUSR1 to the batch shell <signal_seconds> before its time
-# limit (--signal=B:USR1@N). The trap sends SIGTERM to the training processes (scancel --signal=TERM: job steps
-# only), every process saves a checkpoint of the same step (JAX's preemption sync point) and exits 75; the script
-# then runs `scontrol requeue` so the job restarts and resumes from that checkpoint. Any other SIGTERM that makes the
-# run exit 75 (e.g. preemption with a grace time) is requeued the same way. --requeue covers node failures.
-# Exit codes of the job (= launch.main's): 0 finished, 2 config/flag error, 3 NaN/inf, 4 processes could not
-# connect, 75 preempted with a checkpoint saved (requeued), other = crash (the last checkpoint is kept).
+# Signals (as tested against a real SLURM, tests/test_slurm_real.py; README "Run on a GPU cluster with SLURM"):
+# - time limit: the job asks for SIGUSR1 to the batch shell <signal_seconds> before it (--signal=B:USR1@N); the
+#   trap sends SIGTERM to the training processes (scancel --signal=TERM: job steps only), every process saves a
+#   checkpoint of the same step (JAX's preemption sync point) and exits 75; the script runs `scontrol requeue`, the
+#   job restarts and resumes from that checkpoint.
+# - SIGTERM to the batch shell (`scancel --signal=TERM --full`, a preemption): srun runs in its own session, so the
+#   TERM sent to the batch shell's process group does not reach it (srun would SIGKILL its tasks, nothing saved);
+#   the trap forwards it to the tasks as above; saved and still RUNNING -> requeued. A plain `scancel` (the job is
+#   already COMPLETING): the tasks save, the job ends CANCELLED, no requeue.
+# - a task that dies (kill -9, OOM): its grain workers exit with it (mmrs/parent_watch.py), so srun sees the task end
+#   at once and stops the others (--kill-on-bad-exit); the job fails, no requeue. --requeue covers node failures.
+# Exit code of the job: the first failing task's own code (launch.main's: 2 config/flag error, 3 NaN/inf, 4 could
+# not connect, 5 checkpoint unreadable, 1 crash), not srun's 143 for the tasks it then stopped; 75 when every task
+# saved (requeued); 0 finished. Each task writes its code to <workdir>/.slurm/<job id>/<task>.
 set -euo pipefail
 
-NODES="" GPN="" CONFIG="" WORKDIR="" PARTITION="" ACCOUNT="" TIME="24:00:00" CPN="" PORT=29500 VENV=".venv"
-SIGNAL_S=300 MODULE="launch.main" PYTHON="python3.11" IN_ALLOC=0 DRY=0 INSTALL=0
+NODES="" GPN="" CONFIG="" WORKDIR="" PARTITION="" ACCOUNT="" TIME="24:00:00" CPN="" PORT="" VENV=".venv"
+SIGNAL_S=300 MODULE="launch.main" PYTHON="python3.11" IN_ALLOC=0 DRY=0 INSTALL=0 EXCLUSIVE=1
 EXTRA=()
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "gpu_slurm.sh: $*" >&2; exit 2; }
 while (($#)); do
   case "$1" in
@@ -49,6 +59,7 @@ while (($#)); do
     --module=*) MODULE="${1#*=}" ;;
     --python=*) PYTHON="${1#*=}" ;;
     --install) INSTALL=1 ;;
+    --shared_nodes) EXCLUSIVE=0 ;;
     --in_allocation) IN_ALLOC=1 ;;
     --dry_run) DRY=1 ;;
     -h|--help) usage 0 ;;
@@ -78,10 +89,10 @@ for v in NODES GPN CONFIG WORKDIR; do
   fi
 done
 [[ -n "$CPN" ]] || CPN=$((GPN * 8))
-for v in NODES GPN CPN PORT SIGNAL_S; do
+for v in NODES GPN CPN SIGNAL_S ${PORT:+PORT}; do
   [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "${v/CPN/cpus_per_node} must be a positive integer, got '${!v}'"
 done
-((PORT < 65536)) || die "--port must be below 65536, got $PORT"
+((${PORT:-1} < 65536)) || die "--port must be below 65536, got $PORT"
 [[ "$TIME" =~ ^([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}$ ]] || die "--time must be SLURM's [D-]HH:MM:SS, got '$TIME'"
 [[ "$WORKDIR" = /* ]] || WORKDIR="$(pwd)/$WORKDIR"  # the job runs from the repo: a relative path would move
 if ((!DRY)) && [[ ! -x "$VENV/bin/python" ]]; then
@@ -93,25 +104,50 @@ TRAIN="$VENV/bin/python -m $MODULE --config=$(printf '%q' "$CONFIG") --workdir=$
 for a in "${EXTRA[@]+"${EXTRA[@]}"}"; do TRAIN+=" $(printf '%q' "$a")"; done
 
 # The job body (also what --in_allocation runs). Single-quoted parts are expanded by the task's shell at run time.
+EXITS="$WORKDIR/.slurm"
 BODY="cd $(printf '%q' "$REPO")
-export MMRS_COORDINATOR_ADDRESS=\"\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | head -n1):$PORT\"
+port=${PORT:-\$((20000 + SLURM_JOB_ID % 10000))}  # from the job id: two jobs sharing a node get two ports
+export MMRS_COORDINATOR_ADDRESS=\"\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | head -n1):\$port\"
 export MMRS_LOCAL_DEVICE_IDS=$DEVICES  # all GPUs the task sees (ordinals within its CUDA_VISIBLE_DEVICES)
 export SRUN_CPUS_PER_TASK=$CPN  # since SLURM 22.05 srun does not inherit sbatch's --cpus-per-task
-on_time_limit() {
-  echo \"mmrs: time limit in ${SIGNAL_S}s: asking the training processes to checkpoint and stop\" >&2
-  scancel --signal=TERM \"\$SLURM_JOB_ID\"  # job steps only, not this shell
+export MMRS_EXIT_DIR=$(printf '%q' "$EXITS")/\$SLURM_JOB_ID  # each task's exit code (shared workdir)
+rm -rf \"\$MMRS_EXIT_DIR\" && mkdir -p \"\$MMRS_EXIT_DIR\"
+requeue=1
+stop_tasks() {
+  echo \"mmrs: \$1: asking the training processes to checkpoint and stop\" >&2
+  scancel --signal=TERM \"\$SLURM_JOB_ID\" 2>/dev/null  # job steps only, not this shell
 }
-trap on_time_limit USR1
-srun --kill-on-bad-exit=1 --nodes=$NODES --ntasks-per-node=1 --gpus-per-node=$GPN --cpus-per-task=$CPN \\
-  bash -c 'MMRS_NUM_PROCESSES=\$SLURM_NTASKS MMRS_PROCESS_ID=\$SLURM_PROCID exec $TRAIN' &
+on_term() {  # scancel --full / preemption (job still RUNNING: requeue once saved) or plain scancel (COMPLETING)
+  local state; state=\$(squeue -h -j \"\$SLURM_JOB_ID\" -o %T 2>/dev/null)
+  [[ \$state == RUNNING ]] || requeue=0
+  stop_tasks \"SIGTERM (job \${state:-state unknown})\"
+}
+trap 'stop_tasks \"time limit in ${SIGNAL_S}s\"' USR1
+trap on_term TERM INT
+# setsid: srun out of this shell's process group, which scancel --full signals (srun would SIGKILL the tasks).
+# The task's shell outlives a SIGTERM (trap :) to record the training process's exit code.
+setsid srun --kill-on-bad-exit=1 --nodes=$NODES --ntasks-per-node=1 --gpus-per-node=$GPN --cpus-per-task=$CPN \\
+  bash -c 'trap : TERM INT; MMRS_NUM_PROCESSES=\$SLURM_NTASKS MMRS_PROCESS_ID=\$SLURM_PROCID $TRAIN
+rc=\$?; echo \$rc >\"\$MMRS_EXIT_DIR/\$SLURM_PROCID\"; exit \$rc' &
 srun_pid=\$!
-while :; do  # wait returns early when the trap runs; keep waiting for srun itself
+while :; do  # wait returns early when a trap runs; keep waiting for srun itself
   rc=0; wait \$srun_pid || rc=\$?
   kill -0 \$srun_pid 2>/dev/null || break
 done
-if ((rc == 75)); then
+if ((rc != 0)); then  # srun returns the highest task code (143: the tasks it stopped): report the cause instead
+  saved=0 cause=\"\"
+  for f in \$(ls -tr \"\$MMRS_EXIT_DIR\"); do
+    code=\$(<\"\$MMRS_EXIT_DIR/\$f\")
+    ((code == 75)) && saved=\$((saved + 1))
+    [[ -z \$cause ]] && ((code != 0 && code != 75 && code < 128)) && cause=\$code
+  done
+  if ((saved == $NODES)); then rc=75; elif [[ -n \$cause ]]; then rc=\$cause; fi
+fi
+if ((rc == 75 && requeue)); then
   echo \"mmrs: preempted, checkpoint saved: requeueing job \$SLURM_JOB_ID to resume\" >&2
   scontrol requeue \"\$SLURM_JOB_ID\" || echo \"mmrs: scontrol requeue failed: resubmit to resume\" >&2
+elif ((rc == 75)); then
+  echo \"mmrs: cancelled, checkpoint saved: resubmit to resume\" >&2
 fi
 exit \$rc"
 
@@ -126,11 +162,12 @@ SCRIPT="#!/bin/bash
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=$WORKDIR/slurm-%j.out"
+((EXCLUSIVE)) && SCRIPT+=$'\n'"#SBATCH --exclusive"
 [[ -n "$PARTITION" ]] && SCRIPT+=$'\n'"#SBATCH --partition=$PARTITION"
 [[ -n "$ACCOUNT" ]] && SCRIPT+=$'\n'"#SBATCH --account=$ACCOUNT"
 SCRIPT+="
 # Generated by launch/gpu_slurm.sh. Exit codes: 0 finished, 2 config error, 3 NaN/inf, 4 no coordinator,
-# 75 preempted with a checkpoint saved (requeued).
+# 5 checkpoint unreadable, 75 preempted or cancelled with a checkpoint saved (requeued unless cancelled).
 set -uo pipefail
 $BODY"
 

@@ -136,9 +136,12 @@ def tune_malloc(*_unused) -> None:
 def worker_init(*_unused) -> None:
   """grain worker start-up: tune_malloc, and ignore SIGTERM. A preemption notice (SLURM, a spot VM's shutdown)
   signals every process of the job; a worker killed by it would fail the training process's next batch before it
-  reaches the checkpoint. The training process stops its workers itself (grain: stop event, join, SIGKILL)."""
+  reaches the checkpoint. The training process stops its workers itself (grain: stop event, join, SIGKILL); if it
+  dies first (kill -9), the workers exit too (mmrs/parent_watch.py)."""
   import signal  # pylint: disable=g-import-not-at-top
+  from mmrs import parent_watch  # pylint: disable=g-import-not-at-top
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  parent_watch.exit_with_parent()
   tune_malloc()
 
 

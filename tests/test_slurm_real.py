@@ -1,0 +1,214 @@
+"""launch/gpu_slurm.sh's job submitted to a real SLURM (tests/real_slurm.py: slurmctld + 2 slurmd on this machine),
+2 nodes x 1 task x 2 CPU devices, MAE `tiny` on the bundled sample. What SLURM itself does is not
+simulated: time-limit and TERM signals, scancel (plain and --full), requeue, srun's kill of the other tasks, the
+job's recorded state and exit code. Exit codes are launch/main.py's (75 = preempted, 4 = could not connect)."""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import real_slurm
+from sample_data import shards  # pylint: disable=unused-import  (fixture)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PREEMPTED = 75
+UNINTERRUPTED_STEPS = 16
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def test_ci_runs_the_real_slurm_tests():
+  """Under CI=true (.ci/run installs SLURM and munge) these tests must run, not skip."""
+  if os.environ.get("CI") != "true":
+    pytest.skip("only checked under CI=true")
+  assert real_slurm.unavailable_reason() is None
+
+
+def _wait_for(predicate, what, timeout=600):
+  deadline = time.monotonic() + timeout
+  while not (value := predicate()):
+    if time.monotonic() > deadline:
+      pytest.fail(f"timed out waiting for {what}")
+    time.sleep(0.3)
+  return value
+
+
+def _losses(workdir):
+  path = workdir / "metrics.jsonl"
+  return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())} if path.exists() else {}
+
+
+class _Jobs:
+  """Submits launch/gpu_slurm.sh jobs to the cluster (tiny MAE, 2 nodes x 2 CPU devices) and reads them back."""
+
+  def __init__(self, cluster, tmp_path, shards):
+    self.cluster, self.shards = cluster, shards
+    self.env = dict(cluster.env, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+                    XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
+    self.cache = tmp_path / "compilation_cache"  # shared by every run of the test
+
+  def args(self, workdir, total_steps, *extra):
+    return [f"--config=configs/mae_s2.py:tiny,shards={self.shards}", f"--workdir={workdir}", "--",
+            f"--config.total_steps={total_steps}", "--config.optimizer.decay_steps=16",  # one schedule for all
+            "--config.checkpoint_every_steps=0", "--config.data.s2_only.workers=1",
+            f"--config.compilation_cache_dir={self.cache}", *extra]
+
+  def submit(self, workdir, total_steps, *launcher_flags, env=None, extra=()):
+    out = subprocess.run(["bash", "launch/gpu_slurm.sh", "--nodes=2", "--gpus_per_node=2", "--cpus_per_node=2",
+                          f"--venv={sys.prefix}", "--module=tests.launch_entry", *launcher_flags,
+                          *self.args(workdir, total_steps, *extra)],
+                         cwd=REPO, env=dict(self.env, **(env or {})), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("Submitted batch job "), out.stderr
+    return out.stdout.split()[-1]
+
+  def state(self, job):
+    return self.cluster.job(job)
+
+  def wait_end(self, job, restarts=0):
+    """The job's final record (state, exit code) once it ended after `restarts` requeues."""
+    return _wait_for(lambda: (s := self.state(job)).get("JobState") in FINAL and int(s.get("Restarts", 0)) >= restarts
+                     and s, f"job {job} to end")
+
+  def wait_running(self, job, workdir, restarts, step):
+    """Waits until the job's run number `restarts` logged `step` (metrics.jsonl of the current run)."""
+    def ready():
+      s = self.state(job)
+      if s.get("JobState") in FINAL:
+        pytest.fail(f"job {job} ended ({s.get('JobState')} {s.get('ExitCode')}) before step {step}:\n"
+                    f"{log(workdir, job)[-4000:]}")
+      return int(s.get("Restarts", 0)) == restarts and max(_losses(workdir), default=0) >= step
+    _wait_for(ready, f"job {job} (run {restarts}) to reach step {step}")
+
+
+def log(workdir, job):
+  path = workdir / f"slurm-{job}.out"
+  return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _single_process(tmp_path, workdir, jobs, total_steps):
+  """The same training as 1 process x 4 devices, outside SLURM."""
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
+  for k in [k for k in env if k.startswith(("SLURM_", "MMRS_"))]:
+    del env[k]
+  return subprocess.Popen([sys.executable, "-m", "tests.launch_entry", *jobs.args(workdir, total_steps)], cwd=REPO,
+                          env=env, stdout=open(tmp_path / "single.log", "w"), stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def jobs(real_slurm, tmp_path_factory, shards):  # pylint: disable=redefined-outer-name
+  return _Jobs(real_slurm, tmp_path_factory.mktemp("jobs"), shards)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(jobs, tmp_path_factory):
+  """Two identical jobs submitted at once onto the same two nodes (--shared_nodes), and the same training as one
+  process x 4 devices alongside: {workdir: losses} of the jobs, the single process's losses, the jobs' records."""
+  tmp = tmp_path_factory.mktemp("uninterrupted")
+  single = _single_process(tmp, tmp / "single", jobs, UNINTERRUPTED_STEPS)
+  runs = {jobs.submit(tmp / f"run{i}", UNINTERRUPTED_STEPS, "--shared_nodes"): tmp / f"run{i}" for i in range(2)}
+  ends = {job: jobs.wait_end(job) for job in runs}
+  assert single.wait(timeout=600) == 0, (tmp / "single.log").read_text()[-3000:]
+  return {"jobs": runs, "ends": ends, "losses": {job: _losses(w) for job, w in runs.items()},
+          "single": _losses(tmp / "single")}
+
+
+def test_two_jobs_at_once_complete_on_their_own_ports_and_equal_one_process(uninterrupted):
+  runs, ends = uninterrupted["jobs"], uninterrupted["ends"]
+  for job, workdir in runs.items():
+    assert (ends[job]["JobState"], ends[job]["ExitCode"]) == ("COMPLETED", "0:0"), log(workdir, job)[-4000:]
+  # The coordinator port derives from the job id: the two jobs on the same node did not collide (a fixed port
+  # made the second job's process 0 fail to listen and its process 1 join the first job's coordinator).
+  ports = {job: {l.split("jax.distributed.initialize(", 1)[1].split(",")[0] for l in log(w, job).splitlines()
+                 if "jax.distributed.initialize(" in l} for job, w in runs.items()}
+  assert all(len(p) == 1 for p in ports.values()) and len(set.union(*ports.values())) == 2, ports
+  a, b = uninterrupted["losses"].values()
+  assert sorted(a) == list(range(1, UNINTERRUPTED_STEPS + 1)) and a == b  # bit for bit
+  single = uninterrupted["single"]
+  np.testing.assert_allclose([a[s] for s in sorted(a)], [single[s] for s in sorted(a)], rtol=1e-4)
+
+
+def test_time_limit_and_term_save_and_requeue_and_plain_scancel_saves_and_cancels(jobs, uninterrupted, tmp_path):
+  """One job, three runs: (1) the time-limit signal (USR1 to the batch shell, what --signal=B:USR1@N delivers) ->
+  both tasks save the same step, 75, requeued; (2) `scancel --signal=TERM --full` (TERM to the batch shell's process
+  group, srun included, as a preemption does) -> saved, requeued; (3) plain `scancel` -> saved, CANCELLED, not
+  requeued. Every resume is exact: the losses are the uninterrupted job's, bit for bit."""
+  workdir = tmp_path / "run"
+  job = jobs.submit(workdir, 200, env={"MMRS_TEST_STEP_SLEEP_S": "0.1"})  # 200 steps: signals land first
+  saved = []
+  for restarts, how in enumerate((["--batch", "--signal=USR1"], ["--signal=TERM", "--full"], [])):
+    jobs.wait_running(job, workdir, restarts, (saved[-1] if saved else 0) + 2)
+    jobs.cluster.run("scancel", *how, job)
+    if how:  # saved and requeued: the job runs again
+      _wait_for(lambda: int(jobs.state(job).get("Restarts", 0)) == restarts + 1, f"requeue #{restarts + 1}")
+    else:
+      end = jobs.wait_end(job, restarts)
+    text = log(workdir, job)
+    done = [l for l in text.splitlines() if l.startswith("done step=")][2 * restarts:]
+    assert len(done) == 2 and len(set(done)) == 1 and "preempted=True" in done[0], text[-5000:]  # the same step
+    saved.append(int(done[0].split()[1].split("=")[1]))
+    assert (workdir / "checkpoints" / str(saved[-1])).is_dir()
+  assert (end["JobState"], end["Restarts"]) == ("CANCELLED", "2"), end
+  text = log(workdir, job)
+  assert all(text.count(f"at step {s}.") == 2 for s in saved[:2])  # both tasks resumed each saved step
+  assert "cancelled, checkpoint saved: resubmit to resume" in text
+  reference = next(iter(uninterrupted["losses"].values()))
+  got = _losses(workdir)
+  common = sorted(set(got) & set(reference))
+  assert saved[0] + 1 in common and saved[1] + 1 in common, (saved, common)  # steps right after each resume
+  assert [got[s] for s in common] == [reference[s] for s in common]
+
+
+def _job_processes(job):
+  """pid -> cmdline of the live processes that belong to the job (SLURM_JOB_ID in their environment)."""
+  out = {}
+  for p in pathlib.Path("/proc").iterdir():
+    try:
+      if not p.name.isdigit() or (p / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+        continue
+      if f"SLURM_JOB_ID={job}".encode() in (p / "environ").read_bytes().split(b"\0"):
+        out[int(p.name)] = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+      continue
+  return out
+
+
+def test_killed_task_ends_the_job_at_once_and_leaves_no_process(jobs, tmp_path):
+  """kill -9 of one task's training process: its grain worker and resource tracker exit with it (they held the
+  task's stdout: srun waited 60 s, "Abandoning IO", and they outlived the job), srun stops the other task, the job
+  fails without a requeue, and no process of the job is left on the node."""
+  workdir = tmp_path / "run"
+  job = jobs.submit(workdir, 200, env={"MMRS_TEST_STEP_SLEEP_S": "0.1"})
+  jobs.wait_running(job, workdir, 0, 2)
+  procs = _job_processes(job)
+  assert any("multiprocessing.spawn" in c for c in procs.values())  # grain workers are running
+  main = [pid for pid, c in procs.items() if "tests.launch_entry" in c and "bash" not in c
+          and "SLURM_PROCID=0" in (pathlib.Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace"))]
+  assert len(main) == 1, procs
+  os.kill(main[0], signal.SIGKILL)
+  end = jobs.wait_end(job)
+  assert end["JobState"] == "FAILED" and end["Restarts"] == "0" and end["ExitCode"] not in ("0:0", "75:0"), end
+  assert "Abandoning IO" not in log(workdir, job)
+  deadline = time.monotonic() + 60  # the orphans of a killed task used to live on (they ignore SIGTERM)
+  while _job_processes(job) and time.monotonic() < deadline:
+    time.sleep(0.5)
+  assert not _job_processes(job)
+
+
+def test_the_jobs_exit_code_is_the_projects(jobs, tmp_path):
+  """A task that cannot start the coordinator exits 4; srun then stops the other task (143) and returns the highest
+  code, but the job records 4, the code launch/main.py documents."""
+  with socket.socket() as busy:
+    busy.bind(("", 0))
+    busy.listen()
+    workdir = tmp_path / "run"
+    job = jobs.submit(workdir, 4, f"--port={busy.getsockname()[1]}")
+    end = jobs.wait_end(job)
+  assert (end["JobState"], end["ExitCode"]) == ("FAILED", "4:0"), log(workdir, job)[-4000:]
+  assert "process 0 cannot listen on port" in log(workdir, job)
