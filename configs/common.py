@@ -81,6 +81,10 @@ def dataset_config(shards: str = "", **overrides) -> ml_collections.ConfigDict:
       # shards given as a URL (gs://...) are copied here before reading (mmrs/data/staging.py); empty =
       # $MMRS_STAGE_DIR or ~/.cache/mmrs/staged/<url>; "none" = read the URL directly (e.g. a tfds: spec).
       stage_dir="",
+      stage_quota_gb=0.0,  # the most the stage directory may hold for this dataset (0: no cap; staging.py)
+      # G: a host reads/stages only the shards of its groups (mmrs/data/shard_groups.py); 0 = the manifest's
+      # shard_groups, else 1 (every host reads every shard). Fixed for a run by its first checkpoint.
+      shard_groups=0,
   ))
   d.update(overrides)
   return d

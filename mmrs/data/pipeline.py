@@ -57,6 +57,7 @@ import numpy as np
 
 from mmrs import bands as bands_lib
 from mmrs.data import normalize as normalize_lib
+from mmrs.data import shard_groups as shard_groups_lib
 from mmrs.data import sources
 from mmrs.data import staging
 from mmrs.data import transforms
@@ -81,16 +82,18 @@ class DatasetInfo:
   num_records: int
 
 
-def describe(data_cfg, modalities: Sequence[str], split: str | None = None) -> DatasetInfo:
+def describe(data_cfg, modalities: Sequence[str], split: str | None = None,
+             files: Sequence[str] | None = None) -> DatasetInfo:
   """Opens `data_cfg.shards` and resolves bands, normalization and labels (cheap: reads only metadata).
 
-  Useful before `make_pipeline` when a `record_transform` needs the normalizer (e.g. BYOL views).
+  Useful before `make_pipeline` when a `record_transform` needs the normalizer (e.g. BYOL views). files: the shard
+  files to stage and open (this process's shard groups); default: all of the split and groups.
   """
   modalities = tuple(modalities)
   split = split or data_cfg.get("split", "train")
   groups = tuple(data_cfg.get("groups", None) or sources.default_groups(modalities))
   # A remote URL (gs://...) is copied to local disk first (ArrayRecord reads local files): mmrs.data.staging.
-  info = sources.open_source(staging.resolve(data_cfg, split, groups), split, groups)
+  info = sources.open_source(staging.resolve(data_cfg, split, groups, files), split, groups, files)
   where = f"{data_cfg.shards}/manifest.json" if not data_cfg.shards.startswith("tfds:") else data_cfg.shards
   bands = {}
   for m in modalities:
@@ -214,17 +217,21 @@ class HostNormalize:
 class GlobalBatches(grain.MapDataset):
   """Element k = this process's `rows` of global batch `start + k`: a tuple (batch dict, bad records replaced).
 
-  `records` maps a global position to (shard, index, payload) in the global order; `limit` is the number of
-  positions of a single pass (None: repeated, endless). Positions at or beyond `limit` are padding rows (`pad`:
-  zeros, `valid` False). Row g is decoded with a generator keyed by (aug_seed, g): the same row gets the same
-  augmentation in any process and any worker.
+  `groups` maps a shard group j to its records in its own order (group position -> (shard, index, payload)); row
+  r of global batch k reads group j = r // rows_per_group at group position k * rows_per_group + r mod
+  rows_per_group (one group holding every row: the global position k * B + r). `limit` is the number of positions
+  of a single pass (None: repeated, endless; one group only). Positions at or beyond `limit` are padding rows
+  (`pad`: zeros, `valid` False). Row r of batch k is decoded with a generator keyed by (aug_seed, global position
+  k * B + r): the same row gets the same augmentation in any process and any worker.
   """
 
-  def __init__(self, records: grain.MapDataset, decode: transforms.DecodeAugment, *, global_batch_size: int,
-               rows: np.ndarray, aug_seed: int, limit: int | None, pad: bool, start: int = 0,
-               read_threads: int = 1):
-    super().__init__(records)
-    self._records, self._decode = records, decode
+  def __init__(self, groups: dict[int, grain.MapDataset], decode: transforms.DecodeAugment, *,
+               global_batch_size: int, rows: np.ndarray, aug_seed: int, limit: int | None, pad: bool,
+               start: int = 0, read_threads: int = 1, rows_per_group: int | None = None):
+    first = groups[min(groups)]
+    super().__init__(first)
+    self._groups, self._records, self._decode = dict(groups), first, decode
+    self._per_group = int(rows_per_group or global_batch_size)
     self._batch, self._rows = int(global_batch_size), np.asarray(rows, np.int64)
     self._aug_seed, self._limit, self._pad, self._start = int(aug_seed), limit, bool(pad), int(start)
     self._threads = max(1, int(read_threads))
@@ -242,15 +249,19 @@ class GlobalBatches(grain.MapDataset):
   def _rng(self, position: int, attempt: int) -> np.random.Generator:
     return np.random.default_rng([self._aug_seed, position, attempt])  # PCG64 via SeedSequence (~2x Philox's speed)
 
-  def _row(self, position: int):
+  def _row(self, batch_row: tuple[int, int]):
     """(decoded record or None for padding, [bad records replaced on the way], "shard:index" or "")."""
+    k, r = batch_row
+    position = k * self._batch + r  # the global position: keys the augmentation
     if self._limit is not None and position >= self._limit:
       return None, [], ""
+    group, slot = divmod(r, self._per_group)
+    records, at = self._groups[group], k * self._per_group + slot
     bad = []
     for attempt in range(_MAX_CONSECUTIVE_BAD):
-      # Replacement j of a bad record is the record at position + j (the next of the global order), decoded with
-      # the slot's own generator: deterministic, and the same in every process.
-      element = self._records[position + attempt]
+      # Replacement j of a bad record is the record at group position + j (the next of its group's order),
+      # decoded with the slot's own generator: deterministic, and the same in every process.
+      element = records[at + attempt]
       out = self._decode(element, self._rng(position, attempt))
       if not isinstance(out, transforms.BadRecord):
         return out, bad, f"{element[0]}:{element[1]}"
@@ -282,7 +293,7 @@ class GlobalBatches(grain.MapDataset):
     if isinstance(index, slice):
       return self.slice(index)
     k = self._start + int(index)
-    positions = [k * self._batch + int(r) for r in self._rows]
+    positions = [(k, int(r)) for r in self._rows]
     if self._threads > 1 and len(positions) > 1:
       if self._pool is None:
         self._pool = concurrent.futures.ThreadPoolExecutor(self._threads)
@@ -304,7 +315,8 @@ class GlobalBatches(grain.MapDataset):
     return state
 
   def __str__(self):
-    return f"GlobalBatches(batch={self._batch}, rows={len(self._rows)}, start={self._start})"
+    return (f"GlobalBatches(batch={self._batch}, rows={len(self._rows)}, groups={sorted(self._groups)}, "
+            f"start={self._start})")
 
 
 class PipelineIterator(grain.DatasetIterator):
@@ -342,6 +354,7 @@ class PipelineIterator(grain.DatasetIterator):
       raise ValueError("This data-iterator state was written by an older mmrs pipeline (per-process sample order, "
                        "grain's own iterator state); this version orders samples globally and cannot continue it. "
                        "Resume with the mmrs version that wrote it, or start the data afresh.")
+    pins = {"shard_groups": 1, **pins}  # states from before shard groups: one group
     diff = {k: (pins.get(k), v) for k, v in self._pins.items() if pins.get(k) != v}
     if diff:
       detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
@@ -378,6 +391,9 @@ class Pipeline:
   batch_size: int  # per process: len(rows)
   labels: tuple[transforms.LabelSpec, ...] = ()
   rows: np.ndarray | None = None  # the rows of each global batch this process reads
+  shard_groups: int = 1  # G (mmrs.data.shard_groups)
+  served_groups: tuple[int, ...] = (0,)  # the groups this process reads
+  shard_files: tuple[str, ...] = ()  # the shard files this process opened (empty: a tfds: source)
 
   def skipped(self) -> int:
     """Bad records replaced so far in this process's rows (data.on_bad='skip'); survives checkpoint/restore."""
@@ -424,20 +440,33 @@ def make_pipeline(data_cfg, *, modalities: tuple[str, ...], global_batch_size: i
   batch_size = len(rows)
   workers = int(data_cfg.workers)
   augment = shuffle if augment is None else augment
-  info = describe(data_cfg, modalities, split)
+  layout = _group_layout(data_cfg, modalities, split, global_batch_size, repeat=repeat)
+  served = layout.served(rows) if layout else (0,)
+  info = describe(data_cfg, modalities, split, files=layout.files_of(served) if layout else None)
 
-  source = info.source
-  if data_cfg.get("indices"):  # a subset of the records (finetuning label fractions), in this index space
-    source = sources.IndexedSource(source, data_cfg.indices)
-  n = len(source)
-  if n < global_batch_size and drop_remainder and not repeat:
-    raise ValueError(f"{data_cfg.shards}: {n} records are fewer than one global batch of {global_batch_size}, and "
-                     "drop_remainder=True would yield nothing.")
-  records = grain.MapDataset.source(source)
   shuffle_seed = (seed + int(data_cfg.shuffle_seed_offset)) % 2**32
-  if shuffle:
-    records = shuffle_dataset(records, shuffle_seed)
-  records = records.repeat()  # positions past one pass read the next epoch (also where bad records are replaced)
+  if layout is None:  # one group: a seeded permutation of all records per epoch
+    source = info.source
+    if data_cfg.get("indices"):  # a subset of the records (finetuning label fractions), in this index space
+      source = sources.IndexedSource(source, data_cfg.indices)
+    n = len(source)
+    if n < global_batch_size and drop_remainder and not repeat:
+      raise ValueError(f"{data_cfg.shards}: {n} records are fewer than one global batch of {global_batch_size}, "
+                       "and drop_remainder=True would yield nothing.")
+    group_sources = {0: source}
+  else:  # G groups: each its own permutation per epoch, over the files this process opened
+    n = sum(layout.records)
+    group_sources, start = {}, 0
+    for j in served:
+      group_sources[j] = shard_groups_lib.RangeSource(info.source, start, start + layout.records[j])
+      start += layout.records[j]
+  groups = {}
+  for j, source in group_sources.items():
+    records = grain.MapDataset.source(source)
+    if shuffle:
+      records = shuffle_dataset(records, shuffle_seed if layout is None else
+                                shard_groups_lib.group_seed(shuffle_seed, j))
+    groups[j] = records.repeat()  # positions past one pass read the next epoch (and replace bad records)
   decode = transforms.DecodeAugment(
       modalities=modalities, bands=info.bands, image_size=data_cfg.image_size,
       random_resized_crop=data_cfg.random_resized_crop, flips=data_cfg.flips, rot90=data_cfg.rot90,
@@ -455,8 +484,9 @@ def make_pipeline(data_cfg, *, modalities: tuple[str, ...], global_batch_size: i
 
   def build(start: int):
     """The iterator of global batches start, start+1, ... (a restore rebuilds from its offset)."""
-    ds = GlobalBatches(records, decode, global_batch_size=global_batch_size, rows=rows, aug_seed=aug_seed,
-                       limit=None if repeat else n, pad=not drop_remainder, start=start, read_threads=read_threads)
+    ds = GlobalBatches(groups, decode, global_batch_size=global_batch_size, rows=rows, aug_seed=aug_seed,
+                       limit=None if repeat else n, pad=not drop_remainder, start=start, read_threads=read_threads,
+                       rows_per_group=layout.rows_per_group if layout else None)
     if host_normalize is not None:
       ds = ds.map(_NormalizeFirst(host_normalize))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
@@ -473,7 +503,36 @@ def make_pipeline(data_cfg, *, modalities: tuple[str, ...], global_batch_size: i
     return iter(it)
 
   pins = dict(seed=seed, shuffle_seed=shuffle_seed, global_batch_size=global_batch_size, num_records=n,
-              shuffle=shuffle, repeat=repeat, drop_remainder=drop_remainder)
+              shuffle=shuffle, repeat=repeat, drop_remainder=drop_remainder,
+              shard_groups=layout.num_groups if layout else 1)
   iterator = PipelineIterator(build, pins)
   return Pipeline(iterator, info.normalizer, info.bands, info.stats, info.manifest, n, batch_size, info.labels,
-                  rows=rows)
+                  rows=rows, shard_groups=layout.num_groups if layout else 1, served_groups=tuple(served),
+                  shard_files=tuple(getattr(info.source, "paths", ())))
+
+
+def _group_layout(data_cfg, modalities, split, global_batch_size: int, *,
+                  repeat: bool) -> shard_groups_lib.Layout | None:
+  """The shard-group layout of a training pipeline (None: one group, the plain global order). Reads only the
+  manifest (local or remote), so a host knows its files before staging or opening any."""
+  configured = int(data_cfg.get("shard_groups", 0) or 0)
+  shards = data_cfg.shards
+  subset = bool(data_cfg.get("indices"))
+  if configured > 1 and (not repeat or subset or shards.startswith("tfds:")):
+    why = "a single pass (evaluation)" if not repeat else "an index subset" if subset else "a tfds: source"
+    raise shard_groups_lib.ShardGroupError(
+        f"data.shard_groups={configured} with {why}: shard groups are for repeating training pipelines over an "
+        "mmrs dataset directory; leave data.shard_groups at 0 here.")
+  if not repeat or subset or shards.startswith("tfds:"):
+    return None
+  if staging.is_remote(shards):
+    manifest = staging.read_manifest(shards)[1]
+  else:
+    manifest = sources.read_manifest(shards)
+  where = f"{shards}/manifest.json"
+  count = shard_groups_lib.resolve_count(configured, manifest, where)
+  if count == 1:
+    return None
+  split = split or data_cfg.get("split", "train")
+  groups = tuple(data_cfg.get("groups", None) or sources.default_groups(modalities))
+  return shard_groups_lib.make_layout(manifest, split, groups, count, global_batch_size, where)

@@ -109,8 +109,8 @@ def _read_json(path: epath.Path) -> dict | None:
     raise ShardError(f"{path} is not valid JSON ({e}); regenerate the dataset with data_prep.") from None
 
 
-def open_directory(directory: str, split: str, groups: Sequence[str]) -> SourceInfo:
-  """A dataset directory written by data_prep (manifest.json + stats.json + shards) -> SourceInfo."""
+def read_manifest(directory: str) -> dict:
+  """The manifest of a dataset directory written by data_prep, checked for existence and format."""
   root = epath.Path(directory)
   if not root.exists():
     raise ShardError(f"data.shards={directory!r} does not exist; point it at a dataset directory written by "
@@ -122,6 +122,17 @@ def open_directory(directory: str, split: str, groups: Sequence[str]) -> SourceI
   if manifest.get("format") != MANIFEST_FORMAT:
     raise ShardError(f"{root / 'manifest.json'} has format {manifest.get('format')!r}, expected "
                      f"{MANIFEST_FORMAT!r}; regenerate the dataset with this version of data_prep.")
+  return manifest
+
+
+def open_directory(directory: str, split: str, groups: Sequence[str],
+                   only: Sequence[str] | None = None) -> SourceInfo:
+  """A dataset directory written by data_prep (manifest.json + stats.json + shards) -> SourceInfo.
+
+  only: the shard files to open, in this order (this process's shard groups, mmrs.data.shard_groups); default:
+  every file of (split, groups). Files not opened need not be present (a host stages only its share)."""
+  root = epath.Path(directory)
+  manifest = read_manifest(directory)
   unknown = [g for g in groups if g not in GROUPS]
   if unknown:
     raise ShardError(f"data.groups has unknown group(s) {unknown}; choose from {GROUPS}.")
@@ -129,6 +140,11 @@ def open_directory(directory: str, split: str, groups: Sequence[str]) -> SourceI
   if split not in splits:
     raise ShardError(f"{root / 'manifest.json'} has no split {split!r} (it has {sorted(splits)}); set data.split.")
   files = [name for g in groups for name in splits[split].get(g, [])]
+  if only is not None:
+    outside = [n for n in only if n not in files]
+    if outside:
+      raise ShardError(f"{directory}: shard file(s) {outside[:3]} are not in split {split!r} groups {list(groups)}.")
+    files = list(only)
   if not files:
     raise ShardError(f"{directory}: split {split!r} has no records in groups {list(groups)} (it has "
                      f"{ {g: len(v) for g, v in splits[split].items()} } shard files per group). Choose other "
@@ -255,14 +271,15 @@ def open_tfds(spec: str, split: str) -> SourceInfo:
   return SourceInfo(TfdsRecords(ds, name, bands), manifest, stats, stats_file, bands, manifest["label_sets"], len(ds))
 
 
-def open_source(shards: str, split: str, groups: Sequence[str]) -> SourceInfo:
-  """Dispatches on `data.shards`: a dataset directory (local path or gs://...) or a tfds: spec."""
+def open_source(shards: str, split: str, groups: Sequence[str], only: Sequence[str] | None = None) -> SourceInfo:
+  """Dispatches on `data.shards`: a dataset directory (local path or gs://...) or a tfds: spec. `only`: see
+  `open_directory` (directories only)."""
   if not shards:
     raise ShardError("data.shards is empty: set it to a dataset directory written by data_prep, or "
                      "tfds:NAME[:SPLIT]@DATA_DIR.")
   if shards.startswith("tfds:"):
     return open_tfds(shards, split)
-  return open_directory(shards, split, groups)
+  return open_directory(shards, split, groups, only)
 
 
 class IndexedSource:

@@ -3,10 +3,13 @@
 The open-source ArrayRecord reader reads local files only, so a run whose `data.<name>.shards` is a URL stages the
 files it needs first (`pipeline.describe` calls `stage_dataset`):
 
-- what: manifest.json, stats.json, and every shard file of the split and groups the task reads. Under the global
-  sample order (mmrs.data.pipeline) a process reads rows of every global batch, hence records of every shard: each
-  host stages all the shards of its split/groups, not a per-process subset (a pod reads the dataset once per host,
-  in parallel; for a dataset larger than a host's disk, mount the bucket instead, see below).
+- what: manifest.json, stats.json, and the shard files of the split and groups the task reads that this process
+  serves: with shard groups (mmrs.data.shard_groups) only the files of its groups, ~1/P of the dataset on P hosts;
+  with one group (the default) every file, since a process then reads rows of every global batch from any shard.
+- quota: `data.<name>.stage_quota_gb` (0 = none) caps what the stage directory may hold for this dataset (the files
+  already there plus this process's missing ones); the free disk space is checked as well. A share that does not
+  fit fails before any copy, naming the bytes needed and what to do (more hosts or shard groups, a bigger disk, or
+  gcsfuse). Files of groups this host no longer serves (a resume on other hosts) are left where they are.
 - where: `data.<name>.stage_dir`; empty (the default) = `$MMRS_STAGE_DIR` or `~/.cache/mmrs/staged`, plus a
   subdirectory named after the URL, so two datasets never share files. On a TPU VM use a local SSD / the boot disk;
   "none" reads the URL directly (only readers that support it, e.g. a tfds: spec or a gcsfuse path).
@@ -16,7 +19,7 @@ files it needs first (`pipeline.describe` calls `stage_dataset`):
   names the file.
 - resumable and atomic: a file is copied into `NAME.partial`, appended from where an interrupted copy stopped, and
   renamed into place only once verified; the local manifest.json is written last, so a staged directory with a
-  manifest is complete. A later run that finds the files (same manifest) copies nothing.
+  manifest holds every file the last staging asked for. A later run that finds the files (same manifest) copies nothing.
 - one copier per host: processes sharing a host serialize on a file lock in the stage directory; the first copies,
   the others then find the files ready.
 - errors: an unreachable bucket, missing credentials or a missing filesystem package (gs:// needs `gcsfs`:
@@ -37,6 +40,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from typing import Sequence
 
 from absl import logging
@@ -148,26 +152,60 @@ def _files_to_stage(manifest: dict, split: str, groups: Sequence[str]) -> list[s
   return [name for g in groups for name in splits.get(split, {}).get(g, [])]
 
 
-def stage_dataset(url: str, split: str, groups: Sequence[str], stage_dir: str | None = None) -> str:
-  """Stages `url` (a dataset directory written by data_prep) for (split, groups); returns the local directory.
-
-  Files the manifest does not list for (split, groups) are not copied; the local manifest.json is the remote one, so
-  the reader sees the whole dataset description but only opens the staged shards.
-  """
+def read_manifest(url: str) -> tuple[str, dict]:
+  """(text, parsed) of `url`/manifest.json; errors name the URL and what to do."""
   root = _remote_path(url)
-  local = stage_dir or default_stage_dir(url)
   try:
-    manifest_text = (root / "manifest.json").read_text()
+    text = (root / "manifest.json").read_text()
   except FileNotFoundError:
     raise StagingError(f"{url}/manifest.json does not exist: data.shards must be a dataset directory written by "
                        "data_prep (upload the whole directory).") from None
   except Exception as e:  # pylint: disable=broad-except  (auth, network, missing filesystem package)
     raise _unreachable(url, f"{url}/manifest.json", e) from None
   try:
-    manifest = json.loads(manifest_text)
+    return text, json.loads(text)
   except json.JSONDecodeError as e:
     raise StagingError(f"{url}/manifest.json is not valid JSON ({e}); re-upload the dataset.") from None
-  names = _files_to_stage(manifest, split, groups)
+
+
+def _gb(n: int) -> str:
+  return f"{n / 1e9:.3g} GB"
+
+
+def _check_room(url: str, local: str, names: Sequence[str], files: dict, quota_bytes: int) -> None:
+  """Refuses, before copying anything, a share that exceeds the quota or the free disk space."""
+  sizes = {n: files.get(n, {}).get("bytes") for n in names}
+  if None in sizes.values():
+    return  # a manifest without sizes (old data_prep): nothing to check against; the copy itself will tell
+  held = {n for n in os.listdir(local) if n in files and os.path.isfile(os.path.join(local, n))}
+  missing = sum(int(b) for n, b in sizes.items() if n not in held)
+  total = missing + sum(os.path.getsize(os.path.join(local, n)) for n in held)
+  what = (f"this process's share of {url} ({len(names)} shard file(s), {_gb(sum(map(int, sizes.values())))}; "
+          f"with the {len(held - set(names))} other file(s) staged there before, {_gb(total)})")
+  todo = ("Run on more hosts or with more shard groups (data.<name>.shard_groups; a host then stages less), raise "
+          "the quota or use a bigger disk, or read through a gcsfuse mount instead.")
+  if quota_bytes and total > quota_bytes:
+    raise StagingError(f"Staging {what} in {local} would exceed data.<name>.stage_quota_gb "
+                       f"({_gb(quota_bytes)}). {todo}")
+  free = shutil.disk_usage(local).free
+  if missing > free:
+    raise StagingError(f"Staging {what} in {local} needs {_gb(missing)} more but the disk has {_gb(free)} free. "
+                       f"{todo}")
+
+
+def stage_dataset(url: str, split: str, groups: Sequence[str], stage_dir: str | None = None,
+                  names: Sequence[str] | None = None, quota_bytes: int = 0) -> str:
+  """Stages `url` (a dataset directory written by data_prep) for (split, groups); returns the local directory.
+
+  names: the shard files to stage (this process's shard groups); default: every file of (split, groups).
+  quota_bytes: the most the stage directory may hold for this dataset (0: no quota). Files the manifest does not
+  list for (split, groups) are not copied; the local manifest.json is the remote one, so the reader sees the whole
+  dataset description but only opens the staged shards.
+  """
+  root = _remote_path(url)
+  local = stage_dir or default_stage_dir(url)
+  manifest_text, manifest = read_manifest(url)
+  names = list(_files_to_stage(manifest, split, groups) if names is None else names)
   files = manifest.get("files") or {}
   with _host_lock(local):
     local_manifest = os.path.join(local, "manifest.json")
@@ -178,6 +216,7 @@ def stage_dataset(url: str, split: str, groups: Sequence[str], stage_dir: str | 
           for name in os.listdir(local):
             if name != _LOCK_NAME:
               os.remove(os.path.join(local, name))
+    _check_room(url, local, names, files, quota_bytes)
     missing_sums = [n for n in names if "sha256" not in files.get(n, {})]
     if missing_sums:
       logging.warning("%s/manifest.json has no checksums for %d shard file(s) (written before data_prep recorded "
@@ -196,17 +235,20 @@ def stage_dataset(url: str, split: str, groups: Sequence[str], stage_dir: str | 
         raise _unreachable(url, f"{url}/{name}", e) from None
     if (root / "stats.json").exists():
       stage_file(root / "stats.json", os.path.join(local, "stats.json"), None, None)
-    atomic_io.write_text(local_manifest, manifest_text)  # last: a staged directory with a manifest is complete
+    atomic_io.write_text(local_manifest, manifest_text)  # last: it vouches for the files staged above
   if copied:
     logging.info("Staged %d of %d file(s) of %s (split %s, groups %s) in %s.", copied, len(names), url, split,
                  list(groups), local)
   return local
 
 
-def resolve(data_cfg, split: str, groups: Sequence[str]) -> str:
-  """`data_cfg.shards`, or the local directory it was staged to (remote URL and `stage_dir` != "none")."""
+def resolve(data_cfg, split: str, groups: Sequence[str], names: Sequence[str] | None = None) -> str:
+  """`data_cfg.shards`, or the local directory it was staged to (remote URL and `stage_dir` != "none").
+
+  names: the shard files this process reads (default: all of split/groups)."""
   shards = data_cfg.shards
   stage_dir = str(data_cfg.get("stage_dir", "") or "")
   if not is_remote(shards) or stage_dir == "none":
     return shards
-  return stage_dataset(shards, split, groups, stage_dir or None)
+  quota = int(float(data_cfg.get("stage_quota_gb", 0) or 0) * 1e9)
+  return stage_dataset(shards, split, groups, stage_dir or None, names=names, quota_bytes=quota)

@@ -123,7 +123,7 @@ def synthetic_record(rng: np.random.Generator, size: int = 64, s2_bands: Sequenc
 def write_synthetic_dataset(out_dir: str, n_pairs: int, n_s2_only: int = 0, size: int = 64, num_shards: int = 1,
                             seed: int = 0, *, n_s1_only: int = 0, n_val: int = 0,
                             s2_bands: Sequence[str] = bands_lib.S2_L1C_BANDS, labels: bool = True,
-                            mask: bool = True) -> dict:
+                            mask: bool = True, shard_groups: int = 0) -> dict:
   """Writes a synthetic dataset directory (shards + manifest.json + stats.json) with mmrs.data.writer.DatasetWriter.
 
   `n_pairs` S1+S2, `n_s2_only`, `n_s1_only` records in split "train", plus `n_val` pairs in split "val".
@@ -139,7 +139,7 @@ def write_synthetic_dataset(out_dir: str, n_pairs: int, n_s2_only: int = 0, size
   label_sets = {k: v for k, v in LABEL_SETS.items() if (mask if v["kind"] == "mask" else labels)}
   with DatasetWriter(out_dir, num_shards=num_shards, source="synthetic", licence=LICENCE,
                      created_by="mmrs.data.synthetic.write_synthetic_dataset", args=args,
-                     label_sets=label_sets) as w:
+                     label_sets=label_sets, shard_groups=shard_groups) as w:
     for i, (split, s1, s2) in enumerate(plan):
       rec = synthetic_record(rng, size, s2_bands, with_s1=s1, with_s2=s2, labels=labels, mask=mask,
                              record_id=f"synthetic-{seed}-{i:07d}")

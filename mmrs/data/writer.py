@@ -25,12 +25,13 @@ from array_record.python import array_record_module
 from mmrs import atomic_io
 from mmrs.data.band_stats import BandStats
 from mmrs.data import records
+from mmrs.data import shard_groups as shard_groups_lib
 
 FORMAT = "mmrs-records-v1"
 GROUPS = {("s1", "s2"): "paired", ("s2",): "s2_only", ("s1",): "s1_only"}
 COUNT_KEYS = {"paired": "pairs", "s2_only": "s2_only", "s1_only": "s1_only"}
 _STANDARD_KEYS = ("format", "counts", "skipped_reasons", "skipped_items", "splits", "records_per_shard", "bands",
-                  "stats_from_split", "files")
+                  "stats_from_split", "files", "shard_groups")
 
 
 def shard_name(split: str, group: str, i: int, n: int) -> str:
@@ -59,12 +60,16 @@ class DatasetWriter:
 
   def __init__(self, out_dir: str, *, num_shards: int = 1, source: str = "", licence: str = "",
                created_by: str = "", args: dict | None = None, label_sets: dict | None = None,
-               stats_split: str = "train", compression: str = "uncompressed", extra: dict | None = None, extra_counts: dict | None = None):
+               stats_split: str = "train", compression: str = "uncompressed", extra: dict | None = None, extra_counts: dict | None = None,
+               shard_groups: int = 0):
     """`extra`: more manifest sections (e.g. {"pairing": {...}}); `extra_counts`: more entries of the manifest's
     `counts` (e.g. {"unmatched_s1": 3}). Both are read at close(), so a converter may fill the dicts it passed
-    while records are added."""
+    while records are added. `shard_groups`: G recorded in the manifest (mmrs.data.shard_groups: a host reads only
+    its groups' shards); num_shards must be a multiple of it. 0: not recorded (readers use one group)."""
     if num_shards < 1:
       raise ValueError(f"num_shards must be >= 1, got {num_shards}.")
+    shard_groups_lib.check_shard_count(num_shards, int(shard_groups), f"DatasetWriter(num_shards={num_shards})")
+    self.shard_groups = int(shard_groups)
     self.out_dir = os.path.abspath(out_dir)
     _check_replaceable(self.out_dir)  # fail before the conversion, not after hours of it
     parent = os.path.dirname(self.out_dir)
@@ -153,6 +158,12 @@ class DatasetWriter:
                     splits=dict(splits), records_per_shard=per_file, files=files,
                     bands={m: list(b) for m, b in sorted(self._bands.items())},
                     stats_from_split=self.stats_split if self.stats_split in self._stats else "all")
+    if self.shard_groups:
+      # A (split, group) with fewer records than shards gets fewer files; the groups must still split them evenly.
+      for split, per_group in splits.items():
+        for group, names in per_group.items():
+          shard_groups_lib.check_shard_count(len(names), self.shard_groups, f"{split}.{group} ({self.out_dir})")
+      manifest["shard_groups"] = self.shard_groups
     atomic_io.write_json(os.path.join(self.tmp_dir, "stats.json"), stats)
     atomic_io.write_json(os.path.join(self.tmp_dir, "manifest.json"), manifest)
     self._swap_in()
