@@ -68,3 +68,14 @@ def test_auxmae_tiny_config_alternating_steps_decrease_both_losses(aux):
   losses = adam_losses(method, params, state, batch, config.optimizer.learning_rate)
   for name, (before, after) in losses.items():
     assert np.isfinite(after) and after < before, (name, before, after)
+
+
+def test_auxmae_mask_ratio_is_read_from_the_config(aux):
+  """The s2_mae task masks config.mask_ratio of the S2 patches (0.5: half stay visible)."""
+  from test_mae import seen_patches  # pylint: disable=g-import-not-at-top
+  _, params, state, batch = aux
+  config = auxmae.get_config("tiny")
+  config.mask_ratio = 0.5
+  method = methods.build(config)
+  seen = seen_patches(fast_jit(method.reconstruct)(params, state, batch, jax.random.key(4))["seen"]["s2"])
+  assert (seen.sum(axis=1) == (SIZE // P) ** 2 // 2).all()

@@ -185,3 +185,13 @@ def test_mae_task_and_params_contract(mae):
       "s2_mae", "s2_only", ("s2",), ("encoder", "decoder"))
   assert set(params) == {"encoder", "decoder"}
   assert method.flops_per_sample("s2_mae") > 0
+
+
+def test_mae_mask_ratio_is_read_from_the_config(mae):
+  """mask_ratio = 0.5 shows half the patches (a hard-coded 0.75 would show a quarter)."""
+  _, params, state, batch, _, _ = mae
+  config = mae_s2.get_config("tiny")
+  config.mask_ratio = 0.5
+  half = methods.build(config)
+  seen = seen_patches(fast_jit(half.reconstruct)(params, state, batch, jax.random.key(5))["seen"]["s2"])
+  assert (seen.sum(axis=1) == L // 2).all()

@@ -130,3 +130,27 @@ def test_mixmae_encoder_receives_the_s2_token_at_the_k_chosen_positions_and_the_
   want = np.where(take_s2[..., None], s2, s1)
   np.testing.assert_allclose(tokens_in, want, atol=1e-6)
   assert np.abs(tokens_in - np.where(take_s2[..., None], s1, s2)).max() > 1e-3
+
+
+def test_mixmae_k_fraction_chooses_which_positions_show_s2(mix):
+  """k_fraction = 0.25: a quarter of the positions show S2 (its token reaches the encoder there), the other three
+  quarters S1. At 0.5 a swapped mask (S1's positions as S2's) has the same count; here it does not."""
+  _, params, _, _, batch, _ = mix
+  method = _method(k_fraction=0.25)
+  received = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "encode":
+      received.append(args[0])
+    return next_fun(*args, **kwargs)
+
+  def forward(params, batch, rng):
+    with nn.intercept_methods(record):
+      take_s2 = method.forward(params, batch, rng, False)[1]
+    embedded = method.encoder.apply({"params": params["encoder"]}, batch, method="embed")
+    return take_s2, received.pop(), embedded
+
+  take_s2, tokens_in, embedded = fast_jit(forward)(params, batch, jax.random.key(3))
+  take_s2 = np.asarray(take_s2)
+  assert (take_s2.sum(1) == L // 4).all()
+  np.testing.assert_allclose(tokens_in, np.where(take_s2[..., None], embedded["s2"], embedded["s1"]), atol=1e-6)
