@@ -12,10 +12,21 @@ config.mesh over the topology's devices, lowers and compiles every task's train 
 per_device_param_and_opt_bytes, flops_per_step, compile_s, ...}}, "fits", "device_memory_bytes", ...}.
 Exit codes: 0 fits (or memory unknown), 1 does not fit, 2 config/mesh/topology error (in seconds, before compiling).
 `--plan_only`: stop after the sharded state layout (params + optimizer bytes per device, in seconds; no compile).
+`--dump_hlo_dir=DIR`: write each task's compiled HLO to DIR/<task>.hlo.txt.
+
+The program compiled is the target's (mmrs/train/aot.py: its attention and dtypes, raw uint16 inputs normalized in
+the step, the launchers' performance flags as compile options); on GPU "fits" compares with the device memory times
+the memory fraction launch/gpu_slurm.sh sets (mmrs/train/perf_flags.py; an XLA_CLIENT_MEM_FRACTION or
+XLA_PYTHON_CLIENT_MEM_FRACTION in this environment instead, as a job started with it would get).
+
+Target compilers: libtpu and jax's CUDA plugin are found on the Python path, or in `<venv>/aot-targets/tpu` and
+`<venv>/aot-targets/gpu` (`pip install --no-deps --target .venv/aot-targets/tpu -r requirements-tpu-aot.txt`, the
+same for gpu; .ci/run does this), which only this command puts on its path: training processes never load them.
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 
@@ -27,6 +38,12 @@ def _prepare_environment(argv) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
       os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={int(topo[4:])}".strip()
+  # The target's compiler from <venv>/aot-targets/{tpu,gpu} (see the module docstring): only for that target, so a
+  # TPU compile does not load the CUDA plugin and training venvs never see either.
+  kind = "" if topo.startswith("cpu:") else "gpu" if re.match(r"^\d+x[A-Za-z]", topo) else "tpu"
+  targets = os.path.join(sys.prefix, "aot-targets", kind)
+  if kind and os.path.isdir(targets):
+    sys.path.append(targets)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # quiets libtpu's host probing; the target is --topology
   # Compile-only libtpu touches no chip, so several launch.aot processes (a sweep, a test) may load it at once.
@@ -55,7 +72,8 @@ def _define_flags() -> None:
   flags.DEFINE_bool("plan_only", False, "Stop after the sharded state layout: per_device_param_and_opt_bytes in "
                     "seconds, no compile (tasks empty).")
   flags.DEFINE_float("device_memory_gb", 0.0, "Per-device memory in GiB (default: the table in "
-                     "mmrs/train/metrics.py; CPU: host RAM / N).")
+                     "mmrs/train/metrics.py; GPU: device memory x the launcher's memory fraction; CPU: host RAM / N).")
+  flags.DEFINE_string("dump_hlo_dir", None, "Write each task's compiled HLO to DIR/<task>.hlo.txt.")
   flags.mark_flags_as_required(["config", "topology"])
 
 EXIT_DOES_NOT_FIT = 1
@@ -68,7 +86,7 @@ def _print_report(report: dict, out) -> None:
 
 
 def run(config, topology: str, device_memory_gb: float = 0.0, out=sys.stdout,
-        gpu_target_config: str | None = None, plan_only: bool = False) -> int:
+        gpu_target_config: str | None = None, plan_only: bool = False, dump_hlo_dir: str | None = None) -> int:
   """Prints the tables and the JSON line; returns the exit code. `gpu_target_config`: a file path."""
   from mmrs.train import aot  # pylint: disable=g-import-not-at-top
   from mmrs.train import config_check  # pylint: disable=g-import-not-at-top
@@ -84,7 +102,7 @@ def run(config, topology: str, device_memory_gb: float = 0.0, out=sys.stdout,
       return EXIT_CONFIG_ERROR
   try:
     report = aot.compile_for(config, topology, device_memory_override=override, gpu_target_config=target,
-                             plan_only=plan_only)
+                             plan_only=plan_only, hlo_dir=dump_hlo_dir)
   except (config_check.ConfigError, aot.TopologyError) as e:
     print(f"ERROR: {e}", file=sys.stderr)
     return EXIT_CONFIG_ERROR
@@ -109,6 +127,10 @@ def run(config, topology: str, device_memory_gb: float = 0.0, out=sys.stdout,
     return 0
   for name, numbers in report["tasks"].items():
     print(aot.format_table(name, numbers), file=out)
+  if report.get("platform") == "gpu" and any("xla" in t["attention"] for t in report["tasks"].values()):
+    print("note: compiled with XLA's attention; on the GPU, config.model.attention=auto takes cuDNN flash attention "
+          "for bfloat16 (it cannot be compiled without a GPU), which needs less memory: attention's share of the "
+          "temp bytes is an upper bound.", file=out)
   mem = report["device_memory_bytes"]
   print(f"{report['devices']} x {report['device_kind']}, mesh {report['mesh']}, device memory "
         f"{'unknown' if mem is None else f'{mem / 2**30:.1f} GiB'} ({report['memory_source']}): "
@@ -121,7 +143,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   sys.exit(run(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.device_memory_gb,
-               gpu_target_config=flags.FLAGS.gpu_target_config, plan_only=flags.FLAGS.plan_only))
+               gpu_target_config=flags.FLAGS.gpu_target_config, plan_only=flags.FLAGS.plan_only,
+               dump_hlo_dir=flags.FLAGS.dump_hlo_dir))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ def build(config):
   """The method of `config.method`; a compute_dtype of "auto" is resolved here for the default backend first
   (the train loop and launch.aot resolve it for their devices before: see mmrs/train/config_check.py)."""
   if config.get("compute_dtype") == "auto":
-    import jax  # pylint: disable=g-import-not-at-top
-    config.compute_dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    from mmrs import target  # pylint: disable=g-import-not-at-top
+    config.compute_dtype = target.choices(target.platform()).compute_dtype
   name = config.method
   if name not in REGISTRY:
     raise ValueError(f"config.method={name!r} is not a known method; choose one of {sorted(REGISTRY)}.")

@@ -24,6 +24,8 @@ import numpy as np
 from flax.core import FrozenDict
 from jax.ad_checkpoint import checkpoint_name
 
+from mmrs import target
+
 Dtype = Any
 _ACT = ("batch", "length", "embed")  # logical axes of the main (B, N, D) activations
 
@@ -164,25 +166,26 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto
 
   implementation: "xla" (`jax.nn.dot_product_attention`'s XLA path), "head_major" (`head_major_attention`: the same
   math with fewer layout copies; the faster one on CPU), "cudnn" (fused flash attention; GPU, bf16/fp16,
-  head_dim % 8 == 0), or "auto": cuDNN on a GPU when dtype and shapes qualify, "head_major" on CPU, else XLA. jax
-  checks cuDNN support while tracing, so "auto" falls back to XLA when that check refuses.
+  head_dim % 8 == 0), or "auto": what `mmrs.target.choices` picks for the platform being compiled for (the
+  target's under launch.aot, not this host's). jax checks cuDNN support while tracing, so an "auto" cuDNN choice
+  falls back to XLA when that check refuses. The ops run under the named scope `attention_<implementation>`, so
+  the compiled HLO's op names say which implementation a program got (tests/test_aot_target.py reads them).
   """
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"Attention implementation {implementation!r}: use one of {', '.join(ATTENTION_IMPLEMENTATIONS)} "
                      "(config.model.attention).")
   if implementation == "auto":
-    if jax.default_backend() == "cpu":
-      implementation = "head_major"
-    elif jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
-      implementation = "xla"
-    else:
+    implementation = target.choices(target.platform(), q.dtype).attention
+    if implementation == "cudnn":
       try:
-        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        with jax.named_scope("attention_cudnn"):
+          return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
       except (NotImplementedError, RuntimeError, ValueError):
         implementation = "xla"
-  if implementation == "head_major":
-    return head_major_attention(q, k, v)
-  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  with jax.named_scope(f"attention_{implementation}"):
+    if implementation == "head_major":
+      return head_major_attention(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
 class Projection(nn.Module):

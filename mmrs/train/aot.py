@@ -3,8 +3,14 @@
 Same code path as the train loop: `step.plan_state` (optimizer + sharded state layout) and `step.compile_tasks`
 (lower + compile with the real shardings), on a mesh built from `config.mesh` over the topology's devices. Batches
 are abstract shapes from the config (no data is read): per task, its modalities at `config.data.<dataset>.image_size`
-with the channel count of `config.bands.<modality>` (BYOL-style tasks: two views of `config.views.image_size`),
-already normalized float32 (normalization is elementwise and costs no memory worth counting).
+with the channel count of `config.bands.<modality>`, in the dtypes the pipeline delivers (S2 uint16, S1 float32 dB plus
+its uint8 `s1_valid`), normalized inside the step as in training (placeholder statistics: the program is the same
+for any); BYOL-style tasks: two float32 views of `config.views.image_size` (normalized on the host, as in training).
+The program is the target's: mmrs/target.py decides attention and compute dtype from the devices compiled for (the
+step is traced under `target.compiling_for`), and the target's performance flags (mmrs/train/perf_flags.py, what
+the launchers set) are passed as compile options, which the target's compiler checks. A GPU program gets XLA's
+attention even where a real GPU would take cuDNN's (jax cannot trace cuDNN attention without cuDNN, nor XLA compile
+it without a device): its attention memory is an upper bound (the report's per-task "attention" says which).
 
 Topologies: `cpu:N` (N CPU devices; the process must start with XLA_FLAGS=--xla_force_host_platform_device_count>=N,
 which launch/aot.py sets); TPU slices by their Cloud name (`v4-32`, `v5p-128`, `v5e-256`, `v6e-64`: the v4/v5p
@@ -16,6 +22,9 @@ TensorCore (half the chip's HBM each), which jax's TPU mesh builder refuses, so 
 physical-order mesh (logged). NVIDIA GPUs: `NxMODEL` (`8xH100`), compile-only CUDA devices from jax's CUDA plugin
 and a GPU target description, no GPU needed (mmrs/train/gpu_target.py; requirements-gpu-aot.txt).
 
+Device memory: the HBM table (TPU); on GPU what JAX's allocator gets, the device's memory (as CUDA reports it, from
+the target description) times the memory fraction the GPU launcher sets (or the one in this environment).
+
 Numbers per task (per device): argument / output / alias / temp bytes from `compiled.memory_analysis()`;
 peak = argument + output - alias + temp (the donated state is aliased); param+opt = this device's shards of the
 params, optimizer state and method state from the layout; flops_per_step = XLA's per-device cost analysis x devices
@@ -24,8 +33,11 @@ params, optimizer state and method state from the layout; flops_per_step = XLA's
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+import pathlib
+import re
 from typing import Any, Mapping
 
 import jax
@@ -35,6 +47,7 @@ from mmrs.train import config_check
 from mmrs.train import gpu_target
 from mmrs.train import mesh as mesh_lib
 from mmrs.train import metrics as metrics_lib
+from mmrs.train import perf_flags
 from mmrs.train import state as state_lib
 from mmrs.train import step as step_lib
 
@@ -64,7 +77,9 @@ def tpu_topology_name(name: str) -> str:
   dims = [1] * ndim
   while math.prod(dims) < chips:
     dims[dims.index(min(dims))] *= 2
-  return f"{family}:{'x'.join(str(d) for d in sorted(dims))}"
+  # Unit dimensions last: libtpu tiles a topology by hosts of 2x2x1 chips (v5p:2x2x1 is valid, v5p:1x2x2 is not).
+  dims = sorted(d for d in dims if d > 1) + [1] * dims.count(1)
+  return f"{family}:{'x'.join(str(d) for d in dims)}"
 
 
 def topology_devices(topology: str, gpu_target_config: str | None = None) -> list:
@@ -116,7 +131,8 @@ def _gpu_devices(topology: str, count: int, model: str, target_config: str | Non
 
 
 def abstract_batches(config, method, batch_size: int) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
-  """task -> global abstract batch, from the config (see the module docstring)."""
+  """task -> global abstract batch as the pipeline delivers it, from the config (see the module docstring)."""
+  from mmrs.data import records  # pylint: disable=g-import-not-at-top
   from mmrs.methods import mae as mae_lib  # pylint: disable=g-import-not-at-top
   out = {}
   for task in method.tasks:
@@ -132,8 +148,31 @@ def abstract_batches(config, method, batch_size: int) -> dict[str, dict[str, jax
     if size <= 0:
       raise config_check.ConfigError(f"config.data.{task.dataset}.image_size={size}: launch.aot needs a fixed image "
                                      "size to build the abstract batch.")
-    out[task.name] = {m: jax.ShapeDtypeStruct((batch_size, size, size, len(mae_lib.band_names(config, m))),
-                                              np.float32) for m in task.modalities}
+    batch = {m: jax.ShapeDtypeStruct((batch_size, size, size, len(mae_lib.band_names(config, m))),
+                                     records.ARRAY_DTYPES[m]) for m in task.modalities}
+    if "s1" in batch:  # the pipeline's S1 no-data mask (mmrs/data/transforms.py)
+      batch["s1_valid"] = jax.ShapeDtypeStruct((batch_size, size, size), records.ARRAY_DTYPES["s1_valid"])
+    out[task.name] = batch
+  return out
+
+
+def normalizers(config, method) -> dict[str, Any]:
+  """task -> the in-step normalization of its raw batch (None for host-normalized BYOL views), as
+  mmrs/train/data.py builds it, with placeholder statistics (mean 1, std 2 per band: not the identity, which XLA
+  would fold away)."""
+  from mmrs.data import normalize as normalize_lib  # pylint: disable=g-import-not-at-top
+  from mmrs.methods import mae as mae_lib  # pylint: disable=g-import-not-at-top
+  out = {}
+  for task in method.tasks:
+    if getattr(task, "batch_kind", "") == "byol_views" or hasattr(method, "abstract_batch"):
+      out[task.name] = None
+      continue
+    bands = {m: tuple(mae_lib.band_names(config, m)) for m in task.modalities}
+    normalizer = normalize_lib.Normalizer(bands, {m: np.ones(len(b), np.float32) for m, b in bands.items()},
+                                          {m: np.full(len(b), 2.0, np.float32) for m, b in bands.items()},
+                                          source="launch.aot placeholder statistics")
+    normalizer = getattr(method, "input_normalizer", lambda n: n)(normalizer)
+    out[task.name] = functools.partial(normalize_lib.normalize_batch, normalizer=normalizer)
   return out
 
 
@@ -146,11 +185,18 @@ def state_bytes_per_device(layout: state_lib.StateLayout) -> int:
   return total
 
 
-def device_memory(devices, override_bytes: int | None) -> tuple[int | None, str]:
-  """(bytes per device, source): the override, the HBM table, or (CPU) host RAM shared by the fake devices."""
+def device_memory(devices, override_bytes: int | None, gpu_total_bytes: int | None = None,
+                  environ: Mapping[str, str] | None = None) -> tuple[int | None, str]:
+  """(bytes per device, source): the override; on GPU what JAX's allocator gets (`gpu_total_bytes`, the memory CUDA
+  reports, times the launcher's memory fraction: mmrs/train/perf_flags.py, or the one `environ` sets); the HBM
+  table; or (CPU) host RAM shared by the fake devices."""
   if override_bytes:
     return int(override_bytes), "--device_memory_gb"
   kind = devices[0].device_kind
+  if devices[0].platform == "gpu" and gpu_total_bytes:
+    fraction, why = perf_flags.gpu_memory_fraction(environ)
+    return int(gpu_total_bytes * fraction), (f"{gpu_total_bytes / 2**30:.1f} GiB ({kind}, as CUDA reports it) x "
+                                             f"{fraction:g}: {why}")
   found = metrics_lib.device_memory_bytes(kind)
   if found:
     cores = len({getattr(d, "core_on_chip", 0) for d in devices})
@@ -163,45 +209,76 @@ def device_memory(devices, override_bytes: int | None) -> tuple[int | None, str]
   return None, f"unknown device kind {kind!r}"
 
 
+def target_compiler_options(config, platform: str):
+  """A copy of `config` whose xla_compiler_options add the platform's performance flags (perf_flags: what the
+  launchers set) and, on a compile-only GPU, DEVICELESS_COMPILER_OPTIONS; the config's own values win."""
+  if platform == "gpu":
+    config = gpu_target.with_deviceless_options(config)
+  return gpu_target.with_compiler_options(config, perf_flags.compiler_options(platform))
+
+
+_ATTENTION_SCOPE = re.compile(r"attention_(head_major|xla|cudnn)\b")
+
+
+def attention_implementations(hlo_text: str) -> list[str]:
+  """The attention implementations a compiled program holds (mmrs/models/vit.py attend()'s named scopes)."""
+  return sorted(set(_ATTENTION_SCOPE.findall(hlo_text)))
+
+
 class DoesNotFit(RuntimeError):
   """The state alone exceeds device memory (found before compiling), or the compiler ran out of device memory
   (report["compile_error"])."""
 
 
+def _gpu_total_bytes(topology: str, gpu_target_config: str | None) -> int | None:
+  """The device memory of an NxMODEL topology's GPU as CUDA reports it (from its target description)."""
+  gpu = gpu_target.parse_gpu_topology(topology)
+  if gpu is None:
+    return None
+  text = gpu_target_config or (gpu_target.target_config_text(gpu[1]) if gpu[1] in gpu_target.GPU_SPECS else "")
+  return gpu_target.total_memory_bytes(text)
+
+
 def compile_for(config, topology: str, method=None, device_memory_override: int | None = None,
-                plan_only: bool = False, gpu_target_config: str | None = None) -> dict[str, Any]:
+                plan_only: bool = False, gpu_target_config: str | None = None,
+                hlo_dir: str | None = None) -> dict[str, Any]:
   """Compiles every task for `topology`; returns the report (the JSON line of launch.aot, plus "memory_source").
 
   Raises config_check.ConfigError for a mesh/batch that does not divide, DoesNotFit when the sharded state alone is
   larger than a device's memory (before any compile), TopologyError for an unknown topology. `plan_only`: stop
-  after the layout (report["per_device_param_and_opt_bytes"], no compile).
+  after the layout (report["per_device_param_and_opt_bytes"], no compile). `hlo_dir`: write each task's compiled
+  HLO there (`<task>.hlo.txt`).
   """
   devices = topology_devices(topology, gpu_target_config)
-  config_check.resolve_compute_dtype(config, devices[0].platform)
+  platform = devices[0].platform
+  config_check.resolve_compute_dtype(config, platform)
   config_check.validate(config, None, device_count=len(devices), process_count=1)
   if method is None:
     from mmrs.train import loop  # pylint: disable=g-import-not-at-top
     method = loop.build_method(config)
-  mem_bytes, mem_source = device_memory(devices, device_memory_override)
+  mem_bytes, mem_source = device_memory(devices, device_memory_override, _gpu_total_bytes(topology, gpu_target_config))
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   batches = abstract_batches(config, method, config.batch_size)
+  normalize = normalizers(config, method)
   # The plan runs outside the mesh context: its eager bits (the init rng) must not land on compile-only devices.
-  example = state_lib.example_batch(batches)
+  example = state_lib.example_batch({n: jax.eval_shape(normalize[n], b) if normalize[n] else b
+                                     for n, b in batches.items()})
   optimizer, layout = step_lib.plan_state(config, method, example, mesh, config.total_steps)
   state_bytes = state_bytes_per_device(layout)
-  report = {"topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
-            "mesh": dict(mesh.shape), "tasks": {}, "fits": None, "device_memory_bytes": mem_bytes,
-            "memory_source": mem_source, "per_device_param_and_opt_bytes": state_bytes}
+  config = target_compiler_options(config, platform)
+  report = {"topology": topology, "platform": platform, "devices": len(devices),
+            "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape), "tasks": {}, "fits": None, "device_memory_bytes": mem_bytes,
+            "memory_source": mem_source, "per_device_param_and_opt_bytes": state_bytes,
+            "compute_dtype": config.get("compute_dtype", "float32"),
+            "compiler_options": config_check.to_dict(config.get("xla_compiler_options"))}
   if mem_bytes is not None and state_bytes > mem_bytes:
     report["fits"] = False
     raise DoesNotFit(report)
   if plan_only:
     return report
-  if devices[0].platform == "gpu":
-    config = gpu_target.with_deviceless_options(config)
   try:
     with jax.set_mesh(mesh):
-      steps = step_lib.compile_tasks(config, method, optimizer, layout, mesh, batches, {})
+      steps = step_lib.compile_tasks(config, method, optimizer, layout, mesh, batches, normalize)
   except Exception as e:  # pylint: disable=broad-except  (only the compiler's out-of-memory verdict is handled)
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -211,6 +288,10 @@ def compile_for(config, topology: str, method=None, device_memory_override: int 
     report["compile_error"] = next((l.strip() for l in str(e).splitlines() if "RESOURCE_EXHAUSTED" in l), str(e))
     raise DoesNotFit(report) from None
   for name, st in steps.items():
+    hlo = st.compiled.as_text()
+    if hlo_dir:
+      pathlib.Path(hlo_dir).mkdir(parents=True, exist_ok=True)
+      (pathlib.Path(hlo_dir) / f"{name}.hlo.txt").write_text(hlo)
     m = st.compiled.memory_analysis()
     arg, out, alias, temp = (int(getattr(m, f"{k}_size_in_bytes", 0)) for k in ("argument", "output", "alias", "temp"))
     cost = st.compiled.cost_analysis() or {}
@@ -223,7 +304,9 @@ def compile_for(config, topology: str, method=None, device_memory_override: int 
         # None (JSON null) where the backend reports no count (XLA:GPU without a device).
         "flops_per_step": float(cost["flops"]) * len(devices) if "flops" in cost else None,
         "analytic_flops_per_step": _analytic_flops(method, name, config.batch_size),
-        "compile_s": round(st.seconds, 2)}
+        "compile_s": round(st.seconds, 2),
+        "input_dtypes": {k: str(np.dtype(v.dtype)) for k, v in sorted(batches[name].items())},
+        "attention": attention_implementations(hlo)}
   if mem_bytes is not None:
     report["fits"] = all(t["per_device_peak_bytes"] <= mem_bytes for t in report["tasks"].values())
   return report
@@ -252,6 +335,9 @@ def format_table(name: str, numbers: Mapping[str, Any]) -> str:
       rows.append(f"  {k:34s} {format_bytes(v):>14s}")
     elif k.endswith("flops_per_step"):
       rows.append(f"  {k:34s} {'n/a' if v is None else f'{v:.4g}':>12s}")
+    elif isinstance(v, (list, dict)):
+      text = ", ".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else ", ".join(v) or "-"
+      rows.append(f"  {k:34s} {text}")
     else:
       rows.append(f"  {k:34s} {v:12}")
   return "\n".join(rows)

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 from absl import logging
 from etils import epath
 
+from mmrs import target
 from mmrs.train import mesh as mesh_lib
 from mmrs.train import optimizers
 from mmrs.train import schedule as schedule_lib
@@ -96,11 +97,11 @@ def validate(config, method=None, *, device_count: int, process_count: int, chec
 
 
 def resolve_compute_dtype(config, platform: str) -> str:
-  """config.compute_dtype "auto" -> "bfloat16" on GPU/TPU (float32 params and optimizer state stay float32),
-  "float32" on CPU (XLA:CPU runs bf16 matmuls slowly and tests compare float32 numbers). Sets the key in place, so
-  the saved config and the resume check see the resolved value. Returns it."""
+  """config.compute_dtype "auto" -> the platform's compute dtype (mmrs/target.py choices: bfloat16 on GPU/TPU with
+  float32 params and optimizer state, float32 on CPU). Sets the key in place, so the saved config and the resume
+  check see the resolved value. Returns it."""
   if config.get("compute_dtype", "float32") == "auto":
-    config.compute_dtype = "float32" if platform == "cpu" else "bfloat16"
+    config.compute_dtype = target.choices(platform).compute_dtype
   return config.get("compute_dtype", "float32")
 
 

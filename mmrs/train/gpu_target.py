@@ -79,14 +79,29 @@ def compile_only_devices(count: int, target_config: str) -> list:
                                            topology=topology_shape(count)).devices)
 
 
-def with_deviceless_options(config):
-  """A copy of `config` whose xla_compiler_options add DEVICELESS_COMPILER_OPTIONS (the config itself is unchanged)."""
-  options = config_check.to_dict(config.get("xla_compiler_options"))
-  missing = {k: v for k, v in DEVICELESS_COMPILER_OPTIONS.items() if k not in options}
+def total_memory_bytes(target_config: str) -> int | None:
+  """`device_memory_size` of a GpuTargetConfigProto text (what CUDA reports as the device's total memory)."""
+  m = re.search(r"\bdevice_memory_size:\s*(\d+)", target_config or "")
+  return int(m.group(1)) if m else None
+
+
+def with_compiler_options(config, options: dict):
+  """A copy of `config` whose xla_compiler_options add `options` (those the config sets keep the config's value;
+  the config itself is unchanged)."""
+  have = config_check.to_dict(config.get("xla_compiler_options"))
+  missing = {k: v for k, v in options.items() if k not in have}
   if not missing:
     return config
   config = copy.deepcopy(config)
   with config.unlocked():
-    config.xla_compiler_options = {**options, **missing}
-  logging.info("Compile-only GPU target: XLA options %s (no autotuner without a device).", missing)
+    config.xla_compiler_options = {**have, **missing}
   return config
+
+
+def with_deviceless_options(config):
+  """A copy of `config` whose xla_compiler_options add DEVICELESS_COMPILER_OPTIONS (the config itself is unchanged)."""
+  out = with_compiler_options(config, DEVICELESS_COMPILER_OPTIONS)
+  if out is not config:
+    logging.info("Compile-only GPU target: XLA options %s (no autotuner without a device).",
+                 DEVICELESS_COMPILER_OPTIONS)
+  return out

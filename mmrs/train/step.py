@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 import optax
 
+from mmrs import target
 from mmrs.methods import base
 from mmrs.train import mesh as mesh_lib
 from mmrs.train import optimizers
@@ -165,7 +166,8 @@ def compile_step(step_fn, state_layout: state_lib.StateLayout, batch_abstract: d
   jitted = jax.jit(step_fn, in_shardings=(state_layout.shardings, batch_sh, rep),
                    out_shardings=(state_layout.shardings, rep), donate_argnums=(0,))
   batch_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in batch_abstract.items()}
-  with nn.logical_axis_rules(mesh_lib.ACTIVATION_RULES):  # activation constraints: batch over (data, fsdp)
+  # Traced for the mesh's platform, not the host's (launch.aot: a TPU/GPU target on a CPU host): mmrs/target.py.
+  with nn.logical_axis_rules(mesh_lib.ACTIVATION_RULES), target.compiling_for(mesh.devices.flat[0].platform):
     lowered = jitted.lower(state_layout.abstract, batch_abstract, jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
   return lowered.compile(compiler_options=compiler_options or None)
 
