@@ -1,5 +1,6 @@
-"""Multi-host by simulation: launch/gpu_slurm.sh's job run by fake SLURM commands as 2 local tasks x 2 CPU devices
-(gloo), preemption across processes, and start-up errors. Exit codes are launch/main.py's (75 = preempted)."""
+"""Multi-host by simulation: local processes x 2 CPU devices (gloo), preemption across processes, Ctrl-C, start-up
+errors, the launchers' input checks and the TPU VM launcher (fake gcloud). launch/gpu_slurm.sh's job against a real
+SLURM: tests/test_slurm_real.py. Exit codes are launch/main.py's (75 = preempted)."""
 import json
 import os
 import pathlib
@@ -11,8 +12,6 @@ import time
 
 import pytest
 
-import fake_slurm
-from sample_data import shards  # pylint: disable=unused-import  (fixture)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PREEMPTED = 75
@@ -47,87 +46,6 @@ def _metrics(workdir):
 
 def _jsonl(path):
   return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
-
-
-class _Job:
-  """One `launch/gpu_slurm.sh` submission through the fake sbatch (which runs the job in the foreground)."""
-
-  def __init__(self, tmp_path, workdir, argv, env):
-    self.state = tmp_path / "slurm"
-    for name in ("batch.rc", "batch.pid", "tasks.pids"):
-      (self.state / name).unlink(missing_ok=True)
-    self.workdir = workdir
-    self.proc = subprocess.Popen(["bash", "launch/gpu_slurm.sh", *argv], cwd=REPO, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-  def log(self):
-    path = self.workdir / "slurm-4242.out"
-    return path.read_text() if path.exists() else ""
-
-  def wait_for(self, predicate, what):
-    def check():
-      if self.proc.poll() is not None and not (self.state / "batch.rc").exists():
-        pytest.fail(f"gpu_slurm.sh exited ({self.proc.returncode}): {self.proc.stdout.read()}")
-      if (self.state / "batch.rc").exists() and not predicate():
-        pytest.fail(f"the job ended before {what}:\n{self.log()[-5000:]}")
-      return predicate()
-    _wait_for(check, what)
-
-  def tasks(self):
-    return [int(p) for p in (self.state / "tasks.pids").read_text().split()]
-
-  def rc(self):
-    _wait_for(lambda: (self.state / "batch.rc").exists(), "the batch script to end")
-    self.proc.wait(timeout=60)
-    return int((self.state / "batch.rc").read_text())
-
-
-def test_slurm_job_trains_survives_kill9_and_requeues_on_time_limit(tmp_path, shards):
-  """The generated job script, run as SLURM would (2 nodes, 1 task each, 2 devices per task, grain workers=1):
-  1. every task killed with SIGKILL while stuck after checkpoint 4: no requeue (a crash is not a preemption);
-  2. resubmitted: resumes at 4 and redoes steps 5-6 exactly (losses equal: state + grain iterator state restored);
-     then the time-limit signal to the batch shell: both tasks save the same step, exit 75, the job requeues."""
-  workdir = tmp_path / "run"
-  env = _env(tmp_path, **fake_slurm.install(tmp_path / "bin", tmp_path / "slurm"),
-             FAKE_SLURM_NODELIST="127.0.0.[1-2]")
-  argv = ["--nodes=2", "--gpus_per_node=2", "--cpus_per_node=2", f"--port={_free_port()}", f"--venv={sys.prefix}",
-          "--module=tests.launch_entry", f"--config=configs/mae_s2.py:tiny,shards={shards}", f"--workdir={workdir}",
-          "--", "--config.total_steps=200", "--config.checkpoint_every_steps=4", "--config.data.s2_only.workers=1"]
-
-  # 1. Both processes stall at their 8th batch (step 8): steps 1-7 ran, metrics up to 6 are written, 4 is saved.
-  job = _Job(tmp_path, workdir, argv, dict(env, MMRS_TEST_BLOCK_AT="7"))
-  job.wait_for(lambda: job.log().count("launch_entry: blocking at call 7") == 2, "both tasks to stall")
-  _wait_for(lambda: (workdir / "checkpoints" / "4").is_dir(), "checkpoint 4 to be committed")
-  for pid in job.tasks():  # like SLURM's cgroup kill: each task with its grain worker
-    os.killpg(pid, signal.SIGKILL)
-  assert job.rc() == 128 + signal.SIGKILL
-  assert not (tmp_path / "slurm" / "requeue.jsonl").exists()
-  first = {r["step"]: r["loss"] for r in _metrics(workdir)}
-  assert {5, 6} <= set(first) and max(first) < 8
-
-  srun = _jsonl(tmp_path / "slurm" / "srun.jsonl")[0]["options"]
-  assert srun["cpus-per-task"] == "2" and srun["ntasks-per-node"] == "1" and srun["gpus-per-node"] == "2"
-  script = (workdir / "mmrs_slurm.sbatch").read_text()
-  when = [l for l in script.splitlines() if l.startswith("#SBATCH --signal=")][0]
-  signame = when.split("=", 1)[1].split("@")[0].removeprefix("B:")
-
-  # 2. Resubmitted: resumes from 4. Once step 9 is logged the time limit nears: SLURM signals the batch shell.
-  job = _Job(tmp_path, workdir, argv, dict(env, MMRS_TEST_STEP_SLEEP_S="0.05"))  # the signal lands before step 200
-  job.wait_for(lambda: any(r["step"] >= 9 for r in _metrics(workdir)), "step 9")
-  os.kill(int((tmp_path / "slurm" / "batch.pid").read_text()), getattr(signal, "SIG" + signame))
-  assert job.rc() == PREEMPTED, job.log()[-5000:]
-  log = job.log()
-  assert log.count("at step 4.") == 2 and "Resumed" in log  # both processes restored step 4
-  again = {r["step"]: r["loss"] for r in _metrics(workdir)}
-  assert [again[s] for s in (5, 6)] == [first[s] for s in (5, 6)]  # exact resume, bit for bit
-  done = [l for l in log.splitlines() if l.startswith("done step=")]
-  assert len(done) == 2 and len(set(done)) == 1 and "preempted=True" in done[0]  # the same step on both
-  step = int(done[0].split()[1].split("=")[1])
-  assert 9 <= step < 200
-  data = workdir / "checkpoints" / str(step) / "data"
-  assert sorted(p.name for p in data.glob("process_*")) == ["process_0-of-2.json", "process_1-of-2.json"]
-  assert _jsonl(tmp_path / "slurm" / "requeue.jsonl") == [{"job": "4242"}]
-  assert _jsonl(tmp_path / "slurm" / "scancel.jsonl")[0]["args"] == ["--signal=TERM", "4242"]
 
 
 def _toy(tmp_path, workdir, n, port, *args, env_extra=None, devices=2):
@@ -178,6 +96,27 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
   assert procs[1].returncode == 5 and procs[0].returncode != 0, outs[1][-3000:]
   assert f"ERROR: Checkpoint step {step} " in outs[1] and "not proven damaged, so nothing was moved" in outs[1]
   assert sorted(p.name for p in ckpts.iterdir()) == [str(step)]
+
+
+def test_ctrl_c_in_one_process_saves_the_current_step_like_sigterm(tmp_path):
+  """Ctrl-C (SIGINT) is a preemption: the step is saved and the run exits 75, no KeyboardInterrupt traceback."""
+  workdir = tmp_path / "w"
+  proc = subprocess.Popen([sys.executable, "-m", "tests.launch_entry", "--config=tests/train_toy_method.py",
+                           f"--workdir={workdir}", "--config.total_steps=200", "--config.checkpoint_every_steps=0",
+                           "--config.toy.tasks=cross"], cwd=REPO, env=_env(tmp_path, MMRS_TEST_STEP_SLEEP_S="0.05"),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    _wait_for(lambda: proc.poll() is not None or any(r["step"] >= 3 for r in _metrics(workdir)), "step 3")
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=300)[0]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == PREEMPTED, out[-3000:]
+  done = [l for l in out.splitlines() if l.startswith("done step=")]
+  assert len(done) == 1 and "preempted=True" in done[0] and "Traceback" not in out and "KeyboardInterrupt" not in out
+  step = int(done[0].split()[1].split("=")[1])
+  assert 3 <= step < 200 and [p.name for p in (workdir / "checkpoints").iterdir()] == [str(step)]
 
 
 def test_unreachable_coordinator_is_a_one_line_error(tmp_path):

@@ -369,22 +369,28 @@ def _barrier(name: str) -> None:
 
 
 class PreemptionWatcher:
-  """Tells the loop to checkpoint and exit on a preemption notice (SIGTERM).
+  """Tells the loop to checkpoint and exit on a preemption notice (SIGTERM) or, in one process, Ctrl-C (SIGINT).
 
   Several processes: JAX's preemption sync point (its coordination service catches SIGTERM on any host and all hosts
-  agree on the step). One process: a SIGTERM handler that sets a flag.
+  agree on the step). One process: SIGTERM and SIGINT handlers that set a flag (Ctrl-C used to raise
+  KeyboardInterrupt and lose every step since the last checkpoint); a second Ctrl-C interrupts at once, unsaved.
   """
 
   def __init__(self):
     self._flag = False
-    self._previous = None
+    self._previous: dict[int, Any] = {}
     self._multi = jax.process_count() > 1
     if not self._multi and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._on_signal)
 
   def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning("SIGTERM received: will save a checkpoint after the current step and exit.")
+    again = " (Ctrl-C again: stop now, without saving)" if signum == signal.SIGINT else ""
+    logging.warning("%s received: will save a checkpoint after the current step and exit%s.",
+                    signal.Signals(signum).name, again)
     self._flag = True
+    if signum == signal.SIGINT:  # the next Ctrl-C is Python's KeyboardInterrupt again
+      signal.signal(signal.SIGINT, signal.default_int_handler)
 
   def reached(self, step: int) -> bool:
     if not self._multi:
@@ -395,6 +401,6 @@ class PreemptionWatcher:
       return False
 
   def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+    self._previous = {}
