@@ -103,9 +103,18 @@ DEVICES=$(seq -s, 0 $((GPN - 1)))
 TRAIN="$VENV/bin/python -m $MODULE --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")"
 for a in "${EXTRA[@]+"${EXTRA[@]}"}"; do TRAIN+=" $(printf '%q' "$a")"; done
 
+# Performance flags + GPU memory fraction (issue 20), generated from their one place, mmrs/train/perf_flags.py
+# (`python -m launch.perf_flags --platform=gpu --format=describe` says what each does): XLA_FLAGS for
+# compute/collective overlap (latency-hiding scheduler, pipelined collectives), and XLA_CLIENT_MEM_FRACTION=0.90
+# instead of JAX's default 75 % preallocation. Flags or a fraction already in the job's environment win. launch.aot
+# compiles with the same flags and compares memory with the same fraction.
+FLAGS_PY="$VENV/bin/python"; [[ -x "$FLAGS_PY" ]] || FLAGS_PY=python3
+PERF_ENV=$(cd "$REPO" && "$FLAGS_PY" -m launch.perf_flags --platform=gpu) || die "python -m launch.perf_flags failed"
+
 # The job body (also what --in_allocation runs). Single-quoted parts are expanded by the task's shell at run time.
 EXITS="$WORKDIR/.slurm"
 BODY="cd $(printf '%q' "$REPO")
+$PERF_ENV
 port=${PORT:-\$((20000 + SLURM_JOB_ID % 10000))}  # from the job id: two jobs sharing a node get two ports
 export MMRS_COORDINATOR_ADDRESS=\"\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | head -n1):\$port\"
 export MMRS_LOCAL_DEVICE_IDS=$DEVICES  # all GPUs the task sees (ordinals within its CUDA_VISIBLE_DEVICES)

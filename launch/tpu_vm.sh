@@ -147,8 +147,13 @@ start() {
     train+=" --logdir=$LOGDIR"
     sync="gcloud storage rsync --recursive $LOGDIR $WORKDIR/logs >/dev/null 2>&1"
   fi
+  # Performance flags (issue 20): LIBTPU_INIT_ARGS for collective/compute overlap, from their one place,
+  # mmrs/train/perf_flags.py (`python3 -m launch.perf_flags --platform=tpu --format=describe`); flags already in the
+  # workers' LIBTPU_INIT_ARGS win. launch.aot compiles TPU targets with the same flags.
+  local perf
+  perf=$(cd "$REPO" && python3 -m launch.perf_flags --platform=tpu) || die "python3 -m launch.perf_flags failed"
   # The wrapper forwards SIGTERM (--stop, a VM shutdown) to the trainer and waits for its checkpoint.
-  local body="cd ~/mmrs && . ~/mmrs_venv/bin/activate || exit 2; ${sync:+(while sleep 120; do $sync; done) & sync_pid=\$!; }$train & child=\$!; trap 'kill -TERM \$child 2>/dev/null' TERM; while :; do rc=0; wait \$child || rc=\$?; kill -0 \$child 2>/dev/null || break; done; ${sync:+kill \$sync_pid; $sync; }echo \$rc > $LOGDIR/exit_code; exit \$rc"
+  local body="cd ~/mmrs && . ~/mmrs_venv/bin/activate || exit 2; ${perf//$'\n'/; }; ${sync:+(while sleep 120; do $sync; done) & sync_pid=\$!; }$train & child=\$!; trap 'kill -TERM \$child 2>/dev/null' TERM; while :; do rc=0; wait \$child || rc=\$?; kill -0 \$child 2>/dev/null || break; done; ${sync:+kill \$sync_pid; $sync; }echo \$rc > $LOGDIR/exit_code; exit \$rc"
   cmd="mkdir -p $LOGDIR && d=$LOGDIR && if [ -f \$d/pid ] && [ ! -f \$d/exit_code ] && kill -0 \$(cat \$d/pid) 2>/dev/null; then echo \"\$(hostname): already running\"; exit 0; fi; rm -f \$d/exit_code; setsid nohup bash -c $(printf '%q' "$body") >>\$d/train.log 2>&1 </dev/null & echo \$! > \$d/pid; echo \"\$(hostname): started, log \$d/train.log\""
   ((DRY)) && echo "# 4. train on every worker, detached"
   on_workers "$cmd"
