@@ -12,6 +12,9 @@ import time
 
 import pytest
 
+import sample_data
+from sample_data import shards  # pylint: disable=unused-import  (fixture)
+
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PREEMPTED = 75
@@ -117,6 +120,27 @@ def test_ctrl_c_in_one_process_saves_the_current_step_like_sigterm(tmp_path):
   assert len(done) == 1 and "preempted=True" in done[0] and "Traceback" not in out and "KeyboardInterrupt" not in out
   step = int(done[0].split()[1].split("=")[1])
   assert 3 <= step < 200 and [p.name for p in (workdir / "checkpoints").iterdir()] == [str(step)]
+
+
+def test_hosts_with_different_dataset_copies_stop_before_step_1(tmp_path, shards):
+  """Process 1 reads another copy of the dataset (the same records in 2 shards instead of 1): both processes stop
+  with one line naming process 1's host and the dataset, before training (no checkpoint, no metrics)."""
+  from data_prep import bigearthnet_mm  # pylint: disable=g-import-not-at-top
+  other = tmp_path / "other_copy"
+  bigearthnet_mm.convert_dataset(sample_data.SAMPLE, str(other), num_shards=2)
+  workdir, port = tmp_path / "w", _free_port()
+  procs = [subprocess.Popen([sys.executable, "-m", "launch.main", f"--config=configs/mae_s2.py:tiny,shards={copy}",
+                             f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                             f"--process_id={i}", "--config.data.s2_only.workers=0"],
+                            cwd=REPO, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i, copy in enumerate((shards, other))]
+  outs = _communicate(procs, timeout=300)
+  for proc, out in zip(procs, outs):
+    errors = [l for l in out.splitlines() if l.startswith("ERROR:")]
+    assert proc.returncode == 2 and len(errors) == 1, out[-3000:]
+    assert f"process 1 on host {socket.gethostname()} differs from process 0" in errors[0]
+    assert "in data.s2_only (" in errors[0] and "Traceback" not in out
+  assert not (workdir / "metrics.jsonl").exists() and not (workdir / "checkpoints").exists()
 
 
 def test_unreachable_coordinator_is_a_one_line_error(tmp_path):

@@ -22,6 +22,7 @@ from mmrs.train import checkpoint as ckpt_lib
 from mmrs.train import compile_cache
 from mmrs.train import config_check
 from mmrs.train import data as data_lib
+from mmrs.train import host_agreement
 from mmrs.train import mesh as mesh_lib
 from mmrs.train import metrics as metrics_lib
 from mmrs.train import optimizers
@@ -59,6 +60,7 @@ def train(config, workdir: str, *, method=None, task_data: Mapping[str, data_lib
   method = method if method is not None else build_method(config)
   config_check.validate(config, method, device_count=len(devices), process_count=jax.process_count(),
                         check_data=task_data is None)
+  host_agreement.check(config)  # several processes: same config, dataset copies and code, or all stop here
   with contextlib.ExitStack() as cleanup:  # closes in reverse: trainer, data pipelines, checkpointer (waits)
     checkpointer = ckpt_lib.Checkpointer(epath.Path(workdir) / "checkpoints", keep=config.get("keep_checkpoints", 3))
     cleanup.callback(checkpointer.close)
