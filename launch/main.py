@@ -15,6 +15,10 @@ Exit codes (wrappers and launch/gpu_slurm.sh act on them):
   4   the processes could not connect (unreachable coordinator, busy port)
   5   the latest checkpoint could not be read (storage errors after retries) and is not proven damaged: nothing was
       moved; rerun when the storage is back
+  6   the storage refused access to the checkpoints (permission, credentials, missing bucket): nothing was moved;
+      fix access and rerun
+  7   checkpoints exist but none restores (a damaged step is moved aside once per start; the message lists the
+      steps and errors): rerun to try the previous step, or pass --allow_fresh_start to start again at step 0
   75  preempted (SIGTERM / a SLURM time-limit signal): a checkpoint of the current step was saved on every
       process; run the same command again to resume (EX_TEMPFAIL: "try again later")
 """
@@ -46,12 +50,16 @@ flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with cl
                   "launch/tpu_vm.sh sets it; SLURM and GKE are detected without it).")
 flags.DEFINE_bool("allow_config_change", False,
                   "Resume even though config keys that change data order / model / optimizer layout differ.")
+flags.DEFINE_bool("allow_fresh_start", False, "When checkpoints exist but none restores, move them aside and start "
+                  "at step 0 (without it the run refuses: exit 7).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_CONFIG_ERROR = 2  # a config / resume problem, found before training (or on resume)
 EXIT_NONFINITE = 3  # training stopped on a NaN/inf (config.on_nonfinite="stop")
 EXIT_START_FAILED = 4  # the processes could not connect
 EXIT_CHECKPOINT_UNAVAILABLE = 5  # a checkpoint read failed transiently after retries; nothing moved
+EXIT_CHECKPOINT_ACCESS = 6  # the storage refused access to the checkpoints; nothing moved
+EXIT_NO_RESTORABLE_CHECKPOINT = 7  # checkpoints exist, none restores; refused to start again at step 0
 EXIT_PREEMPTED = 75  # preempted, checkpoint saved: run again to resume (sysexits.h EX_TEMPFAIL)
 
 
@@ -84,6 +92,8 @@ def main(argv, *, method=None, task_data=None):
   workdir = flags.FLAGS.workdir
   kwargs = dict(logdir=flags.FLAGS.logdir or _default_logdir(workdir),
                 allow_config_change=flags.FLAGS.allow_config_change)
+  if not config.get("finetune"):
+    kwargs["allow_fresh_start"] = flags.FLAGS.allow_fresh_start
   from mmrs.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from mmrs.train import config_check  # pylint: disable=g-import-not-at-top
   from mmrs.train import loop  # pylint: disable=g-import-not-at-top
@@ -101,6 +111,10 @@ def main(argv, *, method=None, task_data=None):
     # The processes may have left Orbax's barriers out of step: JAX's shutdown barrier at exit would then abort
     # this process (SIGABRT) and hide the exit code, so leave without it.
     _fail(e, EXIT_CHECKPOINT_UNAVAILABLE, skip_shutdown=True)
+  except ckpt_lib.CheckpointAccessDenied as e:
+    _fail(e, EXIT_CHECKPOINT_ACCESS, skip_shutdown=True)  # the same: processes may be out of step
+  except ckpt_lib.NoRestorableCheckpoint as e:
+    _fail(e, EXIT_NO_RESTORABLE_CHECKPOINT, skip_shutdown=True)
   except Exception as e:  # pylint: disable=broad-except
     if not isinstance(e, (config_check.ConfigError, ckpt_lib.CheckpointMismatch)) and not cli.is_user_error(e):
       raise  # a bug: traceback, exit 1

@@ -8,10 +8,20 @@
           worker counts (written by the primary process)
 
 Orbax writes a step into a temporary directory and renames it (or writes a commit marker on GCS) when every item is
-done, so an interrupted save never looks like a checkpoint. `restore_latest` tries the newest step first; a step
-that fails to restore (corrupted or truncated files) is moved aside to `corrupt_step_<N>_<time>` with a warning,
-and the next older one is tried. A checkpoint that cannot match this run (per-process data states on another process
-count, another optimizer layout) raises `CheckpointMismatch`: every checkpoint of the run would fail the same way.
+done, so an interrupted save never looks like a checkpoint. Every save also stores per-leaf value fingerprints of the
+state in meta/ (mmrs.train.fingerprint); a restore recomputes and compares them, so flipped bytes in array data (which
+tensorstore does not checksum) count as damage instead of resuming from wrong weights.
+
+`restore_latest` tries the newest step first and never loses progress on an error that is not proven damage (the
+rules, per exception kind of mmrs.train.storage_errors, are in its docstring): an outage stops the run
+(`CheckpointUnavailable`), a refused access stops it with a one-line error (`CheckpointAccessDenied`), proven
+damage moves that one step aside to `corrupt_step_<N>_<time>` and the previous step restores, and when none restores
+the run refuses to start over (`NoRestorableCheckpoint`) unless asked to. A checkpoint that cannot match this run
+(per-process data states on another process count, another optimizer layout) raises `CheckpointMismatch`: every
+checkpoint of the run would fail the same way.
+
+MMRS_GCS_REQUEST_RETRIES=N (tests) caps tensorstore's attempts per GCS request at N with short waits (its default,
+32 attempts with 1 s .. 32 s waits, takes ~15 minutes to give up on a persistent fault).
 """
 from __future__ import annotations
 
@@ -29,6 +39,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+from orbax.checkpoint._src.serialization import tensorstore_utils
+
+from mmrs.train import fingerprint
+from mmrs.train import storage_errors as errors
 
 FORMAT_VERSION = 1
 
@@ -41,13 +55,26 @@ class CheckpointUnavailable(RuntimeError):
   """A checkpoint could not be read (after retries) but is not proven damaged: nothing was moved; rerun later."""
 
 
+class CheckpointAccessDenied(RuntimeError):
+  """The storage refused access (permission, credentials, missing bucket): nothing was moved; fix access, rerun."""
+
+
+class NoRestorableCheckpoint(RuntimeError):
+  """Checkpoints exist but none restores; the run refuses to start over at step 0 without --allow_fresh_start."""
+
+
 RESTORE_TRIES = 3  # attempts per step and process before its failure counts
 RESTORE_BACKOFF_S = 2.0  # first wait between attempts (doubles)
-# Substrings of errors from storage outages (gRPC/tensorstore status names, HTTP throttling, sockets): such a
-# failure says nothing about the checkpoint's files, so it never leads to a quarantine.
-_TRANSIENT_MARKERS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED",
-                      "Connection reset", "Connection refused", "timed out", "Timeout", "Too Many Requests", "SlowDown",
-                      "Service Unavailable", "Temporary failure")
+
+
+def _gcs_retries_from_env() -> None:
+  """MMRS_GCS_REQUEST_RETRIES=N: tensorstore's GCS attempts per request for Orbax (module docstring)."""
+  n = os.environ.get("MMRS_GCS_REQUEST_RETRIES")
+  if n:
+    retries = {"gcs_request_retries": {"max_retries": int(n), "initial_delay": "0.05s", "max_delay": "0.2s"}}
+    for context in (tensorstore_utils._BASE_TS_CONTEXT,  # pylint: disable=protected-access
+                    tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT):  # pylint: disable=protected-access
+      context.update(retries)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,27 +196,44 @@ def absolute(path: str | epath.Path) -> epath.Path:
   return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
+_VERDICTS = (None, errors.DAMAGE, errors.UNKNOWN, errors.TRANSIENT, errors.ACCESS)  # codes 0..4, weakest first
+_ASIDE = ("corrupt_step_", "unrestorable_step_")
+
+
 class Checkpointer:
   """Saves/restores (state, data-iterator states, meta) under `directory`."""
 
   def __init__(self, directory: str | epath.Path, keep: int, async_save: bool = True):
     self.directory = absolute(directory)
+    _gcs_retries_from_env()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                            enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(
-        self.directory, item_names=("state", "data", "meta"), options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": IteratorStatesHandler(),
-                       "meta": ocp.JsonCheckpointHandler()})
+    try:
+      self._manager = ocp.CheckpointManager(
+          self.directory, item_names=("state", "data", "meta"), options=options,
+          item_handlers={"state": ocp.StandardCheckpointHandler(), "data": IteratorStatesHandler(),
+                         "meta": ocp.JsonCheckpointHandler()})
+    except Exception as e:  # pylint: disable=broad-except  (listing / creating the folder: say what to check)
+      kind = errors.classify(e)
+      if kind == errors.ACCESS:
+        raise CheckpointAccessDenied(_access_message(self.directory, None, e)) from e
+      if kind == errors.TRANSIENT:
+        raise CheckpointUnavailable(f"Could not list the checkpoints in {self.directory} ({errors.describe(e)}); "
+                                    "nothing was changed. Check the storage and rerun the same command.") from e
+      raise
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, data_states: Mapping[str, Any], meta: Mapping[str, Any]) -> bool:
-    """Starts an async save (arrays are copied to host before this returns, so the state may be donated next)."""
+    """Starts an async save (arrays are copied to host before this returns, so the state may be donated next).
+
+    The meta item gets the state's value fingerprints (mmrs.train.fingerprint), checked after every restore."""
     if step in self._manager.all_steps():
       return False
+    prints, _ = fingerprint.compute(state)
     meta = {**meta, "step": int(step), "format_version": FORMAT_VERSION, "process_count": jax.process_count(),
-            "saved_at": time.time()}
+            "saved_at": time.time(), "fingerprints": prints}
     return self._manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=IteratorStatesSave(dict(data_states)),
         meta=ocp.args.JsonSave(meta)))
@@ -197,80 +241,119 @@ class Checkpointer:
   def read_meta(self, step: int) -> dict[str, Any]:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore_latest(self, abstract_state: Any, check_meta: Callable[[dict], None] | None = None
-                     ) -> Restored | None:
-    """The newest checkpoint that restores cleanly (older ones on failure), or None when there is none.
+  def restore_latest(self, abstract_state: Any, check_meta: Callable[[dict], None] | None = None,
+                     allow_fresh_start: bool = False) -> Restored | None:
+    """The newest checkpoint that restores and proves its values, or None when there is none to resume.
 
     `check_meta(meta)` may raise `CheckpointMismatch` (e.g. an incompatible config): that stops the search, since
     it is not damage. A state whose saved tree differs from `abstract_state` also raises `CheckpointMismatch`.
 
-    Failures are retried RESTORE_TRIES times with backoff (storage hiccups). A step is moved aside only when it is
-    proven damaged: some process still fails after its retries with an error that is not a storage outage (a
-    missing, truncated or undecodable file, NaN values) and no process saw an outage-like error; the processes
-    decide together (all-gather of their verdicts). A step that still fails with an outage-like error on some
-    process is left in place and `CheckpointUnavailable` stops the run: one host's flaky read never discards a
-    checkpoint.
+    A failure is judged by `storage_errors.classify` on every process, and the processes decide together
+    (all-gather; the strongest verdict wins): ACCESS raises `CheckpointAccessDenied` at once; TRANSIENT and UNKNOWN
+    are retried RESTORE_TRIES times with backoff, then TRANSIENT raises `CheckpointUnavailable`; DAMAGE (after its
+    retries) moves that one step aside to `corrupt_step_<N>_<time>` and tries the previous step, at most once per
+    start. Nothing else is ever moved, so when checkpoints exist (or were moved aside) and none restores, this
+    raises `NoRestorableCheckpoint` listing the steps and errors, unless `allow_fresh_start`: then the unrestorable
+    steps are moved aside to `unrestorable_step_<N>_<time>` and None is returned (a new run at step 0).
     """
-    attempts = _Attempts(sorted(self._manager.all_steps(), reverse=True), self._manager)
-    for step in attempts:
+    failures, moved = [], False
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      restored, kind, error, failed = self._restore_jointly(step, abstract_state, check_meta)
+      if restored is not None:
+        if failures:
+          logging.warning("Resuming from checkpoint step %d after: %s", step, "; ".join(failures))
+        return restored
+      what = errors.describe(error) if error else "an error on another process"
+      if kind == errors.ACCESS:
+        raise CheckpointAccessDenied(_access_message(self.directory, step, error, failed))
+      if kind == errors.TRANSIENT:
+        raise CheckpointUnavailable(
+            f"Checkpoint step {step} in {self.directory} could not be read on process(es) {failed} after "
+            f"{RESTORE_TRIES} tries ({what}); it is not proven damaged, so nothing was moved. Check the storage and "
+            "rerun the same command to resume.")
+      if kind == errors.DAMAGE and not moved:
+        aside = self._move_aside(step, "corrupt_step_")
+        logging.warning("Checkpoint step %d in %s is damaged (process(es) %s, %d tries each: %s); moved it aside to "
+                        "%s, falling back to the previous checkpoint.", step, self.directory, failed, RESTORE_TRIES, what, aside)
+        failures.append(f"step {step}: damaged, moved aside to {aside} ({what})")
+        moved = True
+        continue
+      failures.append(f"step {step}: " + ("damaged, left in place (one step is moved aside per start)"
+                                          if kind == errors.DAMAGE else "not restorable and not proven damaged")
+                      + f" ({what})")
+      break
+    aside = sorted(p.name for p in self.directory.iterdir() if p.name.startswith(_ASIDE)) \
+        if self.directory.exists() else []
+    if not failures and not aside:
+      return None
+    if allow_fresh_start:
+      for step in self._manager.all_steps():
+        self._move_aside(step, "unrestorable_step_")
+      logging.warning("No checkpoint in %s restores (%s); starting a new run at step 0 as --allow_fresh_start asks.",
+                      self.directory, "; ".join(failures) or f"set aside before: {aside}")
+      return None
+    raise NoRestorableCheckpoint(
+        f"Checkpoints exist in {self.directory} but none restores: "
+        f"{'; '.join(failures) or 'every step was moved aside before'}"
+        f"{f' (set aside: {aside})' if aside else ''}. Nothing else was moved. Rerun to try the previous step (a "
+        "damaged step is moved aside once per start), move a step folder aside yourself, or pass "
+        "--allow_fresh_start to start again at step 0.")
+
+  def _restore_jointly(self, step: int, abstract_state: Any, check_meta: Callable[[dict], None] | None):
+    """(restored or None, verdict, this process's error, failed process indices) of `step`, after retries.
+
+    Every process retries together (Orbax's restore is collective: a process retrying alone would pair its barriers
+    with the others' next ones), so the verdicts are all-gathered after each try."""
+    for attempt in range(1, RESTORE_TRIES + 1):
       restored, error = None, None
       try:
-        meta = self.read_meta(step)
-        saved_count = meta.get("process_count", jax.process_count())
-        if saved_count != jax.process_count():  # elastic resume: the data item decides (IteratorStatesHandler)
-          logging.info("Checkpoint step %d was written by %d processes; resuming on %d.", step, saved_count,
-                       jax.process_count())
-        if check_meta is not None:
-          check_meta(meta)
-        _check_tree(self._manager.item_metadata(step)["state"], abstract_state, step)
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=IteratorStatesRestore(),
-            meta=ocp.args.JsonRestore()))
-        restored = Restored(step=step, state=out["state"], data_states=dict(out["data"]), meta=dict(out["meta"]))
-        if restored.meta.get("step") != step:
-          raise ValueError(f"meta says step {restored.meta.get('step')}")
-        _check_finite(restored.state)
+        restored = self._restore_step(step, abstract_state, check_meta)
       except CheckpointMismatch:
         raise
-      except Exception as e:  # pylint: disable=broad-except  (retried, then judged with the other processes)
+      except Exception as e:  # pylint: disable=broad-except  (judged with the other processes below)
         error = e
-      if self._settle(step, error, attempts):
-        return restored
-    return None
+      mine = 0 if error is None else _VERDICTS.index(errors.classify(error))
+      # A code outside 0..4 means the processes' collectives got out of step: no evidence of damage either.
+      codes = [c if 0 <= c < len(_VERDICTS) else _VERDICTS.index(errors.TRANSIENT) for c in _all_processes(mine)]
+      if not any(codes):
+        return restored, None, None, []
+      kind, failed = _VERDICTS[max(codes)], [i for i, c in enumerate(codes) if c]
+      if kind == errors.ACCESS or attempt == RESTORE_TRIES:
+        return None, kind, error, failed
+      wait = RESTORE_BACKOFF_S * 2 ** (attempt - 1)
+      logging.warning("Restoring checkpoint step %d failed on process(es) %s (here: %s); retry %d/%d in %.1fs.",
+                      step, failed, errors.describe(error) if error else "restored", attempt, RESTORE_TRIES - 1,
+                      wait)
+      time.sleep(wait)
+      self._manager.reload()
 
-  def _settle(self, step: int, error: Exception | None, attempts: "_Attempts") -> bool:
-    """The processes' joint verdict on this attempt at `step`: True = restored on every process. Otherwise every
-    process retries (together: Orbax's restore is collective, a process retrying alone would pair its barriers with
-    the others' next ones) until RESTORE_TRIES; then the step is moved aside if proven damaged, or
-    CheckpointUnavailable is raised when some process could not tell."""
-    # 0 restored, 1 failed with a damage-like error, 2 failed with a storage-outage-like one. A value that is none
-    # of these means the processes' collectives got out of step (one failed before a barrier the others reached):
-    # no evidence of damage either.
-    verdicts = [v if v in (0, 1, 2) else 2
-                for v in _all_processes(0 if error is None else 2 if _looks_transient(error) else 1)]
-    if not any(verdicts):
-      return True
-    if attempts.retry(step, error, verdicts):
-      return False
-    failed = [i for i, v in enumerate(verdicts) if v]
-    if 2 in verdicts:
-      raise CheckpointUnavailable(
-          f"Checkpoint step {step} in {self.directory} could not be read on process(es) {failed} after "
-          f"{RESTORE_TRIES} tries ({_describe(error) if error else 'an error on another process'}); it is not "
-          "proven damaged, so nothing was moved. Check the storage and rerun the same command to resume.")
-    self._quarantine(step, error, failed)
-    return False
+  def _restore_step(self, step: int, abstract_state: Any, check_meta: Callable[[dict], None] | None) -> Restored:
+    meta = self.read_meta(step)
+    saved_count = meta.get("process_count", jax.process_count())
+    if saved_count != jax.process_count():  # elastic resume: the data item decides (IteratorStatesHandler)
+      logging.info("Checkpoint step %d was written by %d processes; resuming on %d.", step, saved_count,
+                   jax.process_count())
+    if check_meta is not None:
+      check_meta(meta)
+    _check_tree(self._manager.item_metadata(step)["state"], abstract_state, step)
+    out = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=IteratorStatesRestore(), meta=ocp.args.JsonRestore()))
+    restored = Restored(step=step, state=out["state"], data_states=dict(out["data"]), meta=dict(out["meta"]))
+    if restored.meta.get("step") != step:
+      raise errors.CheckpointDamage(f"checkpoint step {step}'s meta says step {restored.meta.get('step')}")
+    _check_values(restored.state, restored.meta.get("fingerprints"), step)
+    return restored
 
-  def _quarantine(self, step: int, error: Exception | None, failed: list[int]) -> None:
-    logging.warning("Checkpoint step %d in %s is damaged (process(es) %s, %d tries each: %s); moving it aside and "
-                    "falling back to the previous checkpoint.", step, self.directory, failed, RESTORE_TRIES,
-                    _describe(error) if error else "failed on another process")
+  def _move_aside(self, step: int, prefix: str) -> str:
+    """Renames the step folder (process 0; the others wait) and rereads the step list. Returns the new name."""
+    name = f"{prefix}{step}_{int(time.time())}"
     if jax.process_index() == 0:
       src = self.directory / str(step)
       if src.exists():
-        src.rename(self.directory / f"corrupt_step_{step}_{int(time.time())}")
-    _barrier(f"mmrs_quarantine_{step}")
+        _rename_tree(src, self.directory / name)
+    _barrier(f"mmrs_move_aside_{step}")
     self._manager.reload()
+    return name
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -278,6 +361,24 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _rename_tree(src: epath.Path, dst: epath.Path) -> None:
+  """A folder rename; on object stores (no folders) every object is moved under the new prefix."""
+  if "://" not in os.fspath(src):
+    src.rename(dst)
+    return
+  import fsspec  # pylint: disable=g-import-not-at-top  (gs:// paths go through fsspec / gcsfs)
+  fs, path = fsspec.core.url_to_fs(os.fspath(src))
+  fs.mv(path, fsspec.core.url_to_fs(os.fspath(dst))[1], recursive=True)
+
+
+def _access_message(directory: epath.Path, step: int | None, error: Exception | None, failed=()) -> str:
+  where = f"checkpoint step {step} in {directory}" if step is not None else f"the checkpoints in {directory}"
+  proc = f" on process(es) {list(failed)}" if failed else ""
+  return (f"Access to {where} was refused{proc} ({errors.describe(error) if error else 'on another process'}); "
+          "nothing was moved. Check that the bucket exists and that this machine's credentials / service account may "
+          "read and write it (e.g. `gcloud storage ls` on the path), then rerun the same command.")
 
 
 def _signature(tree) -> dict[str, tuple[int, ...]]:
@@ -306,41 +407,16 @@ def _check_tree(saved_metadata, abstract_state, step: int) -> None:
       "changed? Resume with the original settings, or start a fresh --workdir.")
 
 
-def _check_finite(state) -> None:
-  """One jitted reduction over the whole tree (per-leaf eager checks would compile once per shape)."""
-  floats = [x for x in jax.tree.leaves(state) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
-  if floats and not bool(jax.jit(lambda xs: jax.numpy.all(jax.numpy.stack(
-      [jax.numpy.isfinite(x).all() for x in xs])))(floats)):
-    raise ValueError("the restored state has NaN/inf values")
-
-
-class _Attempts:
-  """Iterates over checkpoint steps, yielding a step again (after a backoff) while `retry` allows: each process
-  retries its own failures before the processes compare verdicts."""
-
-  def __init__(self, steps: list[int], manager: ocp.CheckpointManager):
-    self.steps, self.manager, self._again, self._tries = steps, manager, False, 0
-
-  def __iter__(self):
-    for step in self.steps:
-      self._tries = 1
-      yield step
-      while self._again:
-        self._again = False
-        self._tries += 1
-        yield step
-
-  def retry(self, step: int, error: Exception | None, verdicts: list[int]) -> bool:
-    if self._tries >= RESTORE_TRIES:
-      return False
-    wait = RESTORE_BACKOFF_S * 2 ** (self._tries - 1)
-    logging.warning("Restoring checkpoint step %d failed on process(es) %s (here: %s); retry %d/%d in %.1fs.", step,
-                    [i for i, v in enumerate(verdicts) if v], _describe(error) if error else "restored",
-                    self._tries, RESTORE_TRIES - 1, wait)
-    time.sleep(wait)
-    self.manager.reload()
-    self._again = True
-    return True
+def _check_values(state, saved: Mapping[str, list[int]] | None, step: int) -> None:
+  """The restored values against the fingerprints taken at save (older checkpoints have none), and NaN/inf."""
+  prints, finite = fingerprint.compute(state)
+  if saved is not None:
+    bad = fingerprint.differences(dict(saved), prints)
+    if bad:
+      raise errors.CheckpointDamage(f"checkpoint step {step}: the restored values of {len(bad)} array(s) differ from "
+                                    f"those saved (value fingerprints), e.g. {bad[:3]}")
+  if not finite:
+    raise errors.CheckpointDamage(f"checkpoint step {step}: the restored state has NaN/inf values")
 
 
 def _all_processes(value: int) -> list[int]:
@@ -348,19 +424,6 @@ def _all_processes(value: int) -> list[int]:
   if jax.process_count() == 1:
     return [int(value)]
   return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.asarray(value, np.int32))).reshape(-1)]
-
-
-def _looks_transient(error: Exception) -> bool:
-  if isinstance(error, (TimeoutError, ConnectionError)):
-    return True
-  if isinstance(error, AssertionError) and "sync_global_devices" in str(error):
-    return True  # processes out of step in Orbax's barriers (another one failed first): says nothing of the files
-  text = f"{type(error).__name__}: {error}"
-  return any(m in text for m in _TRANSIENT_MARKERS)
-
-
-def _describe(error: Exception) -> str:
-  return f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
 
 
 def _barrier(name: str) -> None:

@@ -46,13 +46,15 @@ def build_method(config):
 
 def train(config, workdir: str, *, method=None, task_data: Mapping[str, data_lib.TaskData] | Callable | None = None,
           logdir: str | None = None, allow_config_change: bool = False,
-          devices: list[jax.Device] | None = None, hooks: Sequence["StepHook"] = ()) -> dict[str, Any]:
+          devices: list[jax.Device] | None = None, hooks: Sequence["StepHook"] = (),
+          allow_fresh_start: bool = False) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its latest checkpoint). Returns a small summary dict.
 
   `method` / `task_data` may be passed in (tests, notebooks); by default they are built from the config.
   `task_data` may be a factory `(config, method, process_index, process_count) -> {task: TaskData}`.
   `devices` restricts the mesh to some devices (default: all). `hooks`: `StepHook`s run between steps (finetuning's
-  periodic validation, mmrs/finetune/validation.py).
+  periodic validation, mmrs/finetune/validation.py). `allow_fresh_start`: when checkpoints exist but none restores,
+  move them aside and start at step 0 instead of refusing (checkpoint.Checkpointer.restore_latest).
   """
   devices = list(devices) if devices is not None else jax.devices()
   config_check.resolve_compute_dtype(config, devices[0].platform)
@@ -82,7 +84,8 @@ def train(config, workdir: str, *, method=None, task_data: Mapping[str, data_lib
     logging.info("Peak %.3g FLOP/s for MFU (%s).", peak_flops, peak_source)
     with jax.set_mesh(mesh):
       trainer = Trainer(config, epath.Path(workdir), method, dict(task_data), mesh, checkpointer,
-                        epath.Path(logdir) if logdir else None, allow_config_change, peak_flops, hooks)
+                        epath.Path(logdir) if logdir else None, allow_config_change, peak_flops, hooks,
+                        allow_fresh_start)
       cleanup.callback(trainer.close)
       return trainer.run()
 
@@ -135,7 +138,8 @@ class Trainer:
 
   def __init__(self, config, workdir: epath.Path, method, task_data: dict[str, data_lib.TaskData],
                mesh: jax.sharding.Mesh, checkpointer: ckpt_lib.Checkpointer, logdir: epath.Path | None,
-               allow_config_change: bool, peak_flops: float, hooks: Sequence[StepHook] = ()):
+               allow_config_change: bool, peak_flops: float, hooks: Sequence[StepHook] = (),
+               allow_fresh_start: bool = False):
     self.config, self.workdir, self.method, self.mesh = config, workdir, method, mesh
     self.hooks = tuple(hooks)
     self.tasks = {t.name: t for t in method.tasks}
@@ -147,6 +151,7 @@ class Trainer:
     self.batch_size = config.batch_size
     self.total_steps = config.total_steps
     self.allow_config_change = allow_config_change
+    self.allow_fresh_start = allow_fresh_start
     self.peak_flops = peak_flops
     self.compiler_options = config_check.to_dict(config.get("xla_compiler_options"))  # optional key
     self.logdir = logdir or workdir
@@ -167,9 +172,17 @@ class Trainer:
     normalized = {n: jax.eval_shape(self.data[n].normalize, self.local_abstract[n]) if self.data[n].normalize
                   else self.local_abstract[n] for n in self.tasks}
     example = state_lib.example_batch(normalized)
-    self.decay_steps = self._decay_steps()
+    # The optimizer's state layout does not depend on the schedule length, which comes from the checkpoint that
+    # actually restores (a checkpoint whose meta cannot be read never restores, so it cannot change the schedule).
+    self.decay_steps = self._decay_steps(None)
     self.optimizer, self.layout = step_lib.plan_state(self.config, self.method, example, self.mesh, self.decay_steps)
-    restored = self.checkpointer.restore_latest(self.layout.abstract, check_meta=self._check_meta)
+    restored = self.checkpointer.restore_latest(self.layout.abstract, check_meta=self._check_meta,
+                                                allow_fresh_start=self.allow_fresh_start)
+    decay_steps = self._decay_steps(restored.meta) if restored is not None else self.decay_steps
+    if decay_steps != self.decay_steps:
+      self.decay_steps = decay_steps
+      self.optimizer, self.layout = step_lib.plan_state(self.config, self.method, example, self.mesh,
+                                                        self.decay_steps)
     if restored is None:
       self.step = 0
       self.state = state_lib.create(self.method, self.optimizer, example, self.layout,
@@ -189,21 +202,16 @@ class Trainer:
     self.writer.write_hparams(config_check.to_dict(self.config), [f"{t}/loss" for t in self.tasks])
     self._compile()
 
-  def _decay_steps(self) -> int:
+  def _decay_steps(self, meta: Mapping[str, Any] | None) -> int:
     """The LR schedule's length: config.optimizer.decay_steps if set, else the first run's total_steps.
 
-    The first run saves it in the checkpoint metadata, so a resume with a larger (or smaller) config.total_steps
-    continues the same schedule instead of jumping to another point of a stretched one; set
-    config.optimizer.decay_steps to stretch it on purpose.
+    The first run saves it in the checkpoint metadata (`meta`: the restored checkpoint's, None for a new run), so a
+    resume with a larger (or smaller) config.total_steps continues the same schedule instead of jumping to another
+    point of a stretched one; set config.optimizer.decay_steps to stretch it on purpose.
     """
     explicit = int(self.config.optimizer.get("decay_steps", 0) or 0)
     saved = None
-    step = self.checkpointer.latest_step()
-    if step is not None:
-      try:
-        meta = self.checkpointer.read_meta(step)
-      except Exception:  # pylint: disable=broad-except  (a damaged checkpoint: restore falls back past it)
-        meta = {}
+    if meta is not None:
       saved = meta.get("decay_steps") or meta.get("config", {}).get("total_steps")
     if explicit:
       if saved and int(saved) != explicit:
