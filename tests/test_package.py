@@ -1,18 +1,24 @@
 """`pip install .` (not editable) gives a package that imports and runs from outside the repository.
 
-To stay fast the fresh venv does not reinstall jax & co: a .pth file in it points at this interpreter's
-site-packages for the dependencies, and mmrs itself is built into a wheel and installed with --no-deps. The test then
-runs the installed copy from a directory outside the repo, with no PYTHONPATH, and checks it is that copy that ran.
+To stay fast the fresh venv does not reinstall jax & co: a .pth file in it points at a directory of links to exactly
+the distributions pyproject.toml's core dependencies pull in (their own requirements, extras and markers resolved)
+from this interpreter's site-packages, so a module mmrs imports without declaring it fails there as after
+`pip install mmrs`; mmrs itself is built into a wheel and installed with --no-deps. The tests then run the installed
+copy from a directory outside the repo, with no PYTHONPATH, and check it is that copy that ran.
 """
+import ast
 import json
 import os
 import shutil
+import importlib.metadata
+import pathlib
 import subprocess
 import sys
-import sysconfig
 import tomllib
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 import tiny_encoder
 
@@ -37,6 +43,43 @@ def _env():
   return env
 
 
+def _closure(requirements) -> dict:
+  """canonical name -> importlib.metadata Distribution of `requirements` and everything they require, here."""
+  seen, todo = {}, [Requirement(r) for r in requirements]
+  while todo:
+    req = todo.pop()
+    name, extras = canonicalize_name(req.name), frozenset(req.extras)
+    if name in seen and extras <= seen[name][1]:
+      continue
+    dist = importlib.metadata.distribution(req.name)
+    extras |= seen.get(name, (None, frozenset()))[1]
+    seen[name] = (dist, extras)
+    for line in dist.requires or []:
+      sub = Requirement(line)
+      if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in extras | {""}):
+        todo.append(sub)
+  return {name: dist for name, (dist, _) in seen.items()}
+
+
+def _link_distributions(dists, dest: pathlib.Path) -> None:
+  """Symlinks each distribution's top-level modules, packages and metadata into `dest` (namespace packages such as
+  google/ get a real directory holding links to only these distributions' sub-packages)."""
+  dest.mkdir(parents=True, exist_ok=True)
+  for dist in dists:
+    root = pathlib.Path(dist.locate_file(""))
+    for f in dist.files or []:
+      parts = pathlib.PurePath(f).parts
+      if ".." in parts or not (root / parts[0]).exists():
+        continue
+      top = parts[0]
+      namespace = (len(parts) > 2 and (root / top).is_dir() and not (root / top / "__init__.py").exists()
+                   and not top.endswith((".dist-info", ".libs", ".data")))
+      link, target = (dest / top / parts[1], root / top / parts[1]) if namespace else (dest / top, root / top)
+      link.parent.mkdir(parents=True, exist_ok=True)
+      if not link.exists() and not link.is_symlink():
+        link.symlink_to(target)
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
   """(venv python, venv bin dir, venv site-packages) with mmrs installed from a wheel."""
@@ -53,13 +96,18 @@ def installed(tmp_path_factory):
   py = venv / "bin" / "python"
   site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
                         capture_output=True, text=True).stdout.strip()
-  deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-  with open(os.path.join(site, "_mmrs_test_deps.pth"), "w") as f:
-    f.write("\n".join(sorted(deps)) + "\n")
+  declared, tools = root / "declared", root / "build_tools"
+  _link_distributions(_closure(_pyproject()["project"]["dependencies"]).values(), declared)
+  _link_distributions(_closure(["pip", "setuptools"]).values(), tools)  # to build the wheel only
+  pth = os.path.join(site, "_mmrs_test_deps.pth")
+  with open(pth, "w") as f:
+    f.write(f"{declared}\n{tools}\n")
   proc = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
                          "--quiet", "--disable-pip-version-check", str(src)], capture_output=True, text=True,
                         env=_env(), cwd=str(root))
   assert proc.returncode == 0, proc.stdout + proc.stderr
+  with open(pth, "w") as f:
+    f.write(f"{declared}\n")
   return py, venv / "bin", site
 
 
@@ -137,3 +185,72 @@ def test_tfds_source_without_tensorflow_datasets_says_how_to_install(monkeypatch
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # `import tensorflow_datasets` raises ImportError
   with pytest.raises(sources.ShardError, match=r'mmrs\[tfds\]'):
     sources.open_tfds("tfds:mmrs_eurosat:train@/nowhere", "train")
+
+
+# Import names that only an extra provides ([export], [tfds], [tensorboard]): a module may need them, with a message.
+EXTRA_IMPORTS = {"torch", "torchvision", "transformers", "timm", "tensorflow_datasets", "tensorboard"}
+
+IMPORT_ALL = r"""
+import importlib, json, pkgutil, sys
+from absl import flags
+optional, bad, count = set(json.loads(sys.argv[1])), [], 0
+base = set(flags.FLAGS)
+for top in ("mmrs", "launch", "data_prep", "configs", "benchmarks"):
+  pkg = importlib.import_module(top)
+  for m in pkgutil.walk_packages(pkg.__path__, top + "."):
+    try:
+      importlib.import_module(m.name)
+      count += 1
+    except ModuleNotFoundError as e:
+      if (e.name or "").split(".")[0] not in optional:
+        bad.append(f"{m.name}: {e}")
+    for name in set(flags.FLAGS) - base:  # launch modules define flags of the same names (--out, --checkpoint)
+      delattr(flags.FLAGS, name)
+from mmrs.finetune import robustness
+result = {"metric": "map_micro", "stresses": {"clouds": {"unit": "% cover", "severities": [0.0, 50.0]}},
+          "runs": {"r": {"modalities": ["s2"], "clean": 50.0, "skipped": {},
+                         "stresses": {"clouds": [{"severity": 0.0, "value": 50.0, "n": 2},
+                                                 {"severity": 50.0, "value": 30.0, "n": 2}]}}}}
+paths = robustness.write_outputs(sys.argv[2], result)
+print(json.dumps({"bad": bad, "count": count, "paths": paths, "mmrs": importlib.import_module("mmrs").__file__}))
+"""
+
+
+def test_every_module_runs_on_the_declared_dependencies(installed, tmp_path):
+  """Every module of the package imports (undeclared = ModuleNotFoundError) and launch.robustness's PNG renders
+  (matplotlib), with only pyproject.toml's dependencies on the path."""
+  py, _, site = installed
+  res = subprocess.run([str(py), "-c", IMPORT_ALL, json.dumps(sorted(EXTRA_IMPORTS)), str(tmp_path / "rob")],
+                       capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=1800)
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = json.loads(res.stdout.strip().splitlines()[-1])
+  assert out["mmrs"].startswith(site) and out["count"] > 50
+  assert not out["bad"], "imports missing from pyproject.toml's dependencies:\n" + "\n".join(out["bad"])
+  assert (tmp_path / "rob" / "robustness.png").stat().st_size > 1000
+
+
+def _module_flags(path: str) -> set[str]:
+  """The flag names a module defines itself: the string first argument of every DEFINE_* call in it."""
+  tree = ast.parse(open(path, encoding="utf-8").read())
+  return {node.args[0].value for node in ast.walk(tree)
+          if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")).startswith("DEFINE")
+          and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)}
+
+
+def test_every_console_script_helpshort_lists_its_flags(installed, tmp_path):
+  _, bindir, _ = installed
+  console = ast.parse(open(os.path.join(REPO, "launch", "console.py"), encoding="utf-8").read())
+  modules = {f.name: f.body[0].value.args[0].value for f in console.body
+             if isinstance(f, ast.FunctionDef) and not f.name.startswith("_")}
+  procs = {}
+  for script, target in _pyproject()["project"]["scripts"].items():
+    assert target.startswith("launch.console:"), f"{script} = {target}: run modules through launch/console.py"
+    module = modules[target.split(":")[1]]
+    procs[script] = (module, subprocess.Popen([str(bindir / script), "--helpshort"], cwd=str(tmp_path), env=_env(),
+                                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+  for script, (module, proc) in procs.items():
+    stdout, stderr = proc.communicate(timeout=1800)
+    want = _module_flags(os.path.join(REPO, *module.split(".")) + ".py")
+    assert want, module
+    missing = sorted(f for f in want if f"--{f}" not in stdout and f"--[no]{f}" not in stdout)  # [no]: a bool
+    assert proc.returncode == 1 and not missing, f"{script} --helpshort lacks {missing}:\n{stdout[-2000:]}{stderr[-2000:]}"
