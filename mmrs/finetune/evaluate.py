@@ -6,9 +6,10 @@ and reused by every call (the validation curve during training and the final tes
 / results.md (`python -m mmrs.finetune.evaluate` below). A split is read once, in order (no shuffle, no repeat,
 centre crops); the last partial batch is padded and its padding masked out (`valid`). Where the manifest counts
 chips per split (Sen1Floods11), the result's "coverage" says how many of the published chips were evaluated.
-Inputs are normalized with the TRAINING data's statistics (what the model saw). Several processes: each reads its
-share of the records, the batches become global arrays and the outputs are gathered to every process, so all
-compute the same metrics; process 0 writes the files.
+Inputs are normalized with the TRAINING data's statistics (what the model saw). Several processes: on config.mesh
+over all devices (the training layout), each process reads the rows of each global batch its devices hold, images,
+labels and `valid` become global arrays and are gathered back in row order, so every process computes the metrics
+of one process with all the devices; process 0 writes the files.
 
 Standalone, on a finished run's latest checkpoint:
     python -m mmrs.finetune.evaluate --config=configs/finetune/bigearthnet.py:demo --workdir=runs/ft_demo
@@ -55,7 +56,15 @@ class Evaluator:
     self.config, self.method = config, method
     self.ft = config.finetune
     self.batch_size = int(config.get("eval_batch_size", 0) or config.batch_size)
-    self.batch_size -= self.batch_size % jax.process_count()
+    self.mesh = None
+    if jax.process_count() > 1:  # global arrays on the training layout: the batch splits over its batch axes
+      from mmrs.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+      self.mesh = mesh_lib.make_mesh(config.mesh)
+      shards = math.prod(self.mesh.shape.get(a, 1) for a in mesh_lib.BATCH_AXES)
+      if self.batch_size < shards:
+        raise ValueError(f"eval_batch_size / batch_size={self.batch_size} is below the {shards} batch shards of "
+                         f"config.mesh={config.mesh!r}: raise it.")
+      self.batch_size -= self.batch_size % shards
     normalize = functools.partial(normalize_lib.normalize_batch,
                                   normalizer=method.training_normalizer())  # as in training
     names = _class_names(config, self.ft.label_set)
@@ -96,16 +105,18 @@ class Evaluator:
     from mmrs.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
     pcount, pindex = jax.process_count(), jax.process_index()
     eval_cfg = self.data_config(split)
+    rows = None
+    if self.mesh is not None:
+      from mmrs.train import data as data_lib  # pylint: disable=g-import-not-at-top
+      rows = data_lib.batch_rows(self.mesh, self.batch_size)  # the rows this process's devices hold
     pipe = pipeline_lib.make_pipeline(
         eval_cfg, modalities=self.method.modalities, global_batch_size=self.batch_size, seed=self.config.seed,
-        process_index=pindex, process_count=pcount, normalize="none", split=split, shuffle=False, repeat=False,
-        drop_remainder=False)
+        process_index=pindex, process_count=pcount, rows=rows, normalize="none", split=split, shuffle=False,
+        repeat=False, drop_remainder=False)
     params, state = _unbox(params), _unbox(state)
     label_key = self.method.label_key
     keep = set(self.method.modalities) | {label_key}
-    # Every process must run the same number of steps: its share is ceil or floor of N / processes.
-    local_batch = self.batch_size // pcount
-    steps = math.ceil(math.ceil(pipe.num_records / pcount) / local_batch)
+    steps = math.ceil(pipe.num_records / self.batch_size)  # global batches (the last padded): the same everywhere
     acc = metrics_lib.make_metrics(self.ft.task, self.method.num_classes, self.names, self.reported)
     start = time.perf_counter()
     template = None
@@ -117,7 +128,7 @@ class Evaluator:
           template = template or {k: np.zeros_like(v) for k, v in local.items()}
         except StopIteration:  # this process ran out one batch early: feed padding
           local = {k: np.zeros_like(v) for k, v in template.items()}
-        out, labels, valid = _run(self.predict, params, state, local, label_key, self.batch_size)
+        out, labels, valid = _run(self.predict, params, state, local, label_key, self.batch_size, self.mesh)
         acc.update(out, labels, valid)
     finally:
       pipe.close()
@@ -176,25 +187,20 @@ def run_evaluation(config, params, state, workdir: str, *, method=None, step: in
   return result
 
 
-def _run(predict, params, state, local, label_key, batch_size):
-  """(outputs, labels, valid) of one batch as host numpy, global over processes."""
-  if jax.process_count() == 1:
+def _run(predict, params, state, local, label_key, batch_size, mesh):
+  """(outputs, labels, valid) of one batch as host numpy, global over processes in global row order."""
+  if mesh is None:
     images = {k: v for k, v in local.items() if k not in (label_key, "valid")}
     return np.asarray(predict(params, state, images)), local[label_key], local["valid"]
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from mmrs.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    raise RuntimeError("Multi-process evaluation needs the training mesh set (jax.set_mesh(mesh)) around it.")
   sharding = mesh_lib.batch_sharding(mesh)
-  images = {k: jax.make_array_from_process_local_data(sharding, v, (batch_size,) + v.shape[1:])
-            for k, v in local.items() if k not in (label_key, "valid")}
-  out = predict(params, state, images)
-  out = multihost_utils.process_allgather(out, tiled=True)
-  labels = multihost_utils.process_allgather(local[label_key], tiled=False).reshape(
-      (batch_size,) + local[label_key].shape[1:])
-  valid = multihost_utils.process_allgather(local["valid"], tiled=False).reshape(batch_size)
-  return np.asarray(out), labels, valid
+  arrays = {k: jax.make_array_from_process_local_data(sharding, v, (batch_size,) + v.shape[1:])
+            for k, v in local.items()}  # this process's rows placed where its devices hold them
+  labels, valid = arrays.pop(label_key), arrays.pop("valid")
+  out = predict(params, state, arrays)
+  out, labels, valid = multihost_utils.process_allgather((out, labels, valid), tiled=True)
+  return np.asarray(out), np.asarray(labels), np.asarray(valid)
 
 
 def describe_run(config, method, step) -> dict[str, Any]:
