@@ -6,6 +6,8 @@ import subprocess
 
 import pytest
 
+from timeouts import HANG_GUARD_S
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RETAIN = "retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 PRINT_ALLOCATOR = ("import os; maps = open('/proc/self/maps').read(); "
@@ -16,7 +18,7 @@ def _run(cmd: str, **env: str) -> subprocess.CompletedProcess:
   base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", "MMRS_ALLOCATOR",
                                                           "MMRS_JEMALLOC")}
   return subprocess.run(["bash", "-c", f"source launch/allocator.sh && with_allocator {cmd}"], cwd=ROOT,
-                        capture_output=True, text=True, env={**base, **env}, timeout=60)
+                        capture_output=True, text=True, env={**base, **env}, timeout=HANG_GUARD_S)
 
 
 def test_jemalloc_is_loaded_into_the_process_with_retained_pages():

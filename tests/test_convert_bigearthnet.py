@@ -11,6 +11,7 @@ from data_prep import bigearthnet_mm, inspect
 from data_prep.convert import ConversionError
 from mmrs import bands
 from mmrs.data import bigearthnet_labels as bl
+from timeouts import HANG_GUARD_S
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "data_prep", "samples", "bigearthnet_mm")
 S1_ROOT, S2_ROOT = os.path.join(SAMPLE, "BigEarthNet-S1"), os.path.join(SAMPLE, "BigEarthNet-S2")
@@ -319,7 +320,7 @@ def test_command_line(tmp_path):
   out = str(tmp_path / "cli")
   res = subprocess.run([sys.executable, "-m", "data_prep.bigearthnet_mm", f"--src={SAMPLE}", f"--out={out}",
                         "--num_shards=1", "--workers=0", "--split=hash:0.8,0.2"],
-                       cwd=os.path.join(SAMPLE, "..", "..", ".."), capture_output=True, text=True, timeout=300)
+                       cwd=os.path.join(SAMPLE, "..", "..", ".."), capture_output=True, text=True, timeout=HANG_GUARD_S)
   assert res.returncode == 0, res.stderr
   assert "wrote 17 records (pairs=6, s1_only=3, s2_only=8, skipped=0)" in res.stderr
   m = inspect.load_manifest(out)

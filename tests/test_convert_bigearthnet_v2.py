@@ -12,6 +12,7 @@ import rasterio
 
 from data_prep import bigearthnet_mm, inspect
 from mmrs.data import bigearthnet_labels as bl
+from timeouts import HANG_GUARD_S
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "data_prep", "samples", "bigearthnet_mm")
 REPO = os.path.join(os.path.dirname(__file__), "..")
@@ -113,7 +114,7 @@ def pid_of(i):
 def test_v2_command_line_end_to_end(v2_src, tmp_path):
   out = str(tmp_path / "out")
   res = subprocess.run([sys.executable, "-m", "data_prep.bigearthnet_mm", f"--src={v2_src}", f"--out={out}",
-                        "--num_shards=1", "--workers=0"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                        "--num_shards=1", "--workers=0"], cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
   assert res.returncode == 0, res.stderr
   assert "wrote 4 records (pairs=4, s1_only=0, s2_only=0, skipped=0)" in res.stderr
   m = inspect.load_manifest(out)
@@ -176,7 +177,7 @@ def test_v2_parquet_without_expected_columns_is_a_one_line_error(v2_src, tmp_pat
   path = os.path.join(src, bigearthnet_mm.V2_METADATA)
   pq.write_table(pq.read_table(path).drop(["s1_name"]), path)
   res = subprocess.run([sys.executable, "-m", "data_prep.bigearthnet_mm", f"--src={src}", f"--out={tmp_path}/o",
-                        "--workers=0"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                        "--workers=0"], cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
   assert res.returncode != 0 and not os.path.exists(tmp_path / "o")
   last = res.stderr.strip().splitlines()[-1]
   assert "metadata.parquet lacks column(s) ['s1_name']" in last and "Traceback" not in res.stderr
@@ -274,7 +275,7 @@ def test_tfds_builder_reads_v2_official_splits_without_flagged_patches(v2_src, t
   data_dir = str(tmp_path / "tfds")
   res = subprocess.run([sys.executable, "-m", "data_prep.tfds.prepare", "--dataset=mmrs_bigearthnet_mm",
                         f"--manual_dir={v2_src}", f"--data_dir={data_dir}"], cwd=REPO, capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=HANG_GUARD_S)
   assert res.returncode == 0, res.stderr
   assert f"tfds:mmrs_bigearthnet_mm/v2:SPLIT@{data_dir}" in res.stdout
 

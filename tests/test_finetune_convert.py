@@ -16,6 +16,7 @@ from mmrs import bands as B
 from mmrs.finetune import convert
 from mmrs.models import vit
 from mmrs.train import checkpoint as ckpt_lib
+from timeouts import HANG_GUARD_S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 P, SIZE = 4, 8  # patch 4, 8 px images: a 2 x 2 grid
@@ -181,12 +182,12 @@ def test_convert_checkpoint_command_line(pretrained, tmp_path):
   out = tmp_path / "enc"
   cmd = [sys.executable, "-m", "launch.convert_checkpoint", f"--checkpoint={workdir}", f"--out={out}",
          "--modalities=s2", f"--image_size={SIZE}", "--bands=B02,B03,B04,B08"]
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-2000:]
   meta = json.loads((out / "encoder.json").read_text())
   assert meta["bands"] == {"s2": ["B02", "B03", "B04", "B08"]} and meta["modalities"] == ["s2"]
-  bad = subprocess.run(cmd[:-1] + ["--bands=B02,XX"], cwd=REPO, capture_output=True, text=True, timeout=120,
+  bad = subprocess.run(cmd[:-1] + ["--bands=B02,XX"], cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert bad.returncode != 0 and "Unknown band name(s) ['XX']" in bad.stderr
 

@@ -13,6 +13,7 @@ from data_prep import inspect
 from mmrs.data.writer import DatasetWriter
 from mmrs import bands
 from mmrs.data import records
+from timeouts import HANG_GUARD_S
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 NAMES = ["water", "forest", "field"]
@@ -114,7 +115,7 @@ def test_record_that_does_not_decode_is_named(damaged, tmp_path):
 def test_cli_exit_codes(dataset, damaged):
   def cli(*args):
     return subprocess.run([sys.executable, "-m", "data_prep.inspect", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=HANG_GUARD_S)
   ok = cli(dataset, "--limit=2", "--format=json")
   assert ok.returncode == 0, ok.stderr
   assert len(ok.stdout.splitlines()) == 3

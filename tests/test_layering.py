@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+from timeouts import HANG_GUARD_S
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -33,7 +35,7 @@ def test_every_mmrs_module_imports_without_configs_and_data_prep():
       "  importlib.import_module(n)\n"
       "print('ok', len(sys.modules))\n")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
   assert res.returncode == 0, res.stderr[-3000:]
 
 

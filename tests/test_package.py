@@ -21,6 +21,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import tiny_encoder
+from timeouts import HANG_GUARD_S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("mmrs", "configs", "data_prep", "launch", "benchmarks")
@@ -150,7 +151,7 @@ def test_installed_package_loads_an_encoder_outside_the_repo(installed, tmp_path
           "t = e.embed(**e.normalize(s2=np.full((1, 8, 8, 13), 1000, np.uint16))); "
           "print(mmrs.__file__); print(t.shape)") % enc_dir
   out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, env=_env(), cwd=str(tmp_path),
-                       timeout=300)
+                       timeout=HANG_GUARD_S)
   assert out.returncode == 0, out.stderr[-3000:]
   where, shape = out.stdout.strip().splitlines()[-2:]
   assert where.startswith(site), f"imported {where}, not the installed copy in {site}"
@@ -160,11 +161,11 @@ def test_installed_package_loads_an_encoder_outside_the_repo(installed, tmp_path
 def test_console_scripts_run(installed, tmp_path):
   _, bindir, _ = installed
   out = subprocess.run([str(bindir / "mmrs-train"), "--helpshort"], capture_output=True, text=True, env=_env(),
-                       cwd=str(tmp_path), timeout=300)
+                       cwd=str(tmp_path), timeout=HANG_GUARD_S)
   assert out.returncode == 1, out.stderr[-3000:]  # absl exits 1 after --help, as `python -m launch.main` does
   assert "Entry point" in out.stdout and "--workdir" in out.stdout and "--config" in out.stdout  # launch.main's
   out = subprocess.run([str(bindir / "mmrs-export"), "--checkpoint=" + str(tmp_path / "nothing"), "--out=x"],
-                       capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=300)
+                       capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=HANG_GUARD_S)
   # launch.export's main ran, and its user error is one line and exit 2 (launch/cli.py), as with `python -m`
   assert out.returncode == 2 and out.stderr.strip().startswith("ERROR: export:"), out.stderr[-3000:]
   assert "launch.convert_checkpoint" in out.stderr and "Traceback" not in out.stderr
@@ -172,7 +173,8 @@ def test_console_scripts_run(installed, tmp_path):
                                 "configs.__file__))"], capture_output=True, text=True, env=_env(), cwd=str(tmp_path),
                                check=True).stdout.strip()
   out = subprocess.run([str(bindir / "mmrs-aot"), f"--config={configs_dir}/mixmae.py:tiny", "--topology=cpu:2",
-                        "--plan_only"], capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=300)
+                        "--plan_only"], capture_output=True, text=True, env=_env(), cwd=str(tmp_path),
+                       timeout=HANG_GUARD_S)
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])  # launch.aot's JSON line, from the installed copy
   assert report["devices"] == 2 and report["per_device_param_and_opt_bytes"] > 0
@@ -221,7 +223,7 @@ def test_every_module_runs_on_the_declared_dependencies(installed, tmp_path):
   (matplotlib), with only pyproject.toml's dependencies on the path."""
   py, _, site = installed
   res = subprocess.run([str(py), "-c", IMPORT_ALL, json.dumps(sorted(EXTRA_IMPORTS)), str(tmp_path / "rob")],
-                       capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=1800)
+                       capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=HANG_GUARD_S)
   assert res.returncode == 0, res.stderr[-3000:]
   out = json.loads(res.stdout.strip().splitlines()[-1])
   assert out["mmrs"].startswith(site) and out["count"] > 50
@@ -233,7 +235,8 @@ def _module_flags(path: str) -> set[str]:
   """The flag names a module defines itself: the string first argument of every DEFINE_* call in it."""
   tree = ast.parse(open(path, encoding="utf-8").read())
   return {node.args[0].value for node in ast.walk(tree)
-          if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")).startswith("DEFINE")
+          if isinstance(node, ast.Call)
+          and getattr(node.func, "attr", getattr(node.func, "id", "")).startswith("DEFINE")
           and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)}
 
 
@@ -249,8 +252,9 @@ def test_every_console_script_helpshort_lists_its_flags(installed, tmp_path):
     procs[script] = (module, subprocess.Popen([str(bindir / script), "--helpshort"], cwd=str(tmp_path), env=_env(),
                                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
   for script, (module, proc) in procs.items():
-    stdout, stderr = proc.communicate(timeout=1800)
+    stdout, stderr = proc.communicate(timeout=HANG_GUARD_S)
     want = _module_flags(os.path.join(REPO, *module.split(".")) + ".py")
     assert want, module
     missing = sorted(f for f in want if f"--{f}" not in stdout and f"--[no]{f}" not in stdout)  # [no]: a bool
-    assert proc.returncode == 1 and not missing, f"{script} --helpshort lacks {missing}:\n{stdout[-2000:]}{stderr[-2000:]}"
+    assert proc.returncode == 1 and not missing, \
+        f"{script} --helpshort lacks {missing}:\n{stdout[-2000:]}{stderr[-2000:]}"

@@ -14,6 +14,7 @@ from data_prep import inspect, pair_catalog
 from data_prep.convert import ConversionError
 from data_prep.pair_catalog import CatalogError
 from mmrs import bands
+from timeouts import HANG_GUARD_S
 
 CRS = "EPSG:32633"
 T0 = dt.datetime(2022, 6, 1, 10, 30, tzinfo=dt.timezone.utc)
@@ -269,7 +270,7 @@ def test_command_line(tmp_path, chips):
   cat = write_catalog(str(tmp_path), rows, fmt="csv")
   res = subprocess.run([sys.executable, "-m", "data_prep.pair_catalog", f"--catalog={cat}",
                         f"--out={tmp_path / 'cli'}", "--max_days=8", "--workers=0", "--licence=CC-BY-4.0"],
-                       cwd=os.path.join(SAMPLE_L1C, "..", "..", ".."), capture_output=True, text=True, timeout=300)
+                       cwd=os.path.join(SAMPLE_L1C, "..", "..", ".."), capture_output=True, text=True, timeout=HANG_GUARD_S)
   assert res.returncode == 0, res.stderr
   m = inspect.load_manifest(str(tmp_path / "cli"))
   assert m["counts"]["pairs"] == 1 and m["licence"] == "CC-BY-4.0" and m["pairing"]["max_days"] == 8

@@ -18,6 +18,7 @@ from mmrs.train import checkpoint as ckpt_lib
 from mmrs.train import config_check
 from mmrs.train import loop
 from mmrs.train import step as step_lib
+from timeouts import HANG_GUARD_S
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -250,7 +251,7 @@ def test_kill9_after_checkpoint_then_resume_is_exact(runs, tmp_path):
     proc.wait()
   assert proc.returncode == -signal.SIGKILL
   env.pop("MMRS_TOY_BLOCK_AT")
-  done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "Resumed" in done.stderr and "at step 4" in done.stderr
   assert losses(workdir) == losses(runs["data8"]["workdir"])
@@ -266,7 +267,7 @@ def subprocess_env(tmp_path, devices=8):
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
-def _wait_for(predicate, what, timeout=120):
+def _wait_for(predicate, what, timeout=HANG_GUARD_S):
   deadline = time.monotonic() + timeout
   while not predicate():
     if time.monotonic() > deadline:
