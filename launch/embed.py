@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 
 from absl import flags
+from absl import logging
 
 from launch import cli
 
@@ -65,6 +66,8 @@ def file_bands(path: str, count: int, descriptions, given: str, modality: str) -
   if modality == "s2" and count == len(bands_lib.S2_L2A_BANDS):
     full = bands_lib.S2_L2A_BANDS
   if count == len(full):
+    logging.warning("%s has no band descriptions: assuming the standard %s order %s (name the file's bands with "
+                    "%s=... if they are in another order).", path, modality.upper(), ",".join(full), flag)
     return tuple(full)
   raise ValueError(f"{path} has {count} bands without descriptions: name them in file order with {flag}=....")
 

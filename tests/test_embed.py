@@ -106,6 +106,14 @@ def test_embed_matches_bands_by_name_not_position(encoders, tmp_path):
     assert np.abs(f.read() - grids[0]).max() > 1e-2
 
 
+def test_a_file_without_band_descriptions_logs_the_order_assumed(caplog):
+  with caplog.at_level("WARNING"):
+    names = embed.file_bands("bare.tif", 13, (None,) * 13, "", "s2")
+  assert names == B.S2_L1C_BANDS
+  assert "bare.tif has no band descriptions: assuming the standard S2 order " + ",".join(B.S2_L1C_BANDS) in caplog.text
+  assert "--s2_bands" in caplog.text
+
+
 def test_embed_s1_with_s2_on_one_grid(tmp_path):
   enc_dir = tiny_encoder.write_encoder(tmp_path / "enc", tiny_encoder.vit_params(patch=4, size=8), image_size=16,
                                        modalities="s1,s2")
