@@ -112,6 +112,14 @@ class Cluster:
 
   def stop(self) -> None:
     if any(p.poll() is None for p in self.procs[1:]):
+      # Jobs first (`scontrol shutdown` leaves running steps behind): SIGKILL to every process of every job.
+      jobs = self.run("squeue", "-h", "-o", "%A", check=False).split()
+      if jobs:
+        self.run("scancel", "--signal=KILL", "--full", *jobs, check=False)
+        self.run("scancel", *jobs, check=False)
+        deadline = time.monotonic() + 30
+        while self.run("squeue", "-h", "-t", "R,CG", "-o", "%A", check=False).split() and time.monotonic() < deadline:
+          time.sleep(0.3)
       subprocess.run(["scontrol", "shutdown"], env=self.env, capture_output=True, timeout=30)
       deadline = time.monotonic() + 20
       while any(p.poll() is None for p in self.procs[1:]) and time.monotonic() < deadline:

@@ -255,6 +255,10 @@ class Trainer:
 
   def run(self) -> dict[str, Any]:
     self._setup()
+    if jax.process_count() > 1:  # restore, data workers and compiling take longer on a busy host: start step 1
+      # together (CPU/gloo gives up on a collective whose peers are 30 s late; a coordination-service barrier waits)
+      from orbax.checkpoint import multihost as ocp_multihost  # pylint: disable=g-import-not-at-top
+      ocp_multihost.get_barrier_sync_fn()(key=f"mmrs_train_start_{self.workdir}_{self.step}", timeout_ms=600_000)
     cfg = self.config
     log_every = cfg.log_every_steps
     ckpt_every = cfg.get("checkpoint_every_steps", 0)
