@@ -1,8 +1,9 @@
 """A real SLURM cluster on this machine for the launcher tests: munge + slurmctld + two slurmd nodes (n1, n2) with
-fake GPU GRES, in a temporary directory (recipe and measured behaviour: README "Run on a GPU cluster with SLURM").
+fake GPU GRES, in a temporary directory (what the job does on it: README "Run on a GPU cluster / a TPU pod").
 
-`start(root)` (root: a directory whose parents are all o+x, as munged requires) returns a `Cluster` (its `env` points the SLURM clients at it); `Cluster.stop()` shuts everything
-down by PID and removes the /etc/hosts line that makes n1/n2 resolve. `unavailable_reason()` says why this machine
+`start(root)` (root: a directory whose parents are all o+x, as munged requires) returns a `Cluster` (its `env`
+points the SLURM clients at it); `Cluster.stop()` kills its jobs, shuts everything down by PID and removes the
+/etc/hosts line that makes n1/n2 resolve. `unavailable_reason()` says why this machine
 cannot run one (not root, packages missing), None when it can; tests/conftest.py's `real_slurm` fixture skips with
 that reason, except under CI=true, where .ci/run installs the packages and the tests must run.
 """
