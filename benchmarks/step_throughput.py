@@ -10,6 +10,7 @@ Tasks run in the config's schedule (alternating tasks interleave as in training)
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import jax
@@ -125,7 +126,7 @@ def benchmark(config, *, method=None, steps: int = 20, warmup: int = 3, real_dat
       "data": "real" if real_data else "synthetic", "steps": steps, "seconds": seconds,
       "minor_faults_per_step": faults / steps,
       "steps_per_s": steps / seconds, "images_per_s": steps * config.batch_size / seconds,
-      "mfu": flops / seconds / peak if peak else None, "peak_flops": peak, "peak_source": peak_source,
+      "mfu": flops / seconds / peak if math.isfinite(peak) and peak > 0 else None, "peak_flops": peak, "peak_source": peak_source,
       "params": state_lib.count_params(state["params"]), "compile_s": compile_s, "memory_mib": memory,
       "last_loss": float(jnp.asarray(metrics["loss"])),
   }
@@ -138,7 +139,8 @@ def main(argv):
                   view_channels=tuple(int(c) for c in f.byol_view_channels))
   print(f"{out['method']} on {out['devices']} x {out['device_kind']} (mesh {out['mesh']}), batch {out['batch_size']},"
         f" {out['data']} data: {out['steps_per_s']:.2f} steps/s, {out['images_per_s']:,.0f} images/s, "
-        f"MFU {100 * out['mfu']:.1f}% of {out['peak_flops']:.3g} FLOP/s ({out['peak_source']})")
+        + (f"MFU {100 * out['mfu']:.1f}% of {out['peak_flops']:.3g} FLOP/s ({out['peak_source']})"
+           if out["mfu"] is not None else f"MFU n/a ({out['peak_source']})"))
   for name, mem in out["memory_mib"].items():
     print(f"  {name}: compiled in {out['compile_s'][name]:.1f}s; per-device MiB "
           + (", ".join(f"{k}={v:,.1f}" for k, v in mem.items()) or "not reported"))

@@ -122,6 +122,10 @@ def test_step_throughput_benchmark():
   assert out["steps_per_s"] > 0 and out["images_per_s"] == pytest.approx(out["steps_per_s"] * 8)
   assert 0 < out["mfu"] and set(out["memory_mib"]) == {"recon", "cross"}
   assert json.loads(json.dumps(out)) == out  # the JSON line
+  config.peak_flops_per_device = 0.0  # a CPU: MFU n/a is None in the JSON line (was NaN, printed "MFU nan%")
+  out = step_throughput.benchmark(config, method=toy.build(config), steps=1, warmup=1, s2_channels=3,
+                                  devices=jax.devices()[:2])
+  assert out["mfu"] is None
 
 
 def test_tpu_vm_dry_run_prints_the_commands():
