@@ -85,6 +85,7 @@ def dataset_config(shards: str = "", **overrides) -> ml_collections.ConfigDict:
       # G: a host reads/stages only the shards of its groups (mmrs/data/shard_groups.py); 0 = the manifest's
       # shard_groups, else 1 (every host reads every shard). Fixed for a run by its first checkpoint.
       shard_groups=0,
+      read="crop",  # crop: read only the rows a crop needs (uncompressed shards; mmrs/data/crop_read.py) | record
   ))
   d.update(overrides)
   return d

@@ -93,7 +93,8 @@ def describe(data_cfg, modalities: Sequence[str], split: str | None = None,
   split = split or data_cfg.get("split", "train")
   groups = tuple(data_cfg.get("groups", None) or sources.default_groups(modalities))
   # A remote URL (gs://...) is copied to local disk first (ArrayRecord reads local files): mmrs.data.staging.
-  info = sources.open_source(staging.resolve(data_cfg, split, groups, files), split, groups, files)
+  info = sources.open_source(staging.resolve(data_cfg, split, groups, files), split, groups, files,
+                             read=str(data_cfg.get("read", "crop")))
   where = f"{data_cfg.shards}/manifest.json" if not data_cfg.shards.startswith("tfds:") else data_cfg.shards
   bands = {}
   for m in modalities:

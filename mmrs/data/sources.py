@@ -11,6 +11,7 @@ import bisect
 import concurrent.futures
 import dataclasses
 import json
+import os
 import re
 from typing import Any, Sequence
 
@@ -100,6 +101,33 @@ class ArrayRecordShards:
     return f"ArrayRecordShards({len(self.paths)} files, {len(self)} records)"
 
 
+READ = ("crop", "record")
+
+
+def _open_shards(paths: list[str], manifest: dict, read: str):
+  if read not in READ:
+    raise ShardError(f"data.read={read!r}: use one of {READ}.")
+  counts = manifest.get("records_per_shard") or {}
+  names = [epath.Path(p).name for p in paths]
+  if (read == "crop" and manifest.get("compression", "uncompressed") == "uncompressed"
+      and all(n in counts for n in names) and not any("://" in p for p in paths)):
+    from mmrs.data import crop_read  # pylint: disable=g-import-not-at-top
+    files = manifest.get("files") or {}
+    # The crop reader reads no footer and no chunk hashes: only files of the size the manifest gives qualify
+    # (others, e.g. truncated or rewritten ones, go through ArrayRecord's reader, which checks them).
+    changed = [p for p, n in zip(paths, names)
+               if files.get(n, {}).get("bytes") is not None and os.path.getsize(p) != int(files[n]["bytes"])]
+    if changed:
+      logging.warning("%s differs in size from manifest.json: reading whole records through ArrayRecord.", changed[0])
+      return ArrayRecordShards(paths, counts)
+    try:
+      return crop_read.CropReadShards(paths, [counts[n] for n in names])
+    except (crop_read.NotCropReadable, OSError) as e:
+      logging.warning("data.read='crop' cannot read %s (%s): reading whole records through ArrayRecord.", paths[0],
+                      e)
+  return ArrayRecordShards(paths, counts)
+
+
 def _read_json(path: epath.Path) -> dict | None:
   if not path.exists():
     return None
@@ -126,11 +154,13 @@ def read_manifest(directory: str) -> dict:
 
 
 def open_directory(directory: str, split: str, groups: Sequence[str],
-                   only: Sequence[str] | None = None) -> SourceInfo:
+                   only: Sequence[str] | None = None, read: str = "record") -> SourceInfo:
   """A dataset directory written by data_prep (manifest.json + stats.json + shards) -> SourceInfo.
 
   only: the shard files to open, in this order (this process's shard groups, mmrs.data.shard_groups); default:
-  every file of (split, groups). Files not opened need not be present (a host stages only its share)."""
+  every file of (split, groups). Files not opened need not be present (a host stages only its share).
+  read: "crop" reads only the rows a crop needs from uncompressed shards (mmrs.data.crop_read; other shards fall
+  back to "record"), "record" reads whole records through ArrayRecord."""
   root = epath.Path(directory)
   manifest = read_manifest(directory)
   unknown = [g for g in groups if g not in GROUPS]
@@ -153,7 +183,7 @@ def open_directory(directory: str, split: str, groups: Sequence[str],
   if missing:
     raise ShardError(f"{directory}: shard file(s) {missing[:3]}{'...' if len(missing) > 3 else ''} listed in "
                      "manifest.json are missing; copy the whole dataset directory again.")
-  source = ArrayRecordShards([str(root / f) for f in files], manifest.get("records_per_shard"))
+  source = _open_shards([str(root / f) for f in files], manifest, read)
   stats_file = str(root / "stats.json")
   stats = _read_json(root / "stats.json")
   bands = {m: tuple(b) for m, b in manifest.get("bands", {}).items()}
@@ -271,15 +301,16 @@ def open_tfds(spec: str, split: str) -> SourceInfo:
   return SourceInfo(TfdsRecords(ds, name, bands), manifest, stats, stats_file, bands, manifest["label_sets"], len(ds))
 
 
-def open_source(shards: str, split: str, groups: Sequence[str], only: Sequence[str] | None = None) -> SourceInfo:
-  """Dispatches on `data.shards`: a dataset directory (local path or gs://...) or a tfds: spec. `only`: see
+def open_source(shards: str, split: str, groups: Sequence[str], only: Sequence[str] | None = None,
+                read: str = "record") -> SourceInfo:
+  """Dispatches on `data.shards`: a dataset directory (local path or gs://...) or a tfds: spec. `only`, `read`: see
   `open_directory` (directories only)."""
   if not shards:
     raise ShardError("data.shards is empty: set it to a dataset directory written by data_prep, or "
                      "tfds:NAME[:SPLIT]@DATA_DIR.")
   if shards.startswith("tfds:"):
     return open_tfds(shards, split)
-  return open_directory(shards, split, groups, only)
+  return open_directory(shards, split, groups, only, read)
 
 
 class IndexedSource:

@@ -28,7 +28,10 @@ RESUME_SAFE = ("total_steps", "log_every_steps", "checkpoint_every_steps", "keep
 # ... and these settings of a dataset (`data.<dataset>.<key>`): how many processes/threads read and prefetch, which
 # the data do not depend on (mmrs/data/pipeline.py: a global sample order, and a data state that is the number of
 # global batches consumed). What does change the data (seed, batch_size, shards, image_size, ...) stays breaking.
-RESUME_SAFE_DATA_KEYS = ("workers", "read_threads", "worker_buffer_size", "thread_prefetch")
+# Where a host stages its share and how much room it has, and data.read (the same values either way,
+# tests/test_crop_read.py), do not change the data either.
+RESUME_SAFE_DATA_KEYS = ("workers", "read_threads", "worker_buffer_size", "thread_prefetch", "stage_dir",
+                         "stage_quota_gb", "read")
 # Allowed on resume with a warning (the run continues, but its curve is no longer one uninterrupted run). `on_bad`
 # is here so that a run stopped by a bad record can be resumed with on_bad="skip".
 # grad_accum_steps: the MAE family computes the same math with any k (mmrs/train/step.py); RS-BYOL's BatchNorm batch
