@@ -127,10 +127,6 @@ def run(config, topology: str, device_memory_gb: float = 0.0, out=sys.stdout,
     return 0
   for name, numbers in report["tasks"].items():
     print(aot.format_table(name, numbers), file=out)
-  if report.get("platform") == "gpu" and any("xla" in t["attention"] for t in report["tasks"].values()):
-    print("note: compiled with XLA's attention; on the GPU, config.model.attention=auto takes cuDNN flash attention "
-          "for bfloat16 (it cannot be compiled without a GPU), which needs less memory: attention's share of the "
-          "temp bytes is an upper bound.", file=out)
   mem = report["device_memory_bytes"]
   print(f"{report['devices']} x {report['device_kind']}, mesh {report['mesh']}, device memory "
         f"{'unknown' if mem is None else f'{mem / 2**30:.1f} GiB'} ({report['memory_source']}): "

@@ -10,7 +10,8 @@ launch.aot that is the host's CPU, and a v5p or H100 program would be compiled w
 - `attention` (what model.attention="auto" becomes, mmrs/models/vit.py attend()): "head_major" on CPU (the layout
   XLA:CPU's batched dot takes without copies), "cudnn" (flash attention) on GPU for bfloat16/float16 activations,
   XLA's dot_product_attention otherwise (TPU, float32 GPU). attend() falls back to XLA's where jax refuses cuDNN
-  while tracing (shapes it does not support; a compile-only GPU on a host without cuDNN, i.e. launch.aot).
+  for the shapes, forward or backward (an odd token count, e.g. 64 patches + CLS); a compile-only GPU (launch.aot)
+  compiles cuDNN attention like a real one.
 Inputs are the same on every platform, so they need no choice: the step receives batches as the pipeline stores
 them (S2 uint16, S1 float32 dB, s1_valid uint8: mmrs/data/records.py ARRAY_DTYPES) and normalizes them on device
 (mmrs/train/data.py, step.py); launch.aot compiles those raw inputs and the normalization too.

@@ -161,14 +161,29 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return out.transpose(0, 2, 1, 3)
 
 
+def _cudnn_trainable(q, k, v) -> bool:
+  """Whether jax takes cuDNN flash attention for these shapes forward AND backward. Its backward rule checks more
+  than the forward (an odd sequence length is refused for training: ViT-B/16 at 128 px with a CLS token has 65
+  tokens), and it refuses while the step's gradient is traced, past any fallback around the forward call; so both
+  are traced here, abstractly (nothing is added to the program)."""
+  def forward_backward(*args):
+    out, vjp = jax.vjp(functools.partial(jax.nn.dot_product_attention, implementation="cudnn"), *args)
+    return vjp(out)
+  try:
+    jax.eval_shape(forward_backward, *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)))
+  except (NotImplementedError, RuntimeError, ValueError):
+    return False
+  return True
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto") -> jax.Array:
   """Softmax attention on (B, N, heads, head_dim) (config.model.attention).
 
   implementation: "xla" (`jax.nn.dot_product_attention`'s XLA path), "head_major" (`head_major_attention`: the same
   math with fewer layout copies; the faster one on CPU), "cudnn" (fused flash attention; GPU, bf16/fp16,
   head_dim % 8 == 0), or "auto": what `mmrs.target.choices` picks for the platform being compiled for (the
-  target's under launch.aot, not this host's). jax checks cuDNN support while tracing, so an "auto" cuDNN choice
-  falls back to XLA when that check refuses. The ops run under the named scope `attention_<implementation>`, so
+  target's under launch.aot, not this host's). An "auto" cuDNN choice falls back to XLA where jax refuses cuDNN
+  for these shapes, forward or backward (`_cudnn_trainable`). The ops run under the named scope `attention_<implementation>`, so
   the compiled HLO's op names say which implementation a program got (tests/test_aot_target.py reads them).
   """
   if implementation not in ATTENTION_IMPLEMENTATIONS:
@@ -176,12 +191,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto
                      "(config.model.attention).")
   if implementation == "auto":
     implementation = target.choices(target.platform(), q.dtype).attention
-    if implementation == "cudnn":
-      try:
-        with jax.named_scope("attention_cudnn"):
-          return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-      except (NotImplementedError, RuntimeError, ValueError):
-        implementation = "xla"
+    if implementation == "cudnn" and not _cudnn_trainable(q, k, v):
+      implementation = "xla"
   with jax.named_scope(f"attention_{implementation}"):
     if implementation == "head_major":
       return head_major_attention(q, k, v)

@@ -8,9 +8,9 @@ its uint8 `s1_valid`), normalized inside the step as in training (placeholder st
 for any); BYOL-style tasks: two float32 views of `config.views.image_size` (normalized on the host, as in training).
 The program is the target's: mmrs/target.py decides attention and compute dtype from the devices compiled for (the
 step is traced under `target.compiling_for`), and the target's performance flags (mmrs/train/perf_flags.py, what
-the launchers set) are passed as compile options, which the target's compiler checks. A GPU program gets XLA's
-attention even where a real GPU would take cuDNN's (jax cannot trace cuDNN attention without cuDNN, nor XLA compile
-it without a device): its attention memory is an upper bound (the report's per-task "attention" says which).
+the launchers set) are passed as compile options, which the target's compiler checks. The report's per-task
+"attention" says which implementation the compiled program holds (a GPU target compiles cuDNN flash attention
+without a GPU, where jax accepts it for the shapes).
 
 Topologies: `cpu:N` (N CPU devices; the process must start with XLA_FLAGS=--xla_force_host_platform_device_count>=N,
 which launch/aot.py sets); TPU slices by their Cloud name (`v4-32`, `v5p-128`, `v5e-256`, `v6e-64`: the v4/v5p
