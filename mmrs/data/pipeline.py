@@ -14,6 +14,13 @@ global position), never by process or worker. So global batch k holds the same r
 whatever the number of processes, devices or grain workers: a run can resume on another process count (elastic
 resume) and stays exactly one run.
 
+Shard groups (`data.shard_groups` or the manifest's, mmrs/data/shard_groups.py; docs/DESIGN_data.md): with G > 1
+the dataset's shards are dealt into G fixed groups, rows [j*B/G, (j+1)*B/G) of every global batch read group j, and
+row r = j*B/G + s of batch k reads group j's record at position q = k*B/G + s of its own order (a seeded permutation
+per (group, epoch)); augmentation stays keyed by the global position k*B + r. A process then stages, opens and reads
+only the shards of the groups its rows fall in (1/P of the dataset when P divides G), and the global batches are
+still independent of the process count. G = 1 (the default) is the single global permutation above.
+
 Why not grain's `ElasticIterator` (grain 0.2.18, `grain._src.python.dataset.elastic_iterator`), the other route
 to elastic resume: it also keeps global batch k = positions [k*B, (k+1)*B) and a process-count-free state
 (`global_next_index`), but process i takes positions i, i+P, i+2P, ... of each batch. The batch sharding puts
