@@ -230,6 +230,7 @@ class Checkpointer:
 
     The meta item gets the state's value fingerprints (mmrs.train.fingerprint), checked after every restore."""
     if step in self._manager.all_steps():
+      logging.warning("Checkpoint step %d already exists in %s: not saved again.", step, self.directory)
       return False
     prints, _ = fingerprint.compute(state)
     meta = {**meta, "step": int(step), "format_version": FORMAT_VERSION, "process_count": jax.process_count(),
@@ -371,6 +372,8 @@ def _rename_tree(src: epath.Path, dst: epath.Path) -> None:
   import fsspec  # pylint: disable=g-import-not-at-top  (gs:// paths go through fsspec / gcsfs)
   fs, path = fsspec.core.url_to_fs(os.fspath(src))
   fs.mv(path, fsspec.core.url_to_fs(os.fspath(dst))[1], recursive=True)
+  for instance in list(type(fs)._cache.values()):  # pylint: disable=protected-access
+    instance.invalidate_cache()  # epath's instance (other options) would still list the old step
 
 
 def _access_message(directory: epath.Path, step: int | None, error: Exception | None, failed=()) -> str:

@@ -1,8 +1,8 @@
 """The persistent XLA compilation cache (`config.compilation_cache_dir`), so a requeued job does not recompile.
 
-"auto" (the default) puts it in `<workdir>/compilation_cache` when the workdir is local (a remote workdir gets no
-cache: jax's file cache wants a local or mounted path; give one explicitly), "" turns it off, any other value is the
-directory. The thresholds are lowered to zero so every step is cached, CPU steps included (jax's defaults skip
+"auto" (the default) puts it in `<workdir>/compilation_cache`, a gs:// workdir included (jax reads and writes
+remote cache folders through etils.epath; only the first process of a computation writes an entry), "" turns it off,
+any other value is the directory. The thresholds are lowered to zero so every step is cached, CPU steps included (jax's defaults skip
 compiles under 1 s). The cache is process-global jax state: the last `configure` wins. Cache hits are counted from
 jax's monitoring events (`hits()`), and the train loop logs them per task.
 """
@@ -37,7 +37,7 @@ def resolve_dir(setting: str | None, workdir: str) -> str | None:
   setting = (setting or "").strip()
   if setting == "auto":
     if "://" in str(workdir):
-      return None
+      return str(workdir).rstrip("/") + "/compilation_cache"
     return os.path.join(os.path.abspath(str(workdir)), "compilation_cache")
   return setting or None
 
@@ -53,7 +53,8 @@ def configure(setting: str | None, workdir: str) -> str | None:
   if path == jax.config.jax_compilation_cache_dir:
     return path
   if path is not None:
-    os.makedirs(path, exist_ok=True)
+    if "://" not in path:
+      os.makedirs(path, exist_ok=True)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no size limit (0 = jax's default)
   jax.config.update("jax_compilation_cache_dir", path)

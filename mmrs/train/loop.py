@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import os
+import tempfile
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -407,8 +409,12 @@ class Trainer:
       if jax.process_index() == 0:
         path = self.logdir / "reconstructions" / f"step_{self.step:08d}_{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.writer.write_image(f"reconstructions/{name}", visualize.save_reconstruction_png(
-            out, self.data[name].bands, str(path)), self.step)
+        with tempfile.TemporaryDirectory() as tmp:  # a gs:// logdir: the PNG is drawn locally, then uploaded
+          local = os.path.join(tmp, path.name) if metrics_lib.is_remote(path) else str(path)
+          visualize.save_reconstruction_png(out, self.data[name].bands, local)
+          if local != str(path):
+            path.write_bytes(epath.Path(local).read_bytes())
+          self.writer.write_image(f"reconstructions/{name}", local, self.step)
     except Exception as e:  # pylint: disable=broad-except
       self._visualize_broken = True
       logging.warning("Reconstruction PNGs are off for this run: %s: %s", type(e).__name__, e)

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import pathlib
+import shutil
+import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
@@ -112,20 +116,42 @@ def to_python(x: Any) -> Any:
 
 
 class MetricsWriter:
-  """Writes on process 0 only: `<logdir>/metrics.jsonl` (one JSON object per line) and TensorBoard events."""
+  """Writes on process 0 only: the metric records (one JSON object per line) and TensorBoard events.
+
+  A local logdir has one `metrics.jsonl`; a resume drops its lines after the resumed step (they are redone) and
+  appends. Object stores (gs://) cannot append or rewrite in place safely, so a remote logdir gets one file per
+  start, `metrics/<resume step>-<unix time>-<part>.jsonl`, rewritten whole at every record (a new part every
+  REMOTE_PART_BYTES) and never overwritten by a later start; `read_metrics` merges both layouts the same way.
+  TensorBoard event files are per writer (unique names) in both cases; for a remote logdir they are written to a
+  local temporary folder and copied to `<logdir>/tensorboard/` at most every REMOTE_TB_SYNC_S and at close
+  (tensorboardX's own gs:// writer re-uploads from `__del__`, needs google-cloud-storage credentials, and hangs two
+  minutes when the storage is gone).
+  """
+
+  REMOTE_PART_BYTES = 256 * 1024
+  REMOTE_TB_SYNC_S = 10.0
 
   def __init__(self, logdir: str | epath.Path, resume_step: int = 0, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.logdir = epath.Path(logdir)
     self._tb = None
+    self._tb_local, self._tb_synced = None, 0.0
     if not self.enabled:
       return
     self.logdir.mkdir(parents=True, exist_ok=True)
-    self.path = self.logdir / "metrics.jsonl"
-    self._drop_after(resume_step)  # lines from steps a resumed run will redo
-    self._file = self.path.open("a")
+    self.remote = is_remote(self.logdir)
+    if self.remote:
+      self._run = f"{min(int(resume_step), 10**12 - 1):012d}-{int(time.time())}"
+      self._part, self._lines = 0, []
+      self.path = self._part_path()
+    else:
+      self.path = self.logdir / "metrics.jsonl"
+      self._drop_after(resume_step)  # lines from steps a resumed run will redo
+      self._file = self.path.open("a")
     try:
-      self._tb = _summary_writer(str(self.logdir / "tensorboard"))
+      if self.remote:
+        self._tb_local = tempfile.mkdtemp(prefix="mmrs_tensorboard_")
+      self._tb = _summary_writer(self._tb_local or str(self.logdir / "tensorboard"))
     except Exception as e:  # pylint: disable=broad-except  (TensorBoard is optional; jsonl is the record)
       logging.warning("TensorBoard logging is off: %s", e)
 
@@ -135,17 +161,29 @@ class MetricsWriter:
     keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
     self.path.write_text("".join(l + "\n" for l in keep))
 
+  def _part_path(self) -> epath.Path:
+    return self.logdir / "metrics" / f"{self._run}-{self._part:04d}.jsonl"
+
   def write(self, record: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
-    self._file.write(json.dumps(record, sort_keys=True, allow_nan=True) + "\n")
-    self._file.flush()
+    line = json.dumps(record, sort_keys=True, allow_nan=True) + "\n"
+    if self.remote:
+      if self._lines and sum(map(len, self._lines)) + len(line) > self.REMOTE_PART_BYTES:
+        self._part, self._lines = self._part + 1, []
+        self.path = self._part_path()
+      self._lines.append(line)
+      self.path.write_text("".join(self._lines))  # a whole object: readable at once, even after a kill -9
+    else:
+      self._file.write(line)
+      self._file.flush()
     if self._tb is not None:
       prefix = f"{record['task']}/" if record.get("task") else ""
       for k, v in record.items():
         # Non-finite values (mfu on a CPU: n/a) stay in metrics.jsonl only; tensorboardX warns on each one.
         if k not in ("step", "task") and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
           self._tb.add_scalar(prefix + k, v, record["step"])
+      self._sync_tensorboard()
 
   def write_image(self, tag: str, image: Any, step: int) -> None:
     """A picture in TensorBoard's Images tab: an (H, W, 3) uint8 array or the path of a PNG (e.g. the path that
@@ -158,6 +196,7 @@ class MetricsWriter:
         image = np.asarray(im.convert("RGB"))
     self._tb.add_image(tag, np.asarray(image, np.uint8), step, dataformats="HWC")
     self._tb.flush()
+    self._sync_tensorboard(force=True)
 
   def write_hparams(self, config: Mapping[str, Any], metric_tags: Sequence[str] = ()) -> None:
     """The run's config in TensorBoard's HParams tab (nested keys flattened with "."), into the run's own event
@@ -170,12 +209,51 @@ class MetricsWriter:
     for summary in hparams(flat, {t: 0.0 for t in metric_tags}):
       self._tb.file_writer.add_summary(summary)
     self._tb.flush()
+    self._sync_tensorboard(force=True)
+
+  def _sync_tensorboard(self, force: bool = False) -> None:
+    """A remote logdir: copies the local event files to <logdir>/tensorboard (whole objects, same names)."""
+    if self._tb_local is None or (not force and time.monotonic() - self._tb_synced < self.REMOTE_TB_SYNC_S):
+      return
+    self._tb.flush()
+    for name in os.listdir(self._tb_local):
+      (self.logdir / "tensorboard" / name).write_bytes(pathlib.Path(self._tb_local, name).read_bytes())
+    self._tb_synced = time.monotonic()
 
   def close(self) -> None:
     if self.enabled:
-      self._file.close()
+      if not self.remote:
+        self._file.close()
       if self._tb is not None:
+        self._sync_tensorboard(force=True)  # (flushes first: nothing is left for close to write)
         self._tb.close()
+        if self._tb_local is not None:
+          shutil.rmtree(self._tb_local, ignore_errors=True)
+
+
+def is_remote(path: str | epath.Path) -> bool:
+  return "://" in str(path)
+
+
+def read_metrics(logdir: str | epath.Path) -> list[dict[str, Any]]:
+  """The records of `logdir` in order, as a reader sees the run's history: a start at step R replaces the earlier
+  records of steps after R (they were redone). Reads `metrics.jsonl` and the per-start files of a remote logdir."""
+  logdir = epath.Path(logdir)
+  records: list[dict[str, Any]] = []
+  local = logdir / "metrics.jsonl"
+  if local.exists():
+    records = [json.loads(l) for l in local.read_text().splitlines() if l.strip()]
+  folder = logdir / "metrics"
+  parts = sorted(folder.glob("*.jsonl"), key=lambda p: p.name) if folder.exists() else []
+  run = None
+  for part in parts:
+    start = part.name.rsplit("-", 1)[0]
+    if start != run:  # a new start: drop what it redoes
+      run = start
+      resume = int(start.split("-")[0])
+      records = [r for r in records if r.get("step", 0) <= resume]
+    records += [json.loads(l) for l in part.read_text().splitlines() if l.strip()]
+  return records
 
 
 def log_evaluation(logdir: str | epath.Path, step: int, split: str, metrics: Mapping[str, Any]) -> None:
