@@ -90,18 +90,19 @@ class DatasetInfo:
 
 
 def describe(data_cfg, modalities: Sequence[str], split: str | None = None,
-             files: Sequence[str] | None = None) -> DatasetInfo:
+             files: Sequence[str] | None = None, read: str = "record") -> DatasetInfo:
   """Opens `data_cfg.shards` and resolves bands, normalization and labels (cheap: reads only metadata).
 
   Useful before `make_pipeline` when a `record_transform` needs the normalizer (e.g. BYOL views). files: the shard
-  files to stage and open (this process's shard groups); default: all of the split and groups.
+  files to stage and open (this process's shard groups); default: all of the split and groups. read: "record" (the
+  source yields encoded record bytes, for callers that read records themselves) or "crop" (record dicts whose
+  pixel arrays are read on slicing: mmrs.data.crop_read; `make_pipeline` uses data.read, default "crop").
   """
   modalities = tuple(modalities)
   split = split or data_cfg.get("split", "train")
   groups = tuple(data_cfg.get("groups", None) or sources.default_groups(modalities))
   # A remote URL (gs://...) is copied to local disk first (ArrayRecord reads local files): mmrs.data.staging.
-  info = sources.open_source(staging.resolve(data_cfg, split, groups, files), split, groups, files,
-                             read=str(data_cfg.get("read", "crop")))
+  info = sources.open_source(staging.resolve(data_cfg, split, groups, files), split, groups, files, read=read)
   where = f"{data_cfg.shards}/manifest.json" if not data_cfg.shards.startswith("tfds:") else data_cfg.shards
   bands = {}
   for m in modalities:
@@ -450,7 +451,8 @@ def make_pipeline(data_cfg, *, modalities: tuple[str, ...], global_batch_size: i
   augment = shuffle if augment is None else augment
   layout = _group_layout(data_cfg, modalities, split, global_batch_size, repeat=repeat)
   served = layout.served(rows) if layout else (0,)
-  info = describe(data_cfg, modalities, split, files=layout.files_of(served) if layout else None)
+  info = describe(data_cfg, modalities, split, files=layout.files_of(served) if layout else None,
+                  read=str(data_cfg.get("read", "crop")))
 
   shuffle_seed = (seed + int(data_cfg.shuffle_seed_offset)) % 2**32
   if layout is None:  # one group: a seeded permutation of all records per epoch
