@@ -65,6 +65,9 @@ def parse_args(argv=None):
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--torch_compile", action="store_true", help="Also time torch.compile (a third side).")
+  p.add_argument("--torch_compile_backend", default="inductor",
+                 help="torch.compile's backend: inductor (what users get) or e.g. aot_eager (the same tracing without "
+                      "kernel generation: gpu_suite.sh --cpu_smoke, where inductor's C++ builds take minutes).")
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--steps", type=int, default=10, help="Timed steps per side and repeat.")
   p.add_argument("--warmup", type=int, default=3, help="Untimed steps first (compilation included).")
@@ -177,7 +180,7 @@ def run_torch(args, compile_model: bool) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on both sides (XLA: highest precision)
   step = torch_vit.make_step(model, torch_vit.make_optimizer(model),
                              torch.bfloat16 if args.dtype == "bfloat16" else torch.float32,
-                             compile_model=compile_model)
+                             compile_model=compile_model, compile_backend=args.torch_compile_backend)
   batch = torch_vit.synthetic_batch(args.method, args.batch, args.image_size, args.s2_bands, 2, device)
   sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
   if device.type == "cuda":
@@ -394,6 +397,7 @@ def main(argv=None) -> dict:
     record = {**summary, "size": args.size, "decoder": args.decoder, "decoder_depth": args.decoder_depth,
               "image_size": args.image_size, "batch": args.batch, "dtype": args.dtype, "steps": args.steps,
               "repeats": args.repeats, "threads": args.threads, "baseline_rev": args.baseline_rev,
+              "torch_compile_backend": args.torch_compile_backend if args.torch_compile else None,
               "ld_preload": os.environ.get("LD_PRELOAD", ""), "malloc_conf": os.environ.get("MALLOC_CONF", ""),
               "runs": [{"side": s, "repeat": r, **o} for s, r, o in rows], "errors": errors}
     records.append(args.json_out, record)

@@ -3,8 +3,9 @@
   python -m benchmarks.peer_report --suite_dir=runs/gpu_suite/STAMP [--results=benchmarks/RESULTS.md] [--command=...]
 
 Reads the folder's `peer.jsonl` (benchmarks.peer records), `step_*.json` (last JSON line of
-benchmarks.step_throughput; the name says method, batch and remat), `data_*.json` (benchmarks.data_throughput),
-`device.txt` and `skipped.txt`; plots peer.jsonl (benchmarks/plot.py) into `<results dir>/plots/` so the PNG link
+benchmarks.step_throughput; the name says method, batch and variant: noremat, remat, accumN), `data_*.json`
+(benchmarks.data_throughput), `device.txt` and `stages.jsonl` (benchmarks/device/pack.py: failed and skipped stages
+are listed with their error); plots peer.jsonl (benchmarks/plot.py) into `<results dir>/plots/` so the PNG link
 in RESULTS.md survives outside the (git-ignored) run folder. The append is atomic (temp file + rename).
 """
 from __future__ import annotations
@@ -17,9 +18,10 @@ import re
 import shutil
 import time
 
+from benchmarks.device import pack
 from mmrs import atomic_io
 
-STEP_NAME = re.compile(r"step_(?P<method>\w+?)_b(?P<batch>\d+)_(?P<remat>remat|noremat)\.json$")
+STEP_NAME = re.compile(r"step_(?P<method>\w+?)_b(?P<batch>\d+)_(?P<variant>remat|noremat|accum\d+)\.json$")
 
 
 def _read_json(path: str) -> dict | None:
@@ -40,7 +42,7 @@ def _compiled_mib(memory: dict) -> float | None:
   return max(totals) if totals else None
 
 
-def section(suite_dir: str, results_dir: str, command: str) -> str:
+def section(suite_dir: str, results_dir: str, command: str, archive: str = "") -> str:
   stamp = os.path.basename(os.path.normpath(suite_dir))
   device = ""
   if os.path.exists(os.path.join(suite_dir, "device.txt")):
@@ -53,13 +55,15 @@ def section(suite_dir: str, results_dir: str, command: str) -> str:
   kinds = sorted({p["device_kind"] for p in peers}) or [device or "unknown device"]
   lines = [f"## GPU suite (`benchmarks/gpu_suite.sh`) — {time.strftime('%Y-%m-%d', time.gmtime())}, "
            f"{', '.join(kinds)}", "",
-           f"Command: `{command}`; every output is in `{suite_dir}` (logs, JSON). Device: {device or 'n/a'}.", ""]
+           f"Command: `{command}`; every output is in `{archive or suite_dir}` (logs, JSON). "
+           f"Device: {device or 'n/a'}.", ""]
 
   lines += ["### Train step (mmrs, synthetic on-device batches)", "",
-            "| method | encoder | batch | remat | images/s | MFU | peak memory (MiB) | compiled memory (MiB) | source |",
+            "| method | encoder | batch | remat / accumulation | images/s | MFU | peak memory (MiB) | "
+            "compiled memory (MiB) | source |",
             "|---|---|---|---|---|---|---|---|---|"]
   for p in peers:
-    for r in (r for r in p["runs"] if r["side"] == "jax"):
+    for r in (r for r in p["runs"] if r["side"] == "jax" and "error" not in r):
       mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") else "–"
       lines.append(f"| {p['method']} | ViT-{p['size']}/{p['image_size']}px | {p['batch']} | no | "
                    f"{r['images_per_s']:.1f} | {mfu} | {_fmt(r.get('peak_memory_mib'), ',.0f')} | "
@@ -69,7 +73,8 @@ def section(suite_dir: str, results_dir: str, command: str) -> str:
     if not m or not out:
       continue
     mfu = f"{100 * out['mfu']:.1f} %" if out.get("mfu") else "–"
-    lines.append(f"| {out['method']} | config | {out['batch_size']} | {'yes' if m['remat'] == 'remat' else 'no'} | "
+    variant = {"remat": "remat", "noremat": "no"}.get(m["variant"], m["variant"])
+    lines.append(f"| {out['method']} | config | {out['batch_size']} | {variant} | "
                  f"{out['images_per_s']:.1f} | {mfu} | – | {_fmt(_compiled_mib(out.get('memory_mib')), ',.0f')} | "
                  f"`{os.path.basename(path)[:-5]}.log` |")
   lines.append("")
@@ -82,10 +87,11 @@ def section(suite_dir: str, results_dir: str, command: str) -> str:
       peak = lambda side: next((r.get("peak_memory_mib") for r in p["runs"] if r["side"] == side), None)
       lines.append(
           f"| {p['method']} | ViT-{p['size']}/{p['image_size']}px, decoder {p['decoder']}x{p['decoder_depth']}, "
-          f"b{p['batch']}, {p['dtype']} | {p['jax_images_per_s']:.1f} | {p['torch_images_per_s']:.1f} | "
-          f"{_fmt(p['torch_compile_images_per_s'])} | {p['ratio_vs_eager']:.2f}x | "
+          f"b{p['batch']}, {p['dtype']} | {_fmt(p['jax_images_per_s'])} | {_fmt(p['torch_images_per_s'])} | "
+          f"{_fmt(p['torch_compile_images_per_s'])} | {_fmt(p['ratio_vs_eager'], '.2f')}"
+          f"{'x' if p['ratio_vs_eager'] else ''} | "
           f"{_fmt(p['ratio_vs_compile'], '.2f')}{'x' if p['ratio_vs_compile'] else ''} | "
-          f"{p['params_jax']:,} / {p['params_torch']:,} | {_fmt(peak('jax'), ',.0f')} / "
+          f"{_fmt(p['params_jax'], ',')} / {_fmt(p['params_torch'], ',')} | {_fmt(peak('jax'), ',.0f')} / "
           f"{_fmt(peak('torch'), ',.0f')} |")
     lines.append("")
     try:
@@ -110,12 +116,15 @@ def section(suite_dir: str, results_dir: str, command: str) -> str:
                                               for k, v in out.items() if not isinstance(v, (dict, list))) + " |")
     lines.append("")
 
-  skipped = os.path.join(suite_dir, "skipped.txt")
-  if os.path.exists(skipped):
-    with open(skipped, encoding="utf-8") as f:
-      items = [l.strip() for l in f if l.strip()]
-    if items:
-      lines += ["Not measured in this run:", ""] + [f"- {i}" for i in items] + [""]
+  items = []
+  for s in pack.read_stages(os.path.join(suite_dir, "stages.jsonl")):
+    if s["status"] != "ok":
+      why = (s.get("error_line") or "").replace("`", "'")
+      code = f" (exit {s['exit']})" if s.get("exit") else ""
+      items.append(f"{s['stage']}: {s['status']}{code}" + (f": {s['note']}" if s.get("note") else "")
+                   + (f": `{why[:300]}`" if why else ""))
+  if items:
+    lines += ["Not measured in this run (or failed; the error's last lines):", ""] + [f"- {i}" for i in items] + [""]
   return "\n".join(lines)
 
 
@@ -132,10 +141,12 @@ def main(argv=None) -> None:
   p.add_argument("--suite_dir", required=True)
   p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"))
   p.add_argument("--command", default="bash benchmarks/gpu_suite.sh")
+  p.add_argument("--archive", default="", help="Where the suite's outputs end up, for the section's text "
+                 "(default: --suite_dir).")
   args = p.parse_args(argv)
   if not os.path.isdir(args.suite_dir):
     raise SystemExit(f"--suite_dir={args.suite_dir}: no such folder (the output folder of benchmarks/gpu_suite.sh).")
-  text = section(args.suite_dir, os.path.dirname(os.path.abspath(args.results)), args.command)
+  text = section(args.suite_dir, os.path.dirname(os.path.abspath(args.results)), args.command, args.archive)
   append(args.results, text)
   print(text)
 

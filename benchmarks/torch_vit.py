@@ -321,13 +321,16 @@ def make_optimizer(model: nn.Module, lr: float = 1e-3):
   return torch.optim.Adafactor(model.parameters(), lr=lr)
 
 
-def make_step(model: nn.Module, optimizer, dtype: torch.dtype, clip_norm: float = 1.0, compile_model: bool = False):
+def make_step(model: nn.Module, optimizer, dtype: torch.dtype, clip_norm: float = 1.0, compile_model: bool = False,
+              compile_backend: str = "inductor"):
   """step(batch: tuple of tensors) -> loss tensor: forward (autocast in bf16), backward, global-norm clip, update.
 
-  Params stay float32 (as mmrs's); `dtype` bfloat16 runs the matmuls under autocast, as users do.
+  Params stay float32 (as mmrs's); `dtype` bfloat16 runs the matmuls under autocast, as users do. `compile_backend`:
+  torch.compile's backend (inductor, the default, is what a user gets; "aot_eager" traces the same graphs, forward
+  and backward, without generating kernels: a dry run's choice, minutes cheaper on a CPU).
   """
   device_type = next(model.parameters()).device.type
-  forward = torch.compile(model) if compile_model else model
+  forward = torch.compile(model, backend=compile_backend) if compile_model else model
   params = [p for p in model.parameters() if p.requires_grad]
 
   def step(batch):
