@@ -1,7 +1,8 @@
 """launch/gpu_slurm.sh's job submitted to a real SLURM (tests/real_slurm.py: slurmctld + 2 slurmd on this machine),
-2 nodes x 1 task x 2 CPU devices, MAE `tiny` on the bundled sample. What SLURM itself does is not
-simulated: time-limit and TERM signals, scancel (plain and --full), requeue, srun's kill of the other tasks, the
-job's recorded state and exit code. Exit codes are launch/main.py's (75 = preempted, 4 = could not connect)."""
+2 nodes x 1 task x 2 CPU devices: MAE `tiny` on the bundled sample, and a tiny finetune run with validation. What
+SLURM itself does is not simulated: time-limit and TERM signals, scancel (plain and --full), requeue, srun's kill of
+the other tasks, the job's recorded state and exit code. Exit codes are launch/main.py's (75 = preempted, 4 = could
+not connect). One cluster and one compilation cache serve every test (CI time)."""
 import json
 import os
 import pathlib
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 import real_slurm
+import test_multihost_eval as ft_eval
 from sample_data import shards  # pylint: disable=unused-import  (fixture)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -54,15 +56,20 @@ class _Jobs:
     self.cache = tmp_path / "compilation_cache"  # shared by every run of the test
 
   def args(self, workdir, total_steps, *extra):
-    return [f"--config=configs/mae_s2.py:tiny,shards={self.shards}", f"--workdir={workdir}", "--",
+    """launch.main's arguments (gpu_slurm.sh takes --config and --workdir, the rest after `--`)."""
+    return [f"--config=configs/mae_s2.py:tiny,shards={self.shards}", f"--workdir={workdir}",
             f"--config.total_steps={total_steps}", "--config.optimizer.decay_steps=16",  # one schedule for all
             "--config.checkpoint_every_steps=0", "--config.data.s2_only.workers=1",
             f"--config.compilation_cache_dir={self.cache}", *extra]
 
   def submit(self, workdir, total_steps, *launcher_flags, env=None, extra=()):
+    return self.submit_args(self.args(workdir, total_steps, *extra), *launcher_flags, env=env)
+
+  def submit_args(self, main_args, *launcher_flags, env=None, module="tests.launch_entry"):
+    """`main_args`: --config, --workdir, then the rest (passed after `--`)."""
     out = subprocess.run(["bash", "launch/gpu_slurm.sh", "--nodes=2", "--gpus_per_node=2", "--cpus_per_node=2",
-                          f"--venv={sys.prefix}", "--module=tests.launch_entry", *launcher_flags,
-                          *self.args(workdir, total_steps, *extra)],
+                          f"--venv={sys.prefix}", f"--module={module}", *launcher_flags, *main_args[:2], "--",
+                          *main_args[2:]],
                          cwd=REPO, env=dict(self.env, **(env or {})), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("Submitted batch job "), out.stderr
     return out.stdout.split()[-1]
@@ -108,18 +115,25 @@ def jobs(real_slurm, tmp_path_factory, shards):  # pylint: disable=redefined-out
 
 @pytest.fixture(scope="module")
 def uninterrupted(jobs, tmp_path_factory):
-  """Two identical jobs submitted at once onto the same two nodes (--shared_nodes), and the same training as one
-  process x 4 devices alongside: {workdir: losses} of the jobs, the single process's losses, the jobs' records."""
+  """Two jobs submitted at once onto the same two nodes (--shared_nodes): the tiny MAE pretraining and a finetune
+  run with validation and test (tests/test_multihost_eval.py's); and both as 1 process x 4 devices alongside."""
   tmp = tmp_path_factory.mktemp("uninterrupted")
   single = _single_process(tmp, tmp / "single", jobs, UNINTERRUPTED_STEPS)
-  runs = {jobs.submit(tmp / f"run{i}", UNINTERRUPTED_STEPS, "--shared_nodes"): tmp / f"run{i}" for i in range(2)}
+  ft_shards = ft_eval.write_data(tmp / "ft_data")
+  pretrain = jobs.submit(tmp / "pretrain", UNINTERRUPTED_STEPS, "--shared_nodes")
+  finetune = jobs.submit_args(ft_eval.finetune_args(ft_shards, tmp / "finetune", jobs.cache), "--shared_nodes",
+                              module="launch.main")
+  ft_single = ft_eval.run_local(tmp, tmp / "ft_single", ft_shards, processes=1, devices=4)
+  runs = {pretrain: tmp / "pretrain", finetune: tmp / "finetune"}
   ends = {job: jobs.wait_end(job) for job in runs}
   assert single.wait(timeout=600) == 0, (tmp / "single.log").read_text()[-3000:]
-  return {"jobs": runs, "ends": ends, "losses": {job: _losses(w) for job, w in runs.items()},
-          "single": _losses(tmp / "single")}
+  return {"jobs": runs, "ends": ends, "pretrain": _losses(tmp / "pretrain"), "single": _losses(tmp / "single"),
+          "finetune": tmp / "finetune" / "results.json", "ft_single": ft_single}
 
 
 def test_two_jobs_at_once_complete_on_their_own_ports_and_equal_one_process(uninterrupted):
+  """Both jobs complete; the pretraining losses and the finetune results.json (validation curve, selected step,
+  test metrics) are those of one process with 4 devices."""
   runs, ends = uninterrupted["jobs"], uninterrupted["ends"]
   for job, workdir in runs.items():
     assert (ends[job]["JobState"], ends[job]["ExitCode"]) == ("COMPLETED", "0:0"), log(workdir, job)[-4000:]
@@ -128,10 +142,10 @@ def test_two_jobs_at_once_complete_on_their_own_ports_and_equal_one_process(unin
   ports = {job: {l.split("jax.distributed.initialize(", 1)[1].split(",")[0] for l in log(w, job).splitlines()
                  if "jax.distributed.initialize(" in l} for job, w in runs.items()}
   assert all(len(p) == 1 for p in ports.values()) and len(set.union(*ports.values())) == 2, ports
-  a, b = uninterrupted["losses"].values()
-  assert sorted(a) == list(range(1, UNINTERRUPTED_STEPS + 1)) and a == b  # bit for bit
-  single = uninterrupted["single"]
-  np.testing.assert_allclose([a[s] for s in sorted(a)], [single[s] for s in sorted(a)], rtol=1e-4)
+  got, single = uninterrupted["pretrain"], uninterrupted["single"]
+  assert sorted(got) == list(range(1, UNINTERRUPTED_STEPS + 1))
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [single[s] for s in sorted(got)], rtol=1e-4)
+  ft_eval.assert_same_numbers(json.loads(uninterrupted["finetune"].read_text()), uninterrupted["ft_single"])
 
 
 def test_time_limit_and_term_save_and_requeue_and_plain_scancel_saves_and_cancels(jobs, uninterrupted, tmp_path):
@@ -158,7 +172,7 @@ def test_time_limit_and_term_save_and_requeue_and_plain_scancel_saves_and_cancel
   text = log(workdir, job)
   assert all(text.count(f"at step {s}.") == 2 for s in saved[:2])  # both tasks resumed each saved step
   assert "cancelled, checkpoint saved: resubmit to resume" in text
-  reference = next(iter(uninterrupted["losses"].values()))
+  reference = uninterrupted["pretrain"]  # the same job, uninterrupted
   got = _losses(workdir)
   common = sorted(set(got) & set(reference))
   assert saved[0] + 1 in common and saved[1] + 1 in common, (saved, common)  # steps right after each resume
