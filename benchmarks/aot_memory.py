@@ -5,7 +5,8 @@ appended to --out as JSON lines (command, exit code, the report), so an interrup
   python -m benchmarks.aot_memory --topologies=v5p-128,v4-32,v5e-256,cpu:64 --sizes=B,L,H --remat=none,full
   python -m benchmarks.aot_memory --topologies=v5p-128 --sizes=H --remat=full --mesh=data=-1,fsdp=8
   python -m benchmarks.aot_memory --table=runs/aot_memory.jsonl   # the RESULTS.md rows
-TPU topologies need libtpu (requirements-tpu-aot.txt) importable, e.g. PYTHONPATH=<libtpu --target dir>.
+TPU / GPU topologies need libtpu / jax's CUDA plugin in <venv>/aot-targets/{tpu,gpu} (see launch/aot.py) or importable.
+The table's last column is the attention the compiled program holds (reports since issue 20; "-" for older ones).
 """
 import json
 import re
@@ -28,7 +29,8 @@ flags.DEFINE_list("table", [], "Instead of compiling: print the RESULTS.md rows 
 
 
 def table_rows(paths) -> list[str]:
-  """Markdown rows (topology, encoder, remat, mesh, peak, params+opt, temp, device memory, fits, compile s)."""
+  """Markdown rows (topology, encoder, remat, mesh, peak, params+opt, temp, device memory, fits, compile s,
+  attention)."""
   gib, rows = 2**30, []
   for path in paths:
     with open(path) as f:
@@ -42,11 +44,11 @@ def table_rows(paths) -> list[str]:
           rows.append(f"| {row['topology']} ({rep['devices']} x {rep['device_kind']}) | ViT-{row['size']} | "
                       f"{row['remat']} | {mesh} | compiler: out of HBM | "
                       f"{rep['per_device_param_and_opt_bytes'] / gib:.3f} | {temp} | "
-                      f"{rep['device_memory_bytes'] / gib:.1f} | False | - |")
+                      f"{rep['device_memory_bytes'] / gib:.1f} | False | - | - |")
           continue
         if not rep.get("tasks"):
           rows.append(f"| {row['topology']} | ViT-{row['size']} | {row['remat']} | {row.get('mesh') or '-'} | "
-                      f"exit {row['exit']}, no report | | | | | |")
+                      f"exit {row['exit']}, no report | | | | | | |")
           continue
         extra = [e for e in row["command"].split() if e.startswith("--config.grad_accum_steps")]
         remat = row["remat"] + "".join(f", {e.split('.', 1)[1]}" for e in extra)
@@ -55,7 +57,8 @@ def table_rows(paths) -> list[str]:
           rows.append(f"| {row['topology']} ({rep['devices']} x {rep['device_kind']}) | ViT-{row['size']} | {remat} | "
                       f"{mesh} | {t['per_device_peak_bytes'] / gib:.2f} | "
                       f"{t['per_device_param_and_opt_bytes'] / gib:.3f} | {t['per_device_temp_bytes'] / gib:.2f} | "
-                      f"{rep['device_memory_bytes'] / gib:.1f} | {rep['fits']} | {t['compile_s']} |")
+                      f"{rep['device_memory_bytes'] / gib:.1f} | {rep['fits']} | {t['compile_s']} | "
+                      f"{', '.join(t.get('attention') or ['-'])} |")
   return rows
 
 
