@@ -184,3 +184,22 @@ def test_paper_variants_finetune_with_the_papers_optimizer():
   assert eurosat.get_config("paper").optimizer.name == "adamw"  # RS-BYOL's probe names none
   assert bigearthnet.get_config("demo").optimizer.name == "adamw"
   assert dfc2020.get_config("paper").finetune.report_classes[0] == "Forest"
+
+
+def test_segmentation_loss_is_the_mean_over_labelled_pixels_only():
+  """Label -1 pixels add nothing to the loss or the pixel accuracy, and do not dilute the mean (a value test)."""
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
+  labels = rng.integers(0, 3, (2, 4, 4))
+  labels[0, :2] = -1  # 8 of 32 pixels unlabelled
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  keep = labels >= 0
+  want = -np.take_along_axis(logp, np.maximum(labels, 0)[..., None], -1)[..., 0][keep].mean()
+  loss, metrics = method_lib.task_loss("segmentation", jnp.asarray(logits), jnp.asarray(labels))
+  assert float(loss) == pytest.approx(float(want), rel=1e-5)
+  assert float(metrics["pixel_accuracy"]) == pytest.approx(float((logits.argmax(-1) == labels)[keep].mean()))
+  # Whatever the logits at the unlabelled pixels, the loss is the same.
+  other = logits.copy()
+  other[0, :2] = 50.0 * rng.normal(size=other[0, :2].shape)
+  assert float(method_lib.task_loss("segmentation", jnp.asarray(other), jnp.asarray(labels))[0]) == \
+      pytest.approx(float(loss), rel=1e-6)
