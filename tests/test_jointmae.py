@@ -268,3 +268,57 @@ def test_encoder_receives_exactly_the_visible_position_modality_tokens(joint):
       assert sorted(hit.tolist()) == np.flatnonzero(want[b]).tolist(), (b, int(scenario[b]))
     b0 += group.shape[0]
   assert (np.asarray(scenario)[:3] == 1).all()
+
+
+# --- the ablation controls (configs/jointmae.py): matched visibility, the lam-weighted plain loss -------------------
+
+def test_matched_complementary_rows_show_as_many_tokens_as_the_other_scenarios():
+  probs = tuple(float(p) for p in jointmae.scenario_probabilities(jointmae_config.get_config("tiny")))
+  visible, scenario = jax.jit(lambda r: jointmae.mask_module(r, 600, 16, 8, probs, matched=True))(jax.random.key(1))
+  visible, scenario = np.asarray(visible), np.asarray(scenario)
+  assert (visible.sum(axis=1) == 8).all()  # every row, complementary included: n tokens
+  s1, s2 = visible[:, :16], visible[:, 16:]
+  comp = scenario == 1
+  assert comp.sum() == jointmae.num_complementary(600, probs)
+  assert not (s1[comp] & s2[comp]).any()  # still one modality per visible position ...
+  assert (s2[comp].sum(1) == 4).all() and (s1[comp].sum(1) == 4).all()
+  assert ((s1[comp] | s2[comp]).sum(1) == 8).all()  # ... at n distinct positions, the rest hidden in both
+  method = methods.build(jointmae_config.get_config("tiny,complementary_visible=matched"))
+  n = method.num_visible(16)
+  assert [g[2] for g in method.row_groups(8, 16)] == [n, n]
+  default = methods.build(jointmae_config.get_config("tiny"))
+  assert [g[2] for g in default.row_groups(8, 16)] == [16, n]
+  assert method.flops_per_sample(method.name) < default.flops_per_sample(default.name)
+
+
+def test_matched_variant_loss_sees_a_quarter_of_the_tokens_in_every_row(joint):
+  config = jointmae_config.get_config("tiny,complementary_visible=matched")
+  method = methods.build(config)
+  loss_fn = jax.jit(lambda p, b: method.loss(p, {}, b, KEY, False),
+                    compiler_options={"xla_backend_optimization_level": 0})  # compiles in half the time
+  loss, (metrics, _) = loss_fn(joint["params"], joint["batch"])
+  assert np.isfinite(float(loss)) and float(metrics["visible_fraction"]) == pytest.approx(0.25)
+
+
+def test_plain_lam_loss_weights_the_modalities_like_jointmae(plain):
+  method, batch, params = plain["method"], plain["batch"], plain["params"]
+  (preds, visible, _), _ = plain["evaluate"](params, batch)
+  config = jointmae_config.get_config("tiny,plain=True,plain_loss=lam")
+  lam_method = methods.build(config)
+  loss, terms = lam_method.loss_from(preds, batch, visible)
+  assert float(loss) == pytest.approx(0.5 * float(terms["loss_s1"]) + 0.5 * float(terms["loss_s2"]), rel=1e-6)
+  channels, _ = method.loss_from(preds, batch, visible)  # the default: S1 weighted by its channel share
+  assert abs(float(channels) - float(loss)) > 1e-4
+  config.lam = 1.0  # only the S1 term: a masked S2 patch's target no longer matters
+  only_s1 = methods.build(config)
+  base, _ = only_s1.loss_from(preds, batch, visible)
+  vis = np.asarray(visible["s2"])
+  row, col = divmod(int(np.argmax(~vis[0])), 32 // method.patch_size)
+  p = method.patch_size
+  changed = {k: np.array(v) for k, v in batch.items()}
+  changed["s2"][0, row * p:(row + 1) * p, col * p:(col + 1) * p] += 5.0
+  changed = {k: jnp.asarray(v) for k, v in changed.items()}
+  assert float(only_s1.loss_from(preds, changed, visible)[0]) == pytest.approx(float(base), rel=1e-6)
+  assert abs(float(method.loss_from(preds, changed, visible)[0]) - float(channels)) > 1e-4
+  with pytest.raises(ValueError, match="plain_loss='lam' applies to plain=True only"):
+    jointmae_config.get_config("tiny,plain_loss=lam")

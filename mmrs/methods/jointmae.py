@@ -33,6 +33,13 @@ decoder head for all channels, loss = the MSE over every channel of the masked p
 each patch over all its channels), so each channel counts equally, as in an MAE on a 15-band image (no lam).
 The per-modality terms are reported as metrics only.
 
+Ablation controls (configs/jointmae.py): the plain loss weights S1 by its channel share (2 of 2 + C_s2: 2/15 with
+L1C) where JointMAE weights it lam = 0.5, and complementary rows show L of 2L tokens (half the input) where the
+other scenarios show n (a quarter by default). `plain_loss="lam"` gives the plain baseline JointMAE's loss
+(lam * L_S1 + (1 - lam) * L_S2, each term the MSE of that modality's masked patches, norm_pix per modality);
+`complementary_visible="matched"` makes complementary rows show n tokens at n distinct positions (ceil(n/2) S2,
+floor(n/2) S1; the rest hidden in both), so every scenario shows the same share of the input.
+
 Masks are drawn on device from the step's rng (static shapes: argsort of uniform noise, as scenic's MAE).
 Params: {"encoder": ViTEncoder, "decoder": ViTLiteDecoder}; no state.
 """
@@ -53,6 +60,8 @@ from mmrs.models import vit
 
 MODALITIES = ("s1", "s2")  # token blocks / decoder groups, in this order
 SCENARIOS = ("independent", "complementary", "drop_s1", "drop_s2")
+COMPLEMENTARY_VISIBLE = ("all", "matched")  # config.complementary_visible: L tokens | n, as the other scenarios
+PLAIN_LOSSES = ("channels", "lam")  # config.plain_loss of jointmae_plain: every channel equal | lam-weighted terms
 _PARAMS = ("encoder", "decoder")
 
 
@@ -94,13 +103,16 @@ def num_complementary(batch_size: int, probs) -> int:
   return int(round(batch_size * float(probs[1])))
 
 
-def mask_module(rng: jax.Array, batch_size: int, length: int, n_visible: int, probs) -> tuple[jax.Array, jax.Array]:
+def mask_module(rng: jax.Array, batch_size: int, length: int, n_visible: int, probs,
+                matched: bool = False) -> tuple[jax.Array, jax.Array]:
   """Draws one scenario per sample and its visibility mask over the 2L tokens.
 
   Returns (visible (B, 2L) bool, token t = position + L * group with groups `MODALITIES`; scenario (B,) int32 index
   into `SCENARIOS`). The first `num_complementary(B, probs)` rows are complementary: exactly `length` True, each
-  position in exactly one modality. The other rows draw independent / drop_s1 / drop_s2 (weights renormalized)
-  and have exactly `n_visible` True. Requires n_visible <= length.
+  position in exactly one modality (`matched`: `n_visible` True at n_visible distinct positions, ceil(n/2) S2 and
+  floor(n/2) S1, the other positions hidden in both, so every scenario shows the same number of tokens). The other
+  rows draw independent / drop_s1 / drop_s2 (weights renormalized) and have exactly `n_visible` True. Requires
+  n_visible <= length.
   """
   if not 0 < n_visible <= length:
     raise ValueError(f"mask_module: n_visible={n_visible} must be in [1, L={length}].")
@@ -115,10 +127,12 @@ def mask_module(rng: jax.Array, batch_size: int, length: int, n_visible: int, pr
   r_a, r_b = _ranks(k_a, batch_size, length), _ranks(k_b, batch_size, length)
   none = jnp.zeros((batch_size, length), bool)
   half = (length + 1) // 2
+  # complementary: one permutation split in two, covering every position once (matched: its first n_visible)
+  complementary = (((r_a >= n_s2) & (r_a < n_visible), r_a < n_s2) if matched else (r_a >= half, r_a < half))
   # (s1 visible, s2 visible) per scenario, in SCENARIOS order.
   options = (
       (r_a < n_s1, r_b < n_s2),  # independent: two unrelated permutations
-      (r_a >= half, r_a < half),  # complementary: one permutation split in two, covering every position once
+      complementary,
       (none, r_a < n_visible),  # drop_s1
       (r_a < n_visible, none),  # drop_s2
   )
@@ -145,6 +159,13 @@ class JointMAE:
       raise ValueError(f"config.lam={self.lam} must be in [0, 1] (loss = lam * L_S1 + (1 - lam) * L_S2).")
     self.channels = {m: len(mae_lib.band_names(config, m)) for m in MODALITIES}
     self.probs = scenario_probabilities(config)
+    self.matched = config.get("complementary_visible", "all") == "matched"
+    if config.get("complementary_visible", "all") not in COMPLEMENTARY_VISIBLE:
+      raise ValueError(f"config.complementary_visible={config.complementary_visible!r}: choose one of "
+                       f"{COMPLEMENTARY_VISIBLE}.")
+    self.plain_loss = config.get("plain_loss", "channels")
+    if self.plain_loss not in PLAIN_LOSSES:
+      raise ValueError(f"config.plain_loss={self.plain_loss!r}: choose one of {PLAIN_LOSSES}.")
     p2 = self.patch_size ** 2
     if self.plain:
       self.groups = ("s1s2",)
@@ -194,8 +215,12 @@ class JointMAE:
     if self.plain:
       return [(0, batch_size, n)]
     b_c = num_complementary(batch_size, self.probs)
-    groups = [(0, b_c, length), (b_c, batch_size, n)]
+    groups = [(0, b_c, self.complementary_tokens(length)), (b_c, batch_size, n)]
     return [g for g in groups if g[1] > g[0]]
+
+  def complementary_tokens(self, length: int) -> int:
+    """Encoder tokens of a complementary row: L, or n with config.complementary_visible="matched"."""
+    return self.num_visible(length) if self.matched else length
 
   def micro_group_sizes(self, rows: int, k: int) -> tuple[int, int]:
     """Gradient accumulation: (complementary, other) row capacities of one micro-batch of `rows` rows out of k.
@@ -216,7 +241,7 @@ class JointMAE:
     if self.plain:
       keep_ids, _ = masking.random_split(rng, batch_size, length, n)
       return masking.ids_to_mask(keep_ids, length), jnp.zeros((batch_size,), jnp.int32)
-    return mask_module(rng, batch_size, length, n, self.probs)
+    return mask_module(rng, batch_size, length, n, self.probs, self.matched)
 
   # --- contract -----------------------------------------------------------------------------------------------
   def init(self, rng: jax.Array, batch):
@@ -246,6 +271,8 @@ class JointMAE:
       weights = self._plain_pixel_weights(batch)
       out["_per_row"] = mae_lib.row_normalizer(~visible, weights)
       out["_per_row_masked"] = mae_lib.row_normalizer(~visible)
+      for m in MODALITIES:  # plain_loss="lam": the per-modality terms' normalizers
+        out[f"_per_row_{m}"] = mae_lib.row_normalizer(~visible, mae_lib.pixel_weights(batch, m, self.patch_size))
       return out
     for g, m in enumerate(MODALITIES):
       out[f"_per_row_{m}"] = mae_lib.row_normalizer(~visible[:, g * length:(g + 1) * length],
@@ -273,7 +300,7 @@ class JointMAE:
       # complementary ones first), sized for the micro-batch that needs most (`micro_group_sizes`).
       cap_c, cap_r = self.micro_group_sizes(b, micro_batches)
       order = jnp.argsort(scenario != 1, stable=True).astype(jnp.int32)
-      groups = [(order[:cap_c], length), (order[b - cap_r:], self.num_visible(length))]
+      groups = [(order[:cap_c], self.complementary_tokens(length)), (order[b - cap_r:], self.num_visible(length))]
       groups = [(rows, count) for rows, count in groups if rows.shape[0]]
     else:
       groups = [(slice(lo, hi), count) for lo, hi, count in self.row_groups(b, length)]
@@ -324,6 +351,11 @@ class JointMAE:
     """Loss on the masked tokens only (targets from `batch`), and the per-modality terms. Normalized by the whole
     batch's counts when the batch carries `prepare`'s `_per_row*` entries (a micro-batch)."""
     p = self.patch_size
+    if self.plain and self.plain_loss == "lam":  # JointMAE's loss on the plain encoder's per-modality predictions
+      terms = {m: mae_lib.patch_mse(preds[m], vit.patchify(batch[m], p), ~visible[m], self.norm_pix_loss,
+                                    mae_lib.pixel_weights(batch, m, p), per_row=batch.get(f"_per_row_{m}"))
+               for m in MODALITIES}
+      return self.lam * terms["s1"] + (1.0 - self.lam) * terms["s2"], {f"loss_{m}": v for m, v in terms.items()}
     if self.plain:  # a plain MAE on the concatenated channels: every channel of a masked patch counts equally
       image = self._images(batch)["s1s2"]
       target = vit.patchify(image, p).astype(jnp.float32)
@@ -369,7 +401,8 @@ class JointMAE:
     preds, visible, _ = self.forward(params, batch, rng, False)
     grid = self._grid(batch)
     out = {"seen": {}, "reconstruction": {}, "target": {}}
-    if self.plain:  # undo norm_pix with the statistics of the whole (all-channel) patch, as the loss used
+    whole = self.plain and self.plain_loss == "channels"
+    if whole:  # undo norm_pix with the statistics of the whole (all-channel) patch, as the loss used
       target = vit.patchify(self._images(batch)["s1s2"], p)
       full = mae_lib.paste_prediction(preds["s1s2"], target, ~visible["s1"], self.norm_pix_loss)
       both = vit.unpatchify(full, p, grid)
@@ -378,7 +411,7 @@ class JointMAE:
     for m in MODALITIES:
       target = vit.patchify(batch[m], p)
       out["seen"][m] = vit.unpatchify(jnp.where(visible[m][..., None], target, 0.0), p, grid)
-      out["reconstruction"][m] = pasted[m] if self.plain else vit.unpatchify(
+      out["reconstruction"][m] = pasted[m] if whole else vit.unpatchify(
           mae_lib.paste_prediction(preds[m], target, ~visible[m], self.norm_pix_loss), p, grid)
       out["target"][m] = batch[m]
     return out
