@@ -1,7 +1,8 @@
 """A real-data run for the multi-host tests: AuxMAE `tiny` on the bundled sample, mesh data=2,fsdp=2, Adafactor with
 factored kernels; every global batch's record keys are logged, parameters are dumped after each phase.
 
-    python -m tests.multihost_run --shards=DIR --workdir=DIR --phases=3,4 \
+    python -m tests.multihost_run --shards=DIR --workdir=DIR --phases=3,4 [--shard_groups=G] \
+        [--stage_root=DIR --stage_quota_gb=Q] \
         [--elastic_from=CKPT_DIR:STEP --elastic_workdir=DIR --elastic_steps=4] \
         [--coordinator_address=127.0.0.1:PORT --num_processes=2 --process_id=I]
 
@@ -34,6 +35,10 @@ flags.DEFINE_string("elastic_workdir", None, "Where the elastic resume runs.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Processes.")
 flags.DEFINE_integer("process_id", None, "This process.")
+flags.DEFINE_integer("shard_groups", 0, "data.*.shard_groups (issue 19: a process reads only its groups' shards).")
+flags.DEFINE_string("stage_root", None, "--shards is a file:// URL staged per process into STAGE_ROOT/p{I} (one "
+                    "disk per host), capped by --stage_quota_gb; stage_p{I}.json lists the staged files.")
+flags.DEFINE_float("stage_quota_gb", 0.0, "data.*.stage_quota_gb.")
 flags.DEFINE_string("compilation_cache_dir", "auto", "config.compilation_cache_dir of every run (the tests share one "
                     "across runs, so a run that compiles what an earlier one did loads it).")
 
@@ -49,6 +54,9 @@ def config_for(shards: str):
   c.total_steps, c.log_every_steps, c.checkpoint_every_steps, c.keep_checkpoints = 4, 1, 2, 10
   c.visualize_every_steps = 0
   c.xla_compiler_options = {"xla_backend_optimization_level": 0}  # halves CPU compile time
+  for name in c.data:
+    c.data[name].shard_groups = flags.FLAGS.shard_groups
+    c.data[name].stage_quota_gb = flags.FLAGS.stage_quota_gb
   return c
 
 
@@ -121,6 +129,9 @@ def main(argv):
   distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
   from mmrs.train import loop  # pylint: disable=g-import-not-at-top
   workdir = flags.FLAGS.workdir
+  stage_root = flags.FLAGS.stage_root
+  if stage_root:  # a disk of its own per process (the default stage dir lives under $MMRS_STAGE_DIR)
+    os.environ["MMRS_STAGE_DIR"] = os.path.join(stage_root, f"p{jax.process_index()}")
   config = config_for(flags.FLAGS.shards)
   config.compilation_cache_dir = flags.FLAGS.compilation_cache_dir
   os.makedirs(workdir, exist_ok=True)
@@ -140,6 +151,10 @@ def main(argv):
     params = flat_params(summary["state"]["params"])
     if jax.process_index() == 0:
       np.savez(f"{run_dir}/params_{total}.npz", **params)
+  if stage_root:
+    staged = [n for _, _, names in os.walk(os.environ["MMRS_STAGE_DIR"]) for n in names if n.endswith(".array_record")]
+    with open(f"{workdir}/stage_p{jax.process_index()}.json", "w") as f:
+      json.dump(sorted(staged), f)
   print(f"done process {jax.process_index()}", flush=True)
 
 

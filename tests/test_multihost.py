@@ -8,6 +8,9 @@ One set of runs serves every assertion (CI time):
   B  1 process x 4 devices resumes A's step-2 checkpoint to step 4 (elastic 2x2 -> 1x4).
 The global sample order makes all of them one run: the same records in each global batch, losses equal within 1e-4
 (reductions differ across device counts), and the idle task's parameters untouched by a task step.
+Every run reads the sample in 2 shard groups (issue 19; the sample converted into 2 shards per modality group), so
+each process of A/A2 reads only half the shards; A/A2 stage them from a file:// "bucket" into a directory per
+process capped below the dataset's size: a bigger-than-disk run that trains.
 """
 import json
 import os
@@ -19,7 +22,8 @@ import sys
 import numpy as np
 import pytest
 
-from sample_data import shards  # pylint: disable=unused-import  (a fixture)
+from data_prep import bigearthnet_mm
+from sample_data import SAMPLE
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = [sys.executable, "-m", "tests.multihost_run"]
@@ -65,16 +69,36 @@ def _run(args, processes, devices, cache, timeout=900):
     assert p.returncode == 0, log.read_text()[-5000:]
 
 
+GROUPS = 2
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+  """The sample in 2 shards per modality group (paired 6, s2_only 8, s1_only 3 records)."""
+  out = tmp_path_factory.mktemp("data") / "ben"
+  bigearthnet_mm.convert_dataset(SAMPLE, str(out), num_shards=GROUPS)
+  return out
+
+
+def stage_quota_gb(shards) -> float:
+  """60 % of what the run reads (paired + s2_only shards): each process's half fits, the whole does not."""
+  read = [p for p in shards.glob("*.array_record") if ".s1_only-" not in p.name]
+  return 0.6 * sum(p.stat().st_size for p in read) / 1e9
+
+
 @pytest.fixture(scope="module")
 def runs(shards, tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
   cache = root / "jax_cache"
   d = {k: root / k for k in ("C", "A", "A2", "B")}
-  _run([f"--shards={shards}", f"--workdir={d['C']}", "--phases=4"], 1, 4, cache)
-  _run([f"--shards={shards}", f"--workdir={d['A']}", "--phases=3,4",
-        f"--elastic_from={d['C'] / 'checkpoints'}:2", f"--elastic_workdir={d['A2']}"], 2, 2, cache)
-  _run([f"--shards={shards}", f"--workdir={d['B']}", "--phases=", f"--elastic_from={d['A'] / 'checkpoints'}:2",
-        f"--elastic_workdir={d['B']}"], 1, 4, cache)  # compiles hit C's cache entries
+  # Every run stages the "bucket" into disks of its own; only A/A2's are capped (one process reads everything).
+  common = [f"--shards=file://{shards}", f"--shard_groups={GROUPS}"]
+  _run(common + [f"--workdir={d['C']}", "--phases=4", f"--stage_root={root / 'disks_C'}"], 1, 4, cache)
+  _run(common + [f"--workdir={d['A']}", "--phases=3,4", f"--stage_root={root / 'disks_A'}",
+                 f"--stage_quota_gb={stage_quota_gb(shards)}", f"--elastic_from={d['C'] / 'checkpoints'}:2",
+                 f"--elastic_workdir={d['A2']}"], 2, 2, cache)
+  _run(common + [f"--workdir={d['B']}", "--phases=", f"--elastic_from={d['A'] / 'checkpoints'}:2",
+                 f"--elastic_workdir={d['B']}", f"--stage_root={root / 'disks_B'}"], 1, 4, cache)  # C's compiles
   return d
 
 
@@ -163,3 +187,17 @@ def test_elastic_resume_on_another_process_count(runs, resumed, reference):
   assert all(keys_want[k] == v for k, v in keys_got.items())
   assert {("s2_mae", 1), ("s2_to_s1", 1)} <= set(keys_got)  # steps 3 and 4 read each task's second global batch
   assert_params_close(params(runs[resumed]), params(runs[reference]))
+
+
+def test_each_process_stages_and_reads_only_its_shard_groups_under_a_quota(runs, shards):
+  """Issue 19 item 4: the run's shards do not fit the per-process stage quota; each of the 2 processes stages only
+  the shards of its group (row block), trains, and every record in its rows comes from them."""
+  quota = stage_quota_gb(shards) * 1e9
+  staged = [json.loads((runs["A"] / f"stage_p{i}.json").read_text()) for i in range(2)]
+  for i, names in enumerate(staged):
+    assert names and all(f"-{i:05d}-of-{GROUPS:05d}" in n for n in names), names  # shard i -> group i mod 2
+    assert sum((shards / n).stat().st_size for n in names) <= quota
+    for path in runs["A"].glob(f"records_p{i}.jsonl"):
+      for r in map(json.loads, path.read_text().splitlines()):
+        assert {k.split(":")[0] for k in r["keys"]} <= set(names)
+  assert not set(staged[0]) & set(staged[1])
