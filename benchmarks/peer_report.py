@@ -21,7 +21,7 @@ import time
 from benchmarks.device import pack
 from mmrs import atomic_io
 
-STEP_NAME = re.compile(r"step_(?P<method>\w+?)_b(?P<batch>\d+)_(?P<variant>remat|noremat|accum\d+)\.json$")
+STEP_NAME = re.compile(r"step_(?P<method>\w+?)_b(?P<batch>\d+)_(?P<variant>remat|noremat|accum\d+)(?P<extra>_\w+)?\.json$")
 
 
 def _read_json(path: str) -> dict | None:
@@ -73,7 +73,8 @@ def section(suite_dir: str, results_dir: str, command: str, archive: str = "") -
     if not m or not out:
       continue
     mfu = f"{100 * out['mfu']:.1f} %" if out.get("mfu") else "–"
-    variant = {"remat": "remat", "noremat": "no"}.get(m["variant"], m["variant"])
+    variant = {"remat": "remat", "noremat": "no"}.get(m["variant"], m["variant"]) + (
+        f" ({m['extra'][1:]})" if m["extra"] else "")  # e.g. no (perf_flags)
     lines.append(f"| {out['method']} | config | {out['batch_size']} | {variant} | "
                  f"{out['images_per_s']:.1f} | {mfu} | – | {_fmt(_compiled_mib(out.get('memory_mib')), ',.0f')} | "
                  f"`{os.path.basename(path)[:-5]}.log` |")

@@ -149,9 +149,9 @@ def test_gpu_suite_cpu_smoke_packs_its_results_into_out_and_imports_them(tmp_pat
 
   stages = {s["stage"]: s for s in map(json.loads, (out / "stages.jsonl").read_text().splitlines())}
   assert stages["attention_check"]["status"] == "failed" and "cuDNN" in stages["attention_check"]["error_line"]
-  assert {n: s["status"] for n, s in stages.items() if n != "attention_check"} == {
-      "versions": "ok", "peer_mixmae": "ok", "step_mixmae_b4_noremat": "ok", "step_mixmae_b8_remat": "ok",
-      "step_mixmae_b8_accum2": "ok", "data_w0": "ok"}
+  assert {"versions", "peer_mixmae", "step_mixmae_b4_noremat", "step_mixmae_b8_remat", "step_mixmae_b8_accum2",
+          "data_w0"} <= set(stages)
+  assert {n: s["status"] for n, s in stages.items() if s["status"] != "ok"} == {"attention_check": "failed"}
   assert stages["versions"]["result"]["jax"] == jax.__version__
   assert stages["step_mixmae_b8_accum2"]["result"]["batch_size"] == 8
 
@@ -178,7 +178,7 @@ def test_gpu_suite_cpu_smoke_packs_its_results_into_out_and_imports_them(tmp_pat
   assert text.startswith("# Benchmark results\n") and "## GPU suite (`benchmarks/gpu_suite.sh`)" in text
   assert "| mixmae | ViT-mu/16px, decoder mux1, b2, bfloat16 |" in text  # the peer row
   assert "| mixmae | config | 8 | accum2 |" in text and "| data_w0 |" in text
-  assert "- attention_check: failed (exit 1): failed: `RuntimeError: cuDNN" in text
+  assert "- attention_check: failed (exit 1): failed: `cudnn attention at (8, 64, 12, 64) failed: " in text
   png = re.search(r"!\[mmrs vs PyTorch\]\((.+?)\)", text)
   assert png and (tmp_path / png.group(1)).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert (tmp_path / "results").is_dir() and len(list((tmp_path / "results").glob("gpu_suite_*.jsonl"))) == 2
