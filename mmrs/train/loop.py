@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import itertools
 import os
 import tempfile
 import time
@@ -31,6 +32,9 @@ from mmrs.train import optimizers
 from mmrs.train import schedule as schedule_lib
 from mmrs.train import state as state_lib
 from mmrs.train import step as step_lib
+
+
+_RUN_STARTS = itertools.count()  # Trainer.run's start barrier keys (several processes)
 
 
 class NonFiniteError(FloatingPointError):
@@ -260,7 +264,9 @@ class Trainer:
     if jax.process_count() > 1:  # restore, data workers and compiling take longer on a busy host: start step 1
       # together (CPU/gloo gives up on a collective whose peers are 30 s late; a coordination-service barrier waits)
       from orbax.checkpoint import multihost as ocp_multihost  # pylint: disable=g-import-not-at-top
-      ocp_multihost.get_barrier_sync_fn()(key=f"mmrs_train_start_{self.workdir}_{self.step}", timeout_ms=600_000)
+      # The key counts this process's runs (every process calls train() the same number of times; a key may be
+      # used once): not the workdir, which may be spelled differently on each host.
+      ocp_multihost.get_barrier_sync_fn()(key=f"mmrs_train_start_{next(_RUN_STARTS)}", timeout_ms=600_000)
     cfg = self.config
     log_every = cfg.log_every_steps
     ckpt_every = cfg.get("checkpoint_every_steps", 0)
