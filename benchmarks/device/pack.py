@@ -71,7 +71,10 @@ def table(stages: list[dict]) -> str:
   lines = ["| stage | status | s | result or error |", "|---|---|---|---|"]
   for s in stages:
     res = s.get("result") or {}
-    if s["status"] == "ok":
+    if s["status"] == "ok" and "python" in res:  # the versions stage: what the numbers were measured with
+      what = ", ".join(f"{k} {res[k]}" for k in ("python", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
+                                                  "torch", "triton", "grain", "jax_backend") if k in res)
+    elif s["status"] == "ok":
       keys = ("images_per_s", "jax_images_per_s", "torch_images_per_s", "torch_compile_images_per_s", "mfu",
               "ratio_vs_compile", "records_per_s", "attention")
       what = ", ".join(f"{k} {res[k]:.4g}" if isinstance(res[k], float) else f"{k} {res[k]}"
@@ -192,7 +195,8 @@ def main(argv=None) -> None:
                  for s in stages if s["status"] != "ok" and s["stage"] not in allowed]
     if problems:
       raise SystemExit(f"{args.out}: " + "\n  ".join(["not in the shape the device call returns:"] + problems))
-    print(f"{args.out}: {len(stages)} stages ok (allowed to fail: {', '.join(sorted(allowed)) or 'none'}); "
+    ok = sum(s["status"] == "ok" for s in stages)
+    print(f"{args.out}: {ok} of {len(stages)} stages ok (allowed to fail: {', '.join(sorted(allowed)) or 'none'}); "
           f"every file comes back")
   else:
     for path in import_results(args.came_back, args.results):
