@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_suite.sh [--out=DIR] [--results=FILE] [--budget_s=450] [--wheels=.whl] [--attention=auto|xla]
 #                                [--work=DIR] [--cpu_smoke]
 #
-# The device call (README "GPU benchmarks"): `bash benchmarks/device/fetch_wheels.sh` here once, then
+# The device call (README "Benchmarks", benchmarks/RESULTS.md): `bash benchmarks/device/fetch_wheels.sh` and
+# `bash benchmarks/py312_smoke.sh` here first, then
 #   command: PYTHONUNBUFFERED=1 bash benchmarks/gpu_suite.sh --out=$OUT/gpu     carry: [".whl"]     timeout_s: 570
 # and here `python -m benchmarks.device.pack import <files_at>/gpu` (appends the section to benchmarks/RESULTS.md).
 #
@@ -13,21 +14,22 @@
 # start with under 30 s of the budget left is recorded as skipped):
 #   0. wheels: the packages the image lacks (benchmarks/device/wheels.txt), pip-installed offline from --wheels into
 #      a scratch --target on PYTHONPATH, only if this Python cannot import them; versions: what it runs with.
-#   1. attention_check: cuDNN flash attention vs XLA's on the models' shapes (benchmarks/device/check.py). If it
-#      fails, or with --attention=xla (the fallback switch), every JAX stage runs with config.model.attention=xla.
+#   1. attention_check: attention as the JAX stages run it ("auto") at the models' shapes, then cuDNN flash attention
+#      itself, forward and backward against XLA's (benchmarks/device/check.py). If it fails, or with --attention=xla
+#      (the fallback switch), every JAX stage runs with config.model.attention=xla.
 #   2. peer_mae_s2, peer_mixmae (benchmarks.peer): ViT-B/16, 128 px, batch 256, bfloat16; mmrs vs PyTorch eager and
 #      torch.compile on the same GPU, each side in its own process with --side_timeout_s (a failed side keeps the
 #      others); the jax side also gives MFU and peak memory at batch 256.
 #   3. step_mixmae_b512_noremat: MFU at the largest batch without remat that fits JAX's default pool (75 % of the
 #      GPU: ~59.7 GiB on an H100; the 8xH100 AOT estimate in RESULTS.md is 39.6 GiB at 512, ~78 GiB at 1024).
 #   4. step_mixmae_b1024_remat (remat "full": ~8 GiB), step_mixmae_b1024_accum2 (two micro-batches of 512: ~40 GiB),
-#      step_mae_s2_b512_noremat.
+#      step_mae_s2_b512_noremat; then (issue 20's stage 4b) the first step stage again with the launchers' perf flags.
 #   5. data_wN: the input pipeline (benchmarks.data_throughput), N = min(8, cores / 2) worker processes.
-# Outputs: logs go to a scratch folder (--work, default a mktemp folder under $TMPDIR); at the end --out (default runs/gpu_suite/STAMP) holds
-# only gpu_suite.tar.gz (everything), section.md (the RESULTS section), stages.jsonl and peer.jsonl
-# (benchmarks/device/pack.py), and the section and the stage table are printed last. --results=FILE also appends
-# the section to FILE (plots beside it). Exit 0 once the results are packed, whatever the stages did (the table
-# says); 1 when there is no GPU or nothing could be packed.
+# Outputs: logs go to a scratch folder (--work, default a mktemp folder under $TMPDIR); at the end --out (default
+# runs/gpu_suite/STAMP) holds only gpu_suite.tar.gz (everything), section.md (the RESULTS section), stages.jsonl and
+# peer.jsonl (benchmarks/device/pack.py), and the section and the stage table are printed last. --results=FILE also
+# appends the section to FILE (plots beside it). Exit 0 once the results are packed, whatever the stages did (the
+# table says); 1 when there is no GPU or nothing could be packed.
 # --cpu_smoke: the same stages at a tiny size on the CPU (a dry run: numbers meaningless; the tests and
 # benchmarks/py312_smoke.sh use it). There cuDNN attention is absent, so the fallback to XLA attention is exercised.
 # Its budget defaults to 3600 s: on a loaded 2-core machine a stage takes minutes, and a test must not skip stages
@@ -209,7 +211,8 @@ CMD="bash benchmarks/gpu_suite.sh $*"
 if ! "$PY" -m benchmarks.peer_report --suite_dir="$WORK" --results="$WORK/RESULTS.md" --command="${CMD% }" \
     --archive="gpu_suite.tar.gz" >"$WORK/section.md" 2>"$WORK/section.log"; then
   log "writing the RESULTS section failed: $(tail -3 "$WORK/section.log")"
-  printf '## GPU suite (`benchmarks/gpu_suite.sh`): no section (peer_report failed; see section.log)\n' >"$WORK/section.md"
+  printf '## GPU suite (`benchmarks/gpu_suite.sh`): no section (peer_report failed; see section.log)\n' \
+    >"$WORK/section.md"
 fi
 rm -f "$WORK/RESULTS.md"
 log "done in $(($(date +%s) - START))s; packing into $OUT"
