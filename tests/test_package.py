@@ -120,7 +120,10 @@ def test_pyproject_declares_dependencies_extras_and_scripts():
     assert need in names, need
   assert "einops" not in names and "tensorflow-datasets" not in names  # unused / optional
   extras = project["optional-dependencies"]
-  assert extras["gpu"] == ["jax[cuda12]==0.10.2"] and extras["tpu"] == ["jax[tpu]==0.10.2"]
+  assert extras["gpu"] == ["jax[cuda12]==0.10.2"]
+  assert extras["tpu"] == ["jax[tpu]==0.10.2", "gcsfs==2026.10.1"]  # gs:// workdirs on TPU VMs
+  tpu_pins = {r for r in _requirements("requirements-tpu.txt") if not r.startswith("-r")}
+  assert "gcsfs==2026.10.1" in tpu_pins and "gcsfs==2026.10.1" in _requirements("requirements-gcs-test.txt")
   assert {"export", "tfds", "dev"} <= set(extras)
   # The core pins agree with the exact lock in requirements.txt.
   lock = {}
