@@ -3,8 +3,10 @@
 # (without runs/, data/, .venv, .git) to every worker, install Python 3.11 + requirements-tpu.txt, and start
 # launch.main on all workers DETACHED (setsid nohup: an ssh disconnect does not stop it). Each worker logs to
 # ~/mmrs_logs/<run>/train.log and writes its exit code to ~/mmrs_logs/<run>/exit_code (0 finished, 75 preempted
-# with a checkpoint saved, others: see launch/main.py). Checkpoints go to the gs:// workdir; metrics.jsonl is
-# written on worker 0 under ~/mmrs_logs/<run> and copied to <workdir>/logs every 2 minutes.
+# with a checkpoint saved, others: see launch/main.py). Checkpoints go to the gs:// workdir, and so do the metrics and
+# TensorBoard events (--logdir=<workdir>/logs: one metrics file per start, never overwritten); each worker copies its
+# ~/mmrs_logs/<run> (train.log, exit_code) to <workdir>/logs/workers/<hostname>/<start time>/ every 2 minutes and at
+# exit, so a recreated VM (--watch) adds to the history instead of overwriting it.
 #
 # Usage:
 #   launch/tpu_vm.sh --name=mmrs-v4 --zone=us-central2-b --accelerator=v4-32 \
@@ -144,8 +146,8 @@ start() {
   train="python -m $MODULE --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR") --multihost"
   for a in "${EXTRA[@]+"${EXTRA[@]}"}"; do train+=" $(printf '%q' "$a")"; done
   if [[ "$WORKDIR" == gs://* ]]; then
-    train+=" --logdir=$LOGDIR"
-    sync="gcloud storage rsync --recursive $LOGDIR $WORKDIR/logs >/dev/null 2>&1"
+    train+=" --logdir=$(printf '%q' "${WORKDIR%/}/logs")"
+    sync="gcloud storage rsync --recursive $LOGDIR ${WORKDIR%/}/logs/workers/\$(hostname)/\$stamp >/dev/null 2>&1"
   fi
   # Performance flags (issue 20): LIBTPU_INIT_ARGS for collective/compute overlap, from their one place,
   # mmrs/train/perf_flags.py (`python3 -m launch.perf_flags --platform=tpu --format=describe`); flags already in the
@@ -153,7 +155,7 @@ start() {
   local perf
   perf=$(cd "$REPO" && python3 -m launch.perf_flags --platform=tpu) || die "python3 -m launch.perf_flags failed"
   # The wrapper forwards SIGTERM (--stop, a VM shutdown) to the trainer and waits for its checkpoint.
-  local body="cd ~/mmrs && . ~/mmrs_venv/bin/activate || exit 2; ${perf//$'\n'/; }; ${sync:+(while sleep 120; do $sync; done) & sync_pid=\$!; }$train & child=\$!; trap 'kill -TERM \$child 2>/dev/null' TERM; while :; do rc=0; wait \$child || rc=\$?; kill -0 \$child 2>/dev/null || break; done; ${sync:+kill \$sync_pid; $sync; }echo \$rc > $LOGDIR/exit_code; exit \$rc"
+  local body="stamp=\$(date -u +%Y%m%dT%H%M%SZ); cd ~/mmrs && . ~/mmrs_venv/bin/activate || exit 2; ${perf//$'\n'/; }; ${sync:+(while sleep 120; do $sync; done) & sync_pid=\$!; }$train & child=\$!; trap 'kill -TERM \$child 2>/dev/null' TERM; while :; do rc=0; wait \$child || rc=\$?; kill -0 \$child 2>/dev/null || break; done; ${sync:+kill \$sync_pid; $sync; }echo \$rc > $LOGDIR/exit_code; exit \$rc"
   cmd="mkdir -p $LOGDIR && d=$LOGDIR && if [ -f \$d/pid ] && [ ! -f \$d/exit_code ] && kill -0 \$(cat \$d/pid) 2>/dev/null; then echo \"\$(hostname): already running\"; exit 0; fi; rm -f \$d/exit_code; setsid nohup bash -c $(printf '%q' "$body") >>\$d/train.log 2>&1 </dev/null & echo \$! > \$d/pid; echo \"\$(hostname): started, log \$d/train.log\""
   ((DRY)) && echo "# 4. train on every worker, detached"
   on_workers "$cmd"

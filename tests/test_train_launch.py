@@ -142,6 +142,10 @@ def test_tpu_vm_dry_run_prints_the_commands():
   train = text.replace("\\", "")
   assert "python -m launch.main --config=configs/mixmae.py:vit_b --workdir=gs://bucket/runs/m1 --multihost " \
          "--config.total_steps=10" in train
+  # Metrics / TensorBoard to the bucket (one file per start); each worker's logs under its own prefix per start, so a
+  # recreated VM never overwrites the history.
+  assert "--logdir=gs://bucket/runs/m1/logs" in train and "stamp=$(date -u +%Y%m%dT%H%M%SZ)" in train
+  assert "rsync --recursive $HOME/mmrs_logs/m1 gs://bucket/runs/m1/logs/workers/$(hostname)/$stamp" in train
 
 
 def test_tpu_vm_needs_a_gs_workdir():
