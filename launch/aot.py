@@ -74,6 +74,8 @@ def _define_flags() -> None:
   flags.DEFINE_float("device_memory_gb", 0.0, "Per-device memory in GiB (default: the table in "
                      "mmrs/train/metrics.py; GPU: device memory x the launcher's memory fraction; CPU: host RAM / N).")
   flags.DEFINE_string("dump_hlo_dir", None, "Write each task's compiled HLO to DIR/<task>.hlo.txt.")
+  flags.DEFINE_bool("perf_flags", True, "Compile with the launchers' performance flags (mmrs/train/perf_flags.py); "
+                    "--noperf_flags shows what they cost in memory.")
   flags.mark_flags_as_required(["config", "topology"])
 
 EXIT_DOES_NOT_FIT = 1
@@ -86,7 +88,8 @@ def _print_report(report: dict, out) -> None:
 
 
 def run(config, topology: str, device_memory_gb: float = 0.0, out=sys.stdout,
-        gpu_target_config: str | None = None, plan_only: bool = False, dump_hlo_dir: str | None = None) -> int:
+        gpu_target_config: str | None = None, plan_only: bool = False, dump_hlo_dir: str | None = None,
+        perf_flags: bool = True) -> int:
   """Prints the tables and the JSON line; returns the exit code. `gpu_target_config`: a file path."""
   from mmrs.train import aot  # pylint: disable=g-import-not-at-top
   from mmrs.train import config_check  # pylint: disable=g-import-not-at-top
@@ -102,7 +105,7 @@ def run(config, topology: str, device_memory_gb: float = 0.0, out=sys.stdout,
       return EXIT_CONFIG_ERROR
   try:
     report = aot.compile_for(config, topology, device_memory_override=override, gpu_target_config=target,
-                             plan_only=plan_only, hlo_dir=dump_hlo_dir)
+                             plan_only=plan_only, hlo_dir=dump_hlo_dir, with_perf_flags=perf_flags)
   except (config_check.ConfigError, aot.TopologyError) as e:
     print(f"ERROR: {e}", file=sys.stderr)
     return EXIT_CONFIG_ERROR
@@ -140,7 +143,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   sys.exit(run(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.device_memory_gb,
                gpu_target_config=flags.FLAGS.gpu_target_config, plan_only=flags.FLAGS.plan_only,
-               dump_hlo_dir=flags.FLAGS.dump_hlo_dir))
+               dump_hlo_dir=flags.FLAGS.dump_hlo_dir, perf_flags=flags.FLAGS.perf_flags))
 
 
 if __name__ == "__main__":

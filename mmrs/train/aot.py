@@ -209,12 +209,13 @@ def device_memory(devices, override_bytes: int | None, gpu_total_bytes: int | No
   return None, f"unknown device kind {kind!r}"
 
 
-def target_compiler_options(config, platform: str):
+def target_compiler_options(config, platform: str, with_perf_flags: bool = True):
   """A copy of `config` whose xla_compiler_options add the platform's performance flags (perf_flags: what the
-  launchers set) and, on a compile-only GPU, DEVICELESS_COMPILER_OPTIONS; the config's own values win."""
+  launchers set; unless `with_perf_flags` is False) and, on a compile-only GPU, DEVICELESS_COMPILER_OPTIONS; the
+  config's own values win."""
   if platform == "gpu":
     config = gpu_target.with_deviceless_options(config)
-  return gpu_target.with_compiler_options(config, perf_flags.compiler_options(platform))
+  return gpu_target.with_compiler_options(config, perf_flags.compiler_options(platform) if with_perf_flags else {})
 
 
 _ATTENTION_SCOPE = re.compile(r"attention_(head_major|xla|cudnn)\b")
@@ -241,13 +242,13 @@ def _gpu_total_bytes(topology: str, gpu_target_config: str | None) -> int | None
 
 def compile_for(config, topology: str, method=None, device_memory_override: int | None = None,
                 plan_only: bool = False, gpu_target_config: str | None = None,
-                hlo_dir: str | None = None) -> dict[str, Any]:
+                hlo_dir: str | None = None, with_perf_flags: bool = True) -> dict[str, Any]:
   """Compiles every task for `topology`; returns the report (the JSON line of launch.aot, plus "memory_source").
 
   Raises config_check.ConfigError for a mesh/batch that does not divide, DoesNotFit when the sharded state alone is
   larger than a device's memory (before any compile), TopologyError for an unknown topology. `plan_only`: stop
   after the layout (report["per_device_param_and_opt_bytes"], no compile). `hlo_dir`: write each task's compiled
-  HLO there (`<task>.hlo.txt`).
+  HLO there (`<task>.hlo.txt`). `with_perf_flags=False`: without the launchers' performance flags (what they cost).
   """
   devices = topology_devices(topology, gpu_target_config)
   platform = devices[0].platform
@@ -265,7 +266,7 @@ def compile_for(config, topology: str, method=None, device_memory_override: int 
                                      for n, b in batches.items()})
   optimizer, layout = step_lib.plan_state(config, method, example, mesh, config.total_steps)
   state_bytes = state_bytes_per_device(layout)
-  config = target_compiler_options(config, platform)
+  config = target_compiler_options(config, platform, with_perf_flags)
   report = {"topology": topology, "platform": platform, "devices": len(devices),
             "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape), "tasks": {}, "fits": None, "device_memory_bytes": mem_bytes,
             "memory_source": mem_source, "per_device_param_and_opt_bytes": state_bytes,
