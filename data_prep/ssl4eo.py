@@ -1,7 +1,7 @@
 """SSL4EO-S12 -> mmrs shards: one record per (location, season), S1 GRD paired with S2 L1C or L2A.
 
     python -m data_prep.ssl4eo --src=DIR --out=DIR [--s2_level=L1C|L2A] [--max_days=92] [--split=train]
-        [--num_shards=N] [--on_bad=fail|skip] [--workers=N]
+        [--num_shards=N] [--shard_groups=G] [--on_bad=fail|skip] [--workers=N]
 
 Expected layout (the extracted mediaTUM archives s1.tar.gz, s2_l1c.tar.gz, s2_l2a.tar.gz; Wang et al. 2022):
 
@@ -205,8 +205,10 @@ def _iso(folder: str) -> str | None:
 
 
 def convert(src: str, out: str, *, s2_level: str = "L1C", max_days: float = 92.0, split: str = "train",
-            num_shards: int = 4, on_bad: str = "fail", workers: int = 0, grid: int = GRID) -> dict:
-  """Converts an SSL4EO-S12 folder; returns the manifest (with a `pairing` section)."""
+            num_shards: int = 4, on_bad: str = "fail", workers: int = 0, grid: int = GRID,
+            shard_groups: int = 0) -> dict:
+  """Converts an SSL4EO-S12 folder; returns the manifest (with a `pairing` section). shard_groups: G recorded in
+  the manifest (mmrs/data/shard_groups.py: each host then reads 1/P of the dataset); num_shards must be a multiple."""
   items, summary = list_items(src, s2_level, max_days, split, grid)
   if not items:
     raise ValueError(f"No Sentinel-2 acquisitions found under {src}/{S2_DIRS[s2_level.upper()]}/<location>/"
@@ -220,7 +222,7 @@ def convert(src: str, out: str, *, s2_level: str = "L1C", max_days: float = 92.0
     counts["resampled_chips"] += "resampled" in rec["meta"]
 
   writer = DatasetWriter(out, num_shards=num_shards, source=SOURCE, licence=LICENCE, created_by="data_prep.ssl4eo",
-                         args=args, extra={"pairing": summary}, extra_counts=counts)
+                         args=args, extra={"pairing": summary}, extra_counts=counts, shard_groups=shard_groups)
   return convert_lib.run(items, build, writer, on_bad=on_bad, workers=workers, desc="ssl4eo",
                          on_record=on_record)
 
@@ -233,6 +235,8 @@ def _define_flags():
   flags.DEFINE_string("split", "train", "Split name for every record, or hash:0.8,0.1,0.1 by location id.")
   flags.DEFINE_integer("grid", GRID, "Nominal 10 m chip size in pixels (SSL4EO-S12: 264); other sizes are "
                        "resampled onto it and counted.")
+  flags.DEFINE_integer("shard_groups", 0, "G shard groups recorded in the manifest (a pod host reads only its "
+                       "groups' shards; --num_shards must be a multiple of G); 0: not recorded.")
   flags.mark_flag_as_required("src")
 
 
@@ -240,7 +244,8 @@ def main(argv):
   del argv
   f = flags.FLAGS
   convert_lib.run_cli("ssl4eo", "convert", src=f.src, out=f.out, s2_level=f.s2_level, max_days=f.max_days,
-                      split=f.split, num_shards=f.num_shards, on_bad=f.on_bad, workers=f.workers, grid=f.grid)
+                      split=f.split, num_shards=f.num_shards, on_bad=f.on_bad, workers=f.workers, grid=f.grid,
+                      shard_groups=f.shard_groups)
 
 
 if __name__ == "__main__":

@@ -234,3 +234,12 @@ def test_real_sizes_latlong_crs_and_off_size_chips_are_resampled_and_counted(tmp
                                   np.repeat(np.repeat(f.read(1), 2, 0), 2, 1))
   np.testing.assert_allclose(b["s1"], -15.0)
   assert a["meta"]["crs"] and abs(a["meta"]["lon"] - 11.57) < 0.01 and abs(a["meta"]["lat"] - 48.14) < 0.01
+
+
+def test_shard_groups_are_recorded_and_an_unsuitable_shard_count_is_refused_before_converting(src, tmp_path):
+  """Issue 19: G in the manifest (the pipeline's default G); a shard count G does not divide fails up front."""
+  m = ssl4eo.convert(src, str(tmp_path / "g"), num_shards=2, shard_groups=2, grid=G)
+  assert m["shard_groups"] == 2 and all(len(v) == 2 for v in m["splits"]["train"].values())
+  with pytest.raises(ValueError, match=r"3 shard file\(s\), which 2 shard groups cannot split evenly"):
+    ssl4eo.convert(src, str(tmp_path / "bad"), num_shards=3, shard_groups=2, grid=G)
+  assert not (tmp_path / "bad").exists()
