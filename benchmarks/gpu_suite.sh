@@ -14,8 +14,8 @@
 # start with under 30 s of the budget left is recorded as skipped):
 #   0. wheels: the packages the image lacks (benchmarks/device/wheels.txt), pip-installed offline from --wheels into
 #      a scratch --target on PYTHONPATH, only if this Python cannot import them; versions: what it runs with.
-#   1. attention_check: attention as the JAX stages run it ("auto") at the models' shapes, then cuDNN flash attention
-#      itself, forward and backward against XLA's (benchmarks/device/check.py). If it fails, or with --attention=xla
+#   1. attention_check: cuDNN flash attention itself, then attention as the JAX stages run it ("auto") at the models'
+#      shapes, forward and backward against XLA's (benchmarks/device/check.py). If it fails, or with --attention=xla
 #      (the fallback switch), every JAX stage runs with config.model.attention=xla.
 #   2. peer_mae_s2, peer_mixmae (benchmarks.peer): ViT-B/16, 128 px, batch 256, bfloat16; mmrs vs PyTorch eager and
 #      torch.compile on the same GPU, each side in its own process with --side_timeout_s (a failed side keeps the

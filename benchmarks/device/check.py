@@ -3,11 +3,11 @@
   python -m benchmarks.device.check versions     # Python, platform, package versions, jax's and torch's devices
   python -m benchmarks.device.check attention    # cuDNN flash attention vs XLA's on the ViT-B step's shapes
 
-`attention` jit-compiles and runs attention forward and backward in bfloat16 against XLA's, first as the JAX stages
-will run it (`mmrs.models.vit.attend(..., "auto")`, at the suite's models' shapes: the ViT-B/16 encoder at 128 px
-sees 65 and 17 tokens with 12 heads of 64, the ViT-Lite decoder 65 tokens with 16 heads of 32; "auto" takes cuDNN
-only where jax accepts it forward and backward), then cuDNN flash attention itself (`implementation="cudnn"`) at
-even token counts, which it accepts. It exits 1 with the error when either fails to trace, compile or run, or
+`attention` jit-compiles and runs attention forward and backward in bfloat16 against XLA's: cuDNN flash attention
+itself (`implementation="cudnn"`) at even token counts, which it accepts, then attention as the JAX stages will run
+it (`mmrs.models.vit.attend(..., "auto")`, at the suite's models' shapes: the ViT-B/16 encoder at 128 px sees 65
+and 17 tokens with 12 heads of 64, the ViT-Lite decoder 65 tokens with 16 heads of 32; "auto" takes cuDNN only
+where jax accepts it forward and backward). It exits 1 with the error when either fails to trace, compile or run, or
 disagrees; gpu_suite.sh then runs every JAX stage with config.model.attention=xla, so one cuDNN problem cannot take
 down all of them. On a CPU there is no cuDNN: it exits 1 there by design (the smoke run's fallback path).
 """
@@ -76,14 +76,14 @@ def attention() -> dict:
     return out
 
   results = []
+  for shape in CUDNN_SHAPES:  # first: without cuDNN (a CPU) the stages use XLA anyway, so stop here
+    results.append(compare("cudnn", shape, functools.partial(jax.nn.dot_product_attention, implementation="cudnn")))
   for shape in MODEL_SHAPES:  # what the JAX stages run
     probe = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     chosen = target.choices(target.platform(), jnp.bfloat16).attention
     if chosen == "cudnn" and not vit._cudnn_trainable(probe, probe, probe):  # pylint: disable=protected-access
       chosen = "xla"
     results.append(compare(f"auto ({chosen})", shape, functools.partial(vit.attend, implementation="auto")))
-  for shape in CUDNN_SHAPES:
-    results.append(compare("cudnn", shape, functools.partial(jax.nn.dot_product_attention, implementation="cudnn")))
   return {"attention": "cudnn", "backend": jax.default_backend(), "checked": results}
 
 
