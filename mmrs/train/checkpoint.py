@@ -275,7 +275,8 @@ class Checkpointer:
       if kind == errors.DAMAGE and not moved:
         aside = self._move_aside(step, "corrupt_step_")
         logging.warning("Checkpoint step %d in %s is damaged (process(es) %s, %d tries each: %s); moved it aside to "
-                        "%s, falling back to the previous checkpoint.", step, self.directory, failed, RESTORE_TRIES, what, aside)
+                        "%s, falling back to the previous checkpoint.", step, self.directory, failed, RESTORE_TRIES,
+                        what, aside)
         failures.append(f"step {step}: damaged, moved aside to {aside} ({what})")
         moved = True
         continue

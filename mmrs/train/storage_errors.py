@@ -72,8 +72,8 @@ def _kind(e: BaseException) -> str | None:
   if isinstance(e, AssertionError) and "sync_global_devices" in str(e):
     return TRANSIENT  # processes out of step in Orbax's barriers (another failed first): says nothing of the files
   names = {f"{c.__module__}.{c.__name__}" for c in type(e).__mro__}
-  if any(n.startswith(("aiohttp.", "requests.exceptions.")) for n in names) or "asyncio.exceptions.TimeoutError" in names:
-    return TRANSIENT
+  if any(n.startswith(("aiohttp.", "requests.exceptions.", "asyncio.exceptions.TimeoutError")) for n in names):
+    return TRANSIENT  # gcsfs's transport errors (aiohttp), google-auth's (requests), asyncio timeouts
   code = getattr(e, "code", None)
   if "gcsfs.retry.HttpError" in names and isinstance(code, int):
     return http_kind(code)
