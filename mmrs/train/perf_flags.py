@@ -85,10 +85,11 @@ def flags(platform: str, environ: Mapping[str, str] | None = None) -> dict[str, 
   return {k: v for k, (v, _) in table.items() if k not in have}
 
 
-def compiler_options(platform: str) -> dict[str, bool | int | str]:
-  """The platform's flags as compile options (launch.aot): the same names, typed as XLA's option parser takes them."""
+def compiler_options(platform: str, environ: Mapping[str, str] | None = None) -> dict[str, bool | int | str]:
+  """The platform's flags as compile options (launch.aot), typed as XLA's option parser takes them; like the
+  launchers, a flag `environ`'s (default: this process's) XLA_FLAGS / LIBTPU_INIT_ARGS sets is left to it."""
   out: dict[str, bool | int | str] = {}
-  for k, v in flags(platform).items():
+  for k, v in flags(platform, os.environ if environ is None else environ).items():
     out[k] = v == "true" if v in ("true", "false") else int(v) if v.isdigit() else v
   return out
 
