@@ -2,9 +2,10 @@
 GCS emulator behind the fault proxy (tests/gcs_emulator.py), with the faults that object storage really has.
 
 One toy run trains to step 4 on gs://bucket/run (checkpoints 2 and 4, metrics, TensorBoard and reconstruction PNGs
-under gs://bucket/run/logs); each test starts from a copy of that bucket and resumes with a fault injected.
+under gs://bucket/run/logs, jax's compilation cache under gs://bucket/run/compilation_cache); each test starts from a
+copy of that bucket and resumes with a fault injected. Not covered here yet: kill -9 on gs://, 2 processes saving
+to gs://, shards staged from gs://, finetune results / exports on gs://.
 """
-
 import jax
 import pytest
 
@@ -22,12 +23,12 @@ STEP4 = r"run/checkpoints/4/"
 pytestmark = pytest.mark.filterwarnings("ignore:Exception ignored in:pytest.PytestUnraisableExceptionWarning")
 
 
-def _train(total_steps, **kwargs):
+def _train(total_steps, cache="", **kwargs):
   config = toy.get_config()
   config.total_steps, config.checkpoint_every_steps, config.mesh = total_steps, 2, "data=1"
   config.toy.tasks, config.visualize_every_steps = "cross", 2
   config.model.width = 32  # 32x32 kernels (4 KiB): above Orbax's 1 KiB inline limit, outside the CRC'd b-tree
-  config.compilation_cache_dir = ""  # one cache per test session would make the compile counts differ; off
+  config.compilation_cache_dir = cache  # off unless asked: a warm cache would hide nothing here, but costs uploads
   return loop.train(config, WORKDIR, logdir=LOGDIR, method=toy.build(config), task_data=toy.fake_data,
                     devices=jax.devices()[:1], **kwargs)
 
@@ -41,7 +42,7 @@ def _fs():
 def snapshot(gcs_session, tmp_path_factory):
   """The bucket after 4 steps on gs://, downloaded."""
   gcs_session.reset()
-  _train(4)
+  _train(4, cache="auto")  # the default: <workdir>/compilation_cache, on the bucket
   local = tmp_path_factory.mktemp("bucket")
   _fs().get("bucket/run", str(local), recursive=True)
   return local / "run"
@@ -64,6 +65,7 @@ def test_first_run_wrote_everything_to_the_bucket(snapshot):
   assert {"checkpoints/2/commit_success.txt", "checkpoints/4/commit_success.txt", "config.json"} <= files
   assert any(f.startswith("logs/metrics/") for f in files)
   assert any(f.startswith("logs/tensorboard/events.out.tfevents") for f in files)
+  assert any(f.startswith("compilation_cache/") for f in files)  # jax wrote its persistent cache to gs://
   assert {f for f in files if f.startswith("logs/reconstructions/")} == {
       "logs/reconstructions/step_00000002_cross.png", "logs/reconstructions/step_00000004_cross.png"}
 
