@@ -89,12 +89,17 @@ class ShardIndex:
 
   def __init__(self, path: str, num_records: int):
     self.path = path
+    self._fd = -1
     self._fd = os.open(path, os.O_RDONLY)
     try:
       self.starts, self.sizes = self._walk(num_records)
     except Exception:
-      os.close(self._fd)
+      self.close()
       raise
+
+  @property
+  def fd(self) -> int:
+    return self._fd
 
   def _read(self, logical: int, n: int) -> bytes:
     buf = bytearray(n)
@@ -150,7 +155,7 @@ class ShardIndex:
       dtype, shape = np.dtype(spec["dtype"]), tuple(spec["shape"])
       if body + spec["offset"] + int(np.prod(shape)) * dtype.itemsize > size:
         raise records.RecordError(f"Record {header['id']}: array {key!r} is truncated.")
-      arr = LazyArray(self._fd, start + body + spec["offset"], dtype, shape)
+      arr = LazyArray(self, start + body + spec["offset"], dtype, shape)
       out[key] = arr if len(shape) == 3 or key == "mask" else arr[:]  # small arrays (s1_valid): read whole
     return out
 
@@ -159,12 +164,15 @@ class ShardIndex:
       os.close(self._fd)
       self._fd = -1
 
+  __del__ = close  # a dropped pipeline gives its descriptors back (as ArrayRecord's readers do)
+
 
 class LazyArray:
   """An (H, W[, C]) array in a shard; `a[r0:r1, c0:c1]` reads rows r0..r1 only and returns a view of the columns."""
 
-  def __init__(self, fd: int, logical: int, dtype: np.dtype, shape: tuple[int, ...]):
-    self._fd, self._logical, self.dtype, self.shape = fd, logical, dtype, shape
+  def __init__(self, shard: ShardIndex, logical: int, dtype: np.dtype, shape: tuple[int, ...]):
+    # Holds its shard (not just the descriptor): the file stays open while a record is in flight.
+    self._shard, self._logical, self.dtype, self.shape = shard, logical, dtype, shape
     self.ndim = len(shape)
     self._row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
 
@@ -179,7 +187,8 @@ class LazyArray:
     r0, r1, _ = rows.indices(self.shape[0])
     out = np.empty((max(0, r1 - r0),) + self.shape[1:], self.dtype)
     if out.size:
-      read_logical(self._fd, self._logical + r0 * self._row_bytes, memoryview(out.reshape(-1).view(np.uint8)))
+      read_logical(self._shard.fd, self._logical + r0 * self._row_bytes,
+                   memoryview(out.reshape(-1).view(np.uint8)))
     return out[:, cols]
 
   def __array__(self, dtype=None, copy=None):
