@@ -26,8 +26,6 @@ GPU_XLA_FLAGS: dict[str, tuple[str, str]] = {
         "true", "with scan_layers: reduce-scatter a layer's gradients during the next layer's backward"),
     "xla_gpu_enable_pipelined_all_reduce": (
         "true", "the same for all-reduces (data-parallel gradients)"),
-    "xla_gpu_enable_while_loop_double_buffering": (
-        "true", "double-buffer the scanned layer loop so the pipelined collectives have a slot to overlap in"),
     "xla_gpu_all_gather_combine_threshold_bytes": (
         "134217728", "combine small all-gathers up to 128 MiB: fewer, larger NCCL calls"),
     "xla_gpu_reduce_scatter_combine_threshold_bytes": (
@@ -35,6 +33,11 @@ GPU_XLA_FLAGS: dict[str, tuple[str, str]] = {
     "xla_gpu_all_reduce_combine_threshold_bytes": (
         "134217728", "the same for all-reduces"),
 }
+
+# Left out: xla_gpu_enable_while_loop_double_buffering (NVIDIA recommends it with pipelined collectives). It unrolls
+# while loops by two, so with grad_accum_steps two micro-batches' activations are live at once: MixMAE ViT-H, 512 per
+# GPU, grad_accum_steps=2 on 8xH100 needs 77.87 GiB with it and 60.40 GiB without (launch.aot, benchmarks/RESULTS.md).
+# Add it to XLA_FLAGS yourself where memory allows.
 
 # GPU memory: JAX preallocates 75 % of the device's memory by default (jax 0.10.2: XLA_CLIENT_MEM_FRACTION, the
 # older XLA_PYTHON_CLIENT_MEM_FRACTION still read; setting both is an error). 0.90 is what NVIDIA's JAX-Toolbox
