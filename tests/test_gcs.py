@@ -3,9 +3,17 @@ GCS emulator behind the fault proxy (tests/gcs_emulator.py), with the faults tha
 
 One toy run trains to step 4 on gs://bucket/run (checkpoints 2 and 4, metrics, TensorBoard and reconstruction PNGs
 under gs://bucket/run/logs, jax's compilation cache under gs://bucket/run/compilation_cache); each test starts from a
-copy of that bucket and resumes with a fault injected. Not covered here yet: kill -9 on gs://, 2 processes saving
+copy of that bucket and resumes with a fault injected; launch.main is killed with SIGKILL and resumed exactly. Not
+covered here yet: 2 processes saving
 to gs://, shards staged from gs://, finetune results / exports on gs://.
 """
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
 import jax
 import pytest
 
@@ -150,3 +158,38 @@ def test_truncated_manifest_moves_that_step_aside_on_the_bucket(bucket, monkeypa
   moved = {o.split("/")[2] for o in bucket.objects("run/checkpoints/corrupt_step_4_")}
   assert len(moved) == 1
   assert "2" in _steps(bucket)
+
+
+def test_kill9_after_a_checkpoint_on_the_bucket_then_resume_is_exact(gcs, tmp_path):
+  """launch.main on gs://bucket/k9 is killed with SIGKILL once checkpoint 4 is committed on the bucket (the run is
+  stalled at step 5); the same command resumes at step 4 and logs the same losses as an uninterrupted run."""
+  repo = str(pathlib.Path(__file__).resolve().parents[1])
+  overrides = ["--config.mesh=data=1,fsdp=1", "--config.checkpoint_every_steps=4", "--config.toy.tasks=cross",
+               "--config.compilation_cache_dir=" + str(tmp_path / "cache")]
+  cmd = [sys.executable, "-m", "tests.train_toy_method", "--config=tests/train_toy_method.py",
+         "--workdir=gs://bucket/k9", "--logdir=gs://bucket/k9/logs", *overrides]
+  env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             MMRS_TOY_BLOCK_AT="4")  # one task: the iterator stalls at its 5th batch, step 5, after checkpoint 4
+  proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    for line in proc.stdout:
+      if "FakeIterator: blocking" in line:
+        break
+    else:
+      pytest.fail(f"the run ended (rc={proc.wait()}) before stalling at step 5")
+    deadline = time.monotonic() + 120
+    while "k9/checkpoints/4/commit_success.txt" not in gcs.objects("k9/checkpoints/4/"):
+      assert time.monotonic() < deadline, "checkpoint 4 was never committed on the bucket"
+      time.sleep(0.2)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  env.pop("MMRS_TOY_BLOCK_AT")
+  done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "Resumed gs://bucket/k9 at step 4" in done.stderr
+  reference = subprocess.run([*cmd[:4], "--workdir=gs://bucket/ref", "--logdir=gs://bucket/ref/logs", *overrides],
+                             cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  losses = lambda logdir: [(r["step"], r["loss"]) for r in metrics_lib.read_metrics(logdir) if "loss" in r]
+  assert losses("gs://bucket/k9/logs") == losses("gs://bucket/ref/logs") and len(losses("gs://bucket/ref/logs")) == 8
