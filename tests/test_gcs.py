@@ -1,11 +1,10 @@
-"""gs:// end to end on the real code paths (gcsfs / etils.epath, tensorstore, Orbax, tensorboardX) against the local
+"""gs:// end to end on the real code paths (gcsfs / etils.epath, tensorstore, Orbax, jax's cache) against the local
 GCS emulator behind the fault proxy (tests/gcs_emulator.py), with the faults that object storage really has.
 
 One toy run trains to step 4 on gs://bucket/run (checkpoints 2 and 4, metrics, TensorBoard and reconstruction PNGs
 under gs://bucket/run/logs, jax's compilation cache under gs://bucket/run/compilation_cache); each test starts from a
 copy of that bucket and resumes with a fault injected; launch.main is killed with SIGKILL and resumed exactly. Not
-covered here yet: 2 processes saving
-to gs://, shards staged from gs://, finetune results / exports on gs://.
+covered here yet: 2 processes saving to gs://, shards staged from gs://, finetune results / exports on gs://.
 """
 import os
 import pathlib
