@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.fsdp_min_size = 2**18  # parameters with fewer elements stay replicated
   c.compute_dtype = "float32"  # float32 | bfloat16 | auto (bf16 on GPU/TPU, f32 on CPU); params stay float32
   c.peak_flops_per_device = 0.0  # FLOP/s for MFU when the device kind is not in mmrs/train/metrics.py (0: n/a)
-  c.compilation_cache_dir = "auto"  # persistent XLA cache: auto = <workdir>/compilation_cache when local; "" = off
+  c.compilation_cache_dir = "auto"  # persistent XLA cache: auto = <workdir>/compilation_cache (gs:// too); "" = off
   c.profile_steps = ""  # "START:END": a jax.profiler trace of steps [START, END) under <logdir>/profile
   c.on_nonfinite = "stop"  # stop | skip: what a NaN/inf loss does
   c.task_schedule = "alternate"  # alternate | weighted (see task_weights)
