@@ -213,3 +213,36 @@ def test_jointmae_plain_checkpoint_converts_to_an_encoder_that_computes_the_plai
                                modalities="s2", image_size=SIZE)
   got = _encoder({"s2": 13}).apply({"params": s2_only["params"]}, s2=x2)
   np.testing.assert_allclose(got, run_plain({"s1s2": np.concatenate([0 * x1, x2], -1)}), rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_json_records_the_token_layout_and_finetuning_follows_it(tmp_path):
+  """The plain baseline's encoder (one channel-concatenation entry layer) records token_layout "sum", an encoder
+  with per-modality entry layers "concat"; finetune.fusion defaults to it and a contradicting choice is refused."""
+  from configs.finetune import sen12ms  # pylint: disable=g-import-not-at-top
+  from mmrs.finetune import method as method_lib  # pylint: disable=g-import-not-at-top
+  trained = {"s2": B.S2_L1C_BANDS, "s1": B.S1_BANDS}
+  plain = _encoder({"s1s2": 15})
+  plain_params = _random_params(plain, lambda mod, x: mod.encode(mod.embed(x)["s1s2"]),
+                                s1s2=jnp.zeros((1, SIZE, SIZE, 15)))
+  joint_params = _random_params(_encoder({"s2": 13, "s1": 2}), s2=jnp.zeros((1, SIZE, SIZE, 13)),
+                                s1=jnp.zeros((1, SIZE, SIZE, 2)))
+  dirs = {}
+  for name, params in (("plain", plain_params), ("joint", joint_params)):
+    variables, meta = convert.convert({"encoder": params}, {}, trained_bands=trained, normalization=_stats(),
+                                      modalities="s1,s2", image_size=32)
+    dirs[name] = str(tmp_path / name)
+    convert.save(dirs[name], variables, meta)
+  assert json.load(open(os.path.join(dirs["plain"], "encoder.json")))["token_layout"] == "sum"
+  assert json.load(open(os.path.join(dirs["joint"], "encoder.json")))["token_layout"] == "concat"
+
+  def build(arg):
+    return method_lib.build(sen12ms.get_config("tiny" + (f",{arg}" if arg else "")))  # S1 + S2
+
+  assert build(f"init_from={dirs['plain']}").fusion == "sum"
+  assert build(f"init_from={dirs['joint']}").fusion == "concat"
+  assert build("fusion=sum").fusion == "sum" and build("").fusion == "concat"  # random init: any layout
+  with pytest.raises(ValueError, match="pretrained with the 'sum' token layout"):
+    build(f"init_from={dirs['plain']},fusion=concat")
+  with pytest.raises(ValueError, match="pretrained with the 'concat' token layout"):
+    build(f"init_from={dirs['joint']},fusion=sum")
+  assert build(f"init_from={dirs['plain']},modalities=s2,fusion=concat").fusion == "concat"  # one modality: moot

@@ -11,8 +11,9 @@ the last step only) the state is evaluated on the eval shards' `val` split, the 
 without a val split test the last step and say so. The papers do not describe their model selection.
 Keys (all variants): init_from (a converted encoder directory, "" = random init), frozen (True = only the head
 trains), head, label_fraction (0.01 / 0.1 / 0.5 / 1.0), subset_seed, modalities (s2 | s1 | s1+s2), fusion
-(concat | sum: how S1+S2 meet in the encoder, mmrs/finetune/method.py), shards,
-eval_shards, steps, batch_size, lr; layer_decay and drop_path (the MAE finetune recipe; -1 = the variant's default).
+(concat | sum: how S1+S2 meet in the encoder, mmrs/finetune/method.py; "" = the default: the layout the encoder
+was pretrained with, encoder.json token_layout, concat for a random init), shards,
+eval_shards, steps, batch_size, lr, modality_dropout; layer_decay and drop_path (the MAE finetune recipe; -1 = the variant's default).
 
 The paper variant's finetune recipe (a trained ViT encoder, frozen=False): the MixMAE paper states only "a batch size
 of 4096 and the AdaFactor optimizer" and the step counts; everything it leaves open is MAE's ViT-B finetune recipe
@@ -22,13 +23,18 @@ then cosine decay (MAE: 5 of 100 epochs), weight decay 0.05, AdamW's betas 0.9 /
 gradient clipping (clip_norm=0; Adafactor clips its own updates at RMS 1). For ViT-L/H MAE uses layer_decay=0.75
 and drop_path 0.2 / 0.3, lr 1e-3 * batch / 256: pass them. Not reproduced: MAE's ImageNet augmentations (RandAug,
 mixup, cutmix, label smoothing, random erasing). Frozen runs (linear probes) keep lr 1e-3 (frozen_lr), no
-layer decay, no drop path. demo / tiny: layer_decay 1.0 and drop_path 0 (off).
+layer decay, no drop path, and (ViT, linear head) MAE's affine-free BatchNorm before the head
+(finetune.probe_batchnorm=auto), so the probe sees standardized features whatever the encoder's feature scale;
+MAE's LARS optimizer and batch 16384 are not reproduced. demo / tiny: layer_decay 1.0 and drop_path 0 (off).
 
 Config keys read by mmrs/finetune:
   init_from; finetune.{dataset, task (multilabel | class | segmentation), head (linear | mlp | vitlite), frozen,
-  label_fraction, subset_mode (random | balanced | stratified), subset_seed, modalities, fusion (concat | sum), label_set,
+  label_fraction, subset_mode (random | balanced | stratified), subset_seed, modalities, fusion (concat | sum | ""), label_set,
   num_classes, pool (mean | cls), normalization (encoder: init_from's encoder.json statistics | dataset: the data's
-  stats.json; see mmrs/finetune/encoder_api.py), mlp_hidden_dim, decoder (ViT size of the vitlite head), decoder_depth,
+  stats.json; see mmrs/finetune/encoder_api.py), probe_batchnorm (auto: an affine-free BatchNorm before the linear
+  head of a frozen ViT, MAE's linear-probe protocol | on | off; mmrs/finetune/heads.py), modality_dropout
+  (S1+S2: per-sample probability of training without S1 or S2, through the encoder's missing-modality path; 0 =
+  off, as the papers), mlp_hidden_dim, decoder (ViT size of the vitlite head), decoder_depth,
   class_names, report_classes (segmentation: the classes miou / average_accuracy average over; *_all = every class),
   eval_every_steps (validate every N steps; 0 = after the last step only), val_split (the validation split of the
   eval shards, "val"; "" = none: the last step is tested)};
@@ -45,8 +51,9 @@ from mmrs import bands as bands_lib
 
 SAMPLE_SHARDS = "runs/data/bigearthnet_mm_sample"
 ARG_DEFAULTS = dict(variant="paper", init_from="", frozen=False, head="", label_fraction=1.0, subset_seed=0,
-                    modalities="", fusion="concat", shards="", eval_shards="", steps=0, batch_size=0, lr=0.0)
+                    modalities="", fusion="", shards="", eval_shards="", steps=0, batch_size=0, lr=0.0)
 ARG_DEFAULTS.update(layer_decay=-1.0, drop_path=-1.0)  # the MAE finetune recipe; -1 = the variant's default
+ARG_DEFAULTS.update(modality_dropout=0.0)  # finetune.modality_dropout (S1+S2 runs)
 # MAE's ViT-B finetune recipe (He et al. 2022, FINETUNE.md): what the paper variant uses where the papers say nothing.
 MAE_RECIPE = dict(base_lr=5e-4, layer_decay=0.65, drop_path=0.1)
 
@@ -67,7 +74,8 @@ def finetune_config(arg, *, dataset: str, task: str, label_set: str, num_classes
       dataset=dataset, task=task, head=arg.head or head, frozen=arg.frozen, label_fraction=arg.label_fraction,
       subset_mode="random", subset_seed=arg.subset_seed, modalities=arg.modalities or modalities,
       fusion=arg.fusion, label_set=label_set, num_classes=num_classes, pool="mean", normalization="encoder",
-      mlp_hidden_dim=128, decoder="lite", decoder_depth=0, class_names=(), report_classes=()))
+      mlp_hidden_dim=128, decoder="lite", decoder_depth=0, class_names=(), report_classes=(),
+      probe_batchnorm="auto", modality_dropout=arg.modality_dropout))
   c.eval_batch_size = 0  # 0 = batch_size
   # Model selection (mmrs/finetune/validation.py): validate on `val_split` of the eval shards every
   # `eval_every_steps` steps (0 = after the last step only) and test the state with the best main metric.

@@ -6,11 +6,17 @@ Snow/Ice, as these classes are rare in this subset of Sen12MS, and utilised 8 la
 10-class head (labels are the 10 simplified IGBP classes) and REPORTS the paper's 8-class convention: miou /
 average_accuracy average over the 8 (finetune.report_classes); miou_all / average_accuracy_all (10 classes) are kept
 as extras.
-paper variant: S1+S2 256 px patches, ViT-Lite decoder + segmentation head (head=linear for RS-BYOL's linear
-per-pixel probe; frozen=True for its frozen encoder). Where mmrs differs: the head default is the MixMAE paper's
+The RS-BYOL row: "Both single and three channel RS-BYOL utilised the DeepLabV3 model architecture with a ResNet50
+encoder ... we froze the weights of the encoder and trained only the decoder": `paper,init_from=<converted RS-BYOL
+encoder>,modalities=s2 (or s1),head=aspp,frozen=True` (the ResNet at output stride 8 with its last two stages
+dilated and DeepLabV3's ASPP head, mmrs/finetune/heads.py; the encoder's bands are the ones it was converted for).
+The paper states neither the decoder's optimizer, steps nor crop; those are the paper variant's (AdamW, 10K
+steps, 256 px). The MixMAE/JointMAE rows (ViT encoders): S1+S2 256 px patches, ViT-Lite decoder + segmentation
+head (head=linear for a linear per-pixel probe). Where mmrs differs: the ViT head default is the MixMAE paper's
 ViT-Lite decoder, the encoder is finetuned unless frozen=True, and the split is the contest's: its validation set
-(986 images) trains, its test set (5,128) evaluates; the contest has no separate validation split for model
-selection. Shards from `python -m data_prep.sen12ms --dataset=dfc2020`.
+(986 images) trains, its test set (5,128) evaluates, where RS-BYOL used "900 images" it does not identify; the
+contest has no separate validation split for model selection. Shards from
+`python -m data_prep.sen12ms --dataset=dfc2020`.
 Model selection: none (finetune.val_split=""): the contest's validation set is the training data here, so the
 last step is tested and results.json says so.
 """

@@ -4,7 +4,8 @@
 The paper's protocol (JointMAE paper, Zhang et al.): the pretrained encoder finetuned on SEN12MS, "weighted
 Precision, Recall, and F1-score" on the validation set, label fractions 1 / 10 / 50 / 100 %. The paper gives no
 image size, head or schedule.
-paper variant: S1+S2 (13 L1C bands + VV, VH; fusion=concat, the 2L tokens JointMAE pretrained on), finetuned ViT,
+paper variant: S1+S2 (13 L1C bands + VV, VH; fusion = the encoder's pretraining token layout: concat, the 2L
+tokens JointMAE pretrained on, or sum for its plain channel-concatenation baseline), finetuned ViT,
 linear head, 128 px centre crops of the 256 px patches (mmrs's choice), label fractions by label_fraction=0.01 ...
 (random subsets by record id), Adafactor. Where mmrs differs: it reports the test split (the paper's "validation
 set" is not defined further). Shards from `python -m data_prep.sen12ms --dataset=sen12ms` (label set "sen12ms" =

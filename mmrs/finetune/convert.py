@@ -4,9 +4,13 @@ A converted encoder is a directory with
   encoder.safetensors  the variables, flattened: "params/blocks_0/attn/qkv/kernel", ... (+ "batch_stats/..." for a
                        ResNet); float32
   encoder.json         {"format", "architecture", "modalities", "bands", "normalization", "image_size",
-                        "patch_size", "pooling" (ViT: mean | cls), "source": {checkpoint, step, method,
-                        config_digest}, "conversion": {...}}
+                        "patch_size", "pooling" (ViT: mean | cls), "token_layout" (ViT: concat | sum),
+                        "source": {checkpoint, step, method, config_digest}, "conversion": {...}}
 "normalization" and "pooling" are the conventions every user of the encoder follows (mmrs/finetune/encoder_api.py).
+"token_layout" is how S1 and S2 met in the encoder's training, what finetune.fusion defaults to: "sum" for the
+plain JointMAE baseline (one token per position from the concatenated channels, which the split entry layers
+reproduce as a per-position sum), "concat" for every encoder with per-modality entry layers (JointMAE's 2L tokens,
+MixMAE's per-position S1-or-S2 tokens); a converted finetune run records its finetune.fusion.
 
 What conversion does (ViT encoders of the MAE family; RS-BYOL's ResNet backbone):
 - keeps the encoder only: decoders, BYOL projector/predictor and the EMA target are dropped;
@@ -363,6 +367,7 @@ def convert(params, state, *, trained_bands: Mapping[str, Sequence[str]], normal
                           f"{sorted(trained_bands)} only.")
   want = split_bands(bands, modalities, trained_bands)
   if kind == "vit":
+    layout = "sum" if "patch_embed_s1s2" in enc else "concat"  # one channel-concatenated entry layer: the plain one
     new_params, arch = convert_vit(enc, trained_bands, modalities, want, image_size, patch_size)
     variables = {"params": new_params}
     patch = arch["patch_size"]
@@ -386,6 +391,8 @@ def convert(params, state, *, trained_bands: Mapping[str, Sequence[str]], normal
               conversion=dict(trained_bands={m: list(b) for m, b in trained_bands.items()},
                               patch_resize="flexivit_pinv_bilinear" if kind == "vit" else None,
                               position_embedding="sincos2d recomputed for the image grid" if kind == "vit" else None))
+  if kind == "vit":
+    meta["token_layout"] = layout
   return variables, meta
 
 
@@ -512,5 +519,8 @@ def convert_checkpoint(checkpoint: str, out: str, *, modalities: str | Sequence[
                                 source=source)
   if enc_meta["architecture"]["kind"] == "vit":  # the pooling mmrs used: a finetune run's finetune.pool, else mean
     enc_meta["pooling"] = (config.get("finetune") or {}).get("pool", "mean") or "mean"
+    fusion = (config.get("finetune") or {}).get("fusion")  # a finetune run: the layout it finetuned with
+    if fusion:
+      enc_meta["token_layout"] = fusion
   save(out, variables, enc_meta)
   return enc_meta

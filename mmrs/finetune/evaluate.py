@@ -211,6 +211,8 @@ def describe_run(config, method, step) -> dict[str, Any]:
   return dict(
       dataset=config.finetune.get("dataset", "") or ft.label_set, task=ft.task, label_set=ft.label_set,
       modalities=list(method.modalities), fusion=method.fusion if len(method.modalities) > 1 else "", head=ft.head, scenario="frozen" if ft.frozen else "finetuned",
+      probe_batchnorm=bool(getattr(method, "probe_batchnorm", False)),
+      modality_dropout=float(getattr(method, "modality_dropout", 0.0)),
       label_fraction=float(ft.label_fraction), split=eval_cfg.get("split", "test"), shards=eval_cfg.shards,
       init_from=config.get("init_from", "") or "random init", encoder_source=meta.get("source", {}),
       step=step, num_classes=method.num_classes)

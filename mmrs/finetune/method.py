@@ -6,15 +6,23 @@ params = {"encoder": ViT (or ResNet) params, "head": head params}; state = {"bat
 
 Scenarios: finetune (all params train) and frozen (`finetune.frozen=True`: the task trains only "head", and the
 encoder features pass through `jax.lax.stop_gradient`, so no encoder backward pass is even built; a ResNet
-encoder keeps its BatchNorm running statistics, as a linear probe should).
+encoder keeps its BatchNorm running statistics, as a linear probe should). A linear probe of a frozen ViT puts an
+affine-free BatchNorm before its Dense (MAE's linear-probe protocol; `finetune.probe_batchnorm` auto | on | off,
+mmrs/finetune/heads.py).
+Modality dropout (`finetune.modality_dropout` p, S1+S2 ViT runs; default 0): in training each sample loses S1 or S2
+with probability p/2 each and goes through the encoder's missing-modality path (the encoder given one modality),
+so the robustness runner's missing_s1 / missing_s2 stresses measure a trained ability, not a zero-shot one.
 Encoder weights: `init_from` = a converted encoder directory (launch.convert_checkpoint), or "" for a random init
 from config.model / config.bands (the from-scratch baseline). `prepare_config(config)` (called by `build`) copies
 the converted encoder's bands into config.bands (the data pipelines follow them) and fills the label-fraction
 subset into config.data.train.indices.
-S1+S2 input (`finetune.fusion`): "concat" (default) feeds the encoder 2L tokens, each with its modality embedding
+S1+S2 input (`finetune.fusion`, default "": the converted encoder's encoder.json token_layout, i.e. the layout it
+was pretrained with; an explicit contradicting choice is an error; "concat" for a random init): "concat" feeds the
+encoder 2L tokens, each with its modality embedding
 and one position embedding, as JointMAE's encoder saw them (MixMAE's per-position S1-or-S2 tokens are the L-token
 special case); classification heads mean-pool all 2L tokens, segmentation heads get the mean of each position's two
-tokens. "sum" adds the two modalities' tokens per position (one position embedding): a layout no method pretrained.
+tokens. "sum" adds the two modalities' tokens per position (one position embedding): the plain JointMAE baseline's
+layout (its channel-concatenation entry layer, split by conversion, is exactly this sum).
 The MAE finetune recipe (He et al. 2022, as BEiT): layer-wise lr decay (`finetune.layer_decay` d < 1: block i of
 L trains at lr * d^(L - i), the entry layers at lr * d^(L + 1), final norm and head at lr; prepare_config hands it to
 the optimizer as optimizer.layer_decay, mmrs/train/optimizers.py) and drop path (`model.drop_path_rate`: stochastic
@@ -22,6 +30,9 @@ depth rising linearly over the blocks, in training only, mmrs/models/vit.py). Bo
 with a frozen encoder they change nothing, and a ResNet encoder has neither (an error unless frozen).
 `model.scan_layers` / `model.remat_policy` apply to the finetuned encoder as in pretraining (the converted encoder's
 per-block weights are stacked on load).
+ResNet encoders (RS-BYOL): one modality; classification on the pooled features, segmentation with head=aspp
+(DeepLabV3: the backbone at output stride 8, its last two stages dilated instead of strided, and the ASPP head,
+mmrs/finetune/heads.py), frozen or finetuned.
 Losses: multilabel = sigmoid cross-entropy (mean over classes), class = softmax cross-entropy, segmentation =
 per-pixel softmax cross-entropy over labelled pixels (-1 = ignore).
 """
@@ -48,6 +59,7 @@ from mmrs.models import sizes
 
 TASKS = ("multilabel", "class", "segmentation")
 FUSIONS = ("concat", "sum")  # S1+S2 input: 2L tokens (as JointMAE/MixMAE pretrained) | one summed token per position
+PROBE_BATCHNORM = ("auto", "on", "off")  # finetune.probe_batchnorm (mmrs/finetune/heads.py ClassifierHead)
 
 
 def parse_modalities(spec: str) -> tuple[str, ...]:
@@ -68,6 +80,32 @@ def encoder_meta(config) -> dict | None:
                             "`python -m launch.convert_checkpoint`, or set init_from='' for a random init.")
   with open(meta_path) as f:
     return json.load(f)
+
+
+def pretrained_layout(meta: Mapping[str, Any] | None) -> str | None:
+  """How S1 and S2 met in the encoder's training (encoder.json token_layout; encoders converted before it was
+  recorded: "sum" for the plain JointMAE baseline), None for a random init or a ResNet."""
+  if meta is None or meta["architecture"]["kind"] != "vit":
+    return None
+  if meta.get("token_layout"):
+    return meta["token_layout"]
+  return "sum" if (meta.get("source") or {}).get("method") == "jointmae_plain" else "concat"
+
+
+def resolve_fusion(fusion: str, modalities, meta: Mapping[str, Any] | None, init_from: str | None) -> str:
+  """finetune.fusion: "" = the encoder's pretraining token layout (concat for a random init); an explicit choice
+  that contradicts the layout the encoder was pretrained with is refused for S1+S2 input."""
+  if fusion and fusion not in FUSIONS:
+    raise ValueError(f"finetune.fusion={fusion!r} is unknown; choose one of {FUSIONS} or '' (the encoder's).")
+  layout = pretrained_layout(meta)
+  if not fusion:
+    return layout or "concat"
+  if layout and fusion != layout and len(modalities) > 1:
+    raise ValueError(f"finetune.fusion={fusion!r}, but the encoder in init_from={init_from!r} was pretrained with "
+                     f"the {layout!r} token layout (encoder.json token_layout; method "
+                     f"{(meta.get('source') or {}).get('method')!r}): finetuning it on another layout would compare "
+                     f"it on inputs it never saw. Leave fusion unset (fusion='') or set fusion={layout}.")
+  return fusion
 
 
 def prepare_config(config) -> None:
@@ -116,13 +154,11 @@ class Finetune:
     self.config, self.task = config, ft.task
     self.modalities = parse_modalities(ft.modalities)
     self.frozen = bool(ft.frozen)
-    self.fusion = ft.get("fusion", "concat")
-    if self.fusion not in FUSIONS:
-      raise ValueError(f"finetune.fusion={self.fusion!r} is unknown; choose one of {FUSIONS}.")
     self.label_key = f"label_{ft.label_set}"
     self.num_classes = int(ft.num_classes)
     self.dtype = jnp.dtype(config.get("compute_dtype", "float32"))
     self.meta = encoder_meta(config)
+    self.fusion = resolve_fusion(ft.get("fusion", ""), self.modalities, self.meta, config.get("init_from"))
     self.pretrained = None
     if self.meta is not None:
       variables, _ = convert.load(config.init_from)
@@ -138,9 +174,13 @@ class Finetune:
     else:
       self.kind = "resnet" if config.model.get("backbone", "vit").startswith("resnet") else "vit"
       self.encoder = self._random_encoder(config)
-    if self.kind == "resnet" and (len(self.modalities) != 1 or self.task == "segmentation"):
-      raise ValueError("A ResNet encoder supports classification of one modality (finetune.modalities=s2 or s1); "
-                       "segmentation needs a ViT encoder.")
+    if self.kind == "resnet" and len(self.modalities) != 1:
+      raise ValueError("A ResNet encoder takes one modality (finetune.modalities=s2 or s1).")
+    if self.task == "segmentation" and (self.kind == "resnet") != (ft.head == "aspp"):
+      raise ValueError(f"finetune.head={ft.head!r} with a {self.kind} encoder: a ResNet encoder segments with "
+                       "head=aspp (DeepLabV3, the RS-BYOL paper's DFC2020 model), a ViT with linear or vitlite.")
+    if self.kind == "resnet" and self.task == "segmentation":
+      self.encoder = self.encoder.clone(output_stride=8)  # DeepLabV3's dilated backbone (same weights)
     if self.kind == "resnet" and not self.frozen:
       recipe = {"finetune.layer_decay": (float(ft.get("layer_decay", 1.0)), 1.0),
                 "model.drop_path_rate": (float(config.model.get("drop_path_rate", 0.0)), 0.0)}
@@ -150,6 +190,13 @@ class Finetune:
                          "has no transformer blocks. Set finetune.layer_decay=1.0 and model.drop_path_rate=0 "
                          "(config argument layer_decay=1,drop_path=0).")
     self.has_cls = self.kind == "vit" and bool(self.encoder.use_cls_token)
+    self.probe_batchnorm = self._probe_batchnorm(ft)
+    self.modality_dropout = float(ft.get("modality_dropout", 0.0))
+    if not 0.0 <= self.modality_dropout <= 1.0:
+      raise ValueError(f"finetune.modality_dropout={self.modality_dropout} must be in [0, 1] (0 = off).")
+    if self.modality_dropout and (self.kind != "vit" or len(self.modalities) != 2):
+      raise ValueError(f"finetune.modality_dropout={self.modality_dropout} needs S1+S2 input to a ViT encoder "
+                       f"(this run: {'+'.join(self.modalities)}, {self.kind}); set it to 0.")
     self.head = self._head(config)
     prefixes = ("head",) if self.frozen else ("encoder", "head")
     self.tasks = (Task("finetune", "train", self.modalities, self.loss_fn, param_prefixes=prefixes),)
@@ -186,6 +233,8 @@ class Finetune:
 
   def _head(self, config):
     ft = config.finetune
+    if self.task == "segmentation" and self.kind == "resnet":
+      return heads_lib.ASPPHead(self.num_classes, dtype=self.dtype)
     if self.task == "segmentation":
       size = sizes.vit_size(ft.get("decoder", "lite"))
       if ft.get("decoder_depth", 0):
@@ -193,7 +242,19 @@ class Finetune:
       return heads_lib.SegmentationHead(self.num_classes, self.encoder.patch_size, ft.head, self.has_cls, size,
                                         self.dtype, config.model.get("attention", "auto"))
     return heads_lib.ClassifierHead(self.num_classes, ft.head, ft.get("pool", "mean"), self.has_cls,
-                                    ft.get("mlp_hidden_dim", 128), self.dtype)
+                                    ft.get("mlp_hidden_dim", 128), self.dtype, self.probe_batchnorm)
+
+  def _probe_batchnorm(self, ft) -> bool:
+    """finetune.probe_batchnorm: auto (on for a linear probe of a frozen ViT, MAE's protocol) | on | off."""
+    mode = str(ft.get("probe_batchnorm", "auto"))
+    if mode not in PROBE_BATCHNORM:
+      raise ValueError(f"finetune.probe_batchnorm={mode!r} is unknown; choose one of {PROBE_BATCHNORM}.")
+    if mode == "auto":
+      return self.frozen and self.kind == "vit" and ft.head == "linear" and self.task != "segmentation"
+    if mode == "on" and (ft.head != "linear" or self.task == "segmentation"):
+      raise ValueError(f"finetune.probe_batchnorm='on' is for the linear classification head, not "
+                       f"head={ft.head!r} ({self.task}); the mlp head has its own BatchNorm.")
+    return mode == "on"
 
   def _images(self, batch) -> dict:
     missing = [m for m in self.modalities if m not in batch]
@@ -208,7 +269,8 @@ class Finetune:
     if self.kind == "vit":
       enc_vars = self.encoder.init(enc_rng, **images)
     else:
-      enc_vars = self.encoder.init(enc_rng, next(iter(images.values())), train=False)
+      enc_vars = self.encoder.init(enc_rng, next(iter(images.values())), train=False,
+                                   feature_map=self.task == "segmentation")
     enc_params, enc_stats = enc_vars["params"], enc_vars.get("batch_stats", {})
     if self.pretrained is not None:
       loaded = self.pretrained["params"]
@@ -232,9 +294,30 @@ class Finetune:
     return self.head.init(rng, features, False)
 
   def _grid(self, images) -> tuple[int, int]:
+    """A segmentation head's spatial argument: the patch grid (ViT), the image size (ResNet's ASPP head)."""
     x = next(iter(images.values()))
+    if self.kind == "resnet":
+      return x.shape[1], x.shape[2]
     p = self.encoder.patch_size
     return x.shape[1] // p, x.shape[2] // p
+
+  def _drop_modalities(self, params, images, features, train, enc_rng, drop_rng):
+    """finetune.modality_dropout p: each sample loses S1 (probability p/2) or S2 (p/2) and its features are the
+    encoder's missing-modality path, i.e. the encoder given the other modality only (as launch.robustness's
+    missing_s1 / missing_s2 stresses evaluate). Static shapes: both one-modality passes run for the whole batch
+    and each sample picks its own. With fusion=concat a classification head's 2L tokens are matched by repeating
+    the L one-modality tokens twice, which leaves mean (and CLS) pooling exactly that of the L tokens."""
+    variables = {"params": params["encoder"]}
+    u = jax.random.uniform(drop_rng, (features.shape[0],))
+    p = self.modality_dropout
+    out = features
+    for m, lost in (("s1", u < p / 2), ("s2", (u >= p / 2) & (u < p))):
+      alone, _ = self._encode_apply(variables, {k: v for k, v in images.items() if k != m}, train, enc_rng)
+      if alone.shape != features.shape:  # concat classification: (1 +) L tokens -> (1 +) 2L
+        cls = int(self.has_cls)
+        alone = jnp.concatenate([alone[:, :cls], alone[:, cls:], alone[:, cls:]], axis=1)
+      out = jnp.where(lost.reshape((-1,) + (1,) * (out.ndim - 1)), alone.astype(out.dtype), out)
+    return out
 
   def _encode_apply(self, variables, images, train, rng=None):
     """(features, new encoder batch_stats)."""
@@ -249,10 +332,12 @@ class Finetune:
       return out, {}
     x = next(iter(images.values()))
     stats = variables.get("batch_stats", {})
+    fmap = self.task == "segmentation"  # the (B, H/8, W/8, C) feature map for the ASPP head
     if not train:
-      return self.encoder.apply({"params": variables["params"], "batch_stats": stats}, x, train=False), stats
+      return (self.encoder.apply({"params": variables["params"], "batch_stats": stats}, x, train=False,
+                                 feature_map=fmap), stats)
     out, upd = self.encoder.apply({"params": variables["params"], "batch_stats": stats}, x, train=True,
-                                  mutable=["batch_stats"])
+                                  feature_map=fmap, mutable=["batch_stats"])
     return out, upd["batch_stats"]
 
   def forward(self, params, state, batch, rng, train: bool):
@@ -263,6 +348,8 @@ class Finetune:
     enc_train = train and not self.frozen
     features, enc_stats = self._encode_apply({"params": params["encoder"], "batch_stats": stats.get("encoder", {})},
                                              images, enc_train, enc_rng)
+    if train and self.modality_dropout > 0 and rng is not None:
+      features = self._drop_modalities(params, images, features, enc_train, enc_rng, jax.random.fold_in(rng, 7))
     if self.frozen:
       features = jax.lax.stop_gradient(features)
     head_vars = {"params": params["head"]}
@@ -303,7 +390,12 @@ class Finetune:
       from mmrs.models import resnet  # pylint: disable=g-import-not-at-top
       (m,) = self.modalities
       channels = len(bands_lib.parse_band_list(self.config.bands.get(m)) or bands_lib.S1_BANDS)
-      return (1.0 if self.frozen else 3.0) * resnet.forward_flops(self.encoder.size, size, channels)
+      enc = resnet.forward_flops(self.encoder.size, size, channels, self.encoder.output_stride)
+      head = 0.0
+      if self.task == "segmentation":  # ASPP at output stride 8 (convolutions only)
+        c, hw, w = self.encoder.num_features, (size // 8) ** 2, 256
+        head = 2.0 * hw * w * (c + 3 * 9 * c + 5 * w + 9 * w + self.num_classes)
+      return (1.0 if self.frozen else 3.0) * enc + 3.0 * head
     channels = sum(self.encoder.in_channels.values())
     p, e = self.encoder.patch_size, self.encoder
     length = (size // p) ** 2
