@@ -277,3 +277,68 @@ def test_clean_value_of_a_pretrained_run_is_its_results_json(shards, tmp_path):
   result, _ = robustness.evaluate_runs([path], ["clouds"], {"clouds": [100]}, examples=0)
   own = json.load(open(os.path.join(path, "results.json")))["metrics"]["map_micro"]
   assert result["runs"]["ft_pretrained"]["clean"] == own
+
+
+@pytest.mark.parametrize("bands", ["L1C", "L2A"])
+def test_cloud_shadows_darken_the_surface_signal_only(bands):
+  """L2A (surface reflectance): a full shadow scales the value by the shadow factor. L1C (top of atmosphere): the
+  path reflectance stays and the atmospheric bands B01, B09, B10 are unchanged."""
+  names = bands_lib.S2_L1C_BANDS if bands == "L1C" else bands_lib.S2_L2A_BANDS
+  ctx = stresses.Context(s2_bands=names, num_samples=2)
+  rng = np.random.default_rng(4)
+  batch = {"s2": rng.integers(500, 4000, (2, 32, 32, len(names))).astype(np.uint16),
+           "s1": np.zeros((2, 32, 32, 2), np.float32), "_id": np.arange(2, dtype=np.int32)}
+  out, _ = jax.jit(lambda b: stresses.apply("clouds", b, 30.0, 0, ctx))(batch)
+  out = np.asarray(out["s2"])
+  floor = stresses.shadow_floor(names, bands == "L1C")
+  checked = 0
+  masks = jax.jit(jax.vmap(lambda k: stresses.cloud_masks(jax.random.split(k, 3)[0], 32, 32, 30.0, ctx)))
+  for i, (cloud, shadow) in enumerate(zip(*masks(stresses.sample_keys(0, "clouds", batch["_id"])))):
+    full = (np.asarray(shadow) == 1.0) & (np.asarray(cloud) == 0)
+    raw, got = batch["s2"][i][full].astype(np.float32), out[i][full]
+    checked += int(full.sum())
+    for c, band in enumerate(names):
+      if bands == "L1C" and band in ("B01", "B09", "B10"):
+        np.testing.assert_array_equal(got[:, c], raw[:, c])  # the atmosphere's signal: no shadow
+        continue
+      path = floor[c]
+      assert (bands == "L2A") == (path == 0)
+      ratio = (got[:, c] - path) / (raw[:, c] - path)  # the surface part is scaled by the sample's shadow factor
+      np.testing.assert_allclose(ratio, ratio[0], rtol=1e-4)
+      assert stresses.SHADOW_FACTOR[0] - 1e-5 <= ratio[0] <= stresses.SHADOW_FACTOR[1] + 1e-5
+  assert checked > 0
+
+
+def test_shift_brings_in_the_records_own_pixels_within_the_margin():
+  """With ctx.margin = m the batch is the crop plus m real pixels per side: S1 moves on that frame and both
+  modalities come back at the crop size, the entering pixels being the record's, not copies of the edge."""
+  m, k = 3, 2
+  rng = np.random.default_rng(5)
+  wide = {"s2": rng.integers(200, 3000, (B, H + 2 * m, W + 2 * m, 12)).astype(np.uint16),
+          "s1": rng.normal(-15.0, 4.0, (B, H + 2 * m, W + 2 * m, 2)).astype(np.float32),
+          "_id": np.arange(B, dtype=np.int32)}
+  ctx = stresses.Context(s2_bands=bands_lib.S2_L2A_BANDS, num_samples=B, margin=m)
+  out, _ = jax.jit(lambda b, v: stresses.apply("shift", b, v, 0, ctx))(wide, np.float32(k))
+  np.testing.assert_array_equal(np.asarray(out["s2"]), wide["s2"][:, m:m + H, m:m + W].astype(np.float32))
+  for i, key in enumerate(stresses.sample_keys(0, "shift", wide["_id"])):
+    dr, dc = stresses.shift_direction(key) * k
+    np.testing.assert_array_equal(np.asarray(out["s1"][i]), wide["s1"][i, m - dr:m - dr + H, m - dc:m - dc + W])
+  zero, _ = jax.jit(lambda b, v: stresses.apply("shift", b, v, 0, ctx))(wide, np.float32(0.0))
+  np.testing.assert_array_equal(np.asarray(zero["s1"]), wide["s1"][:, m:m + H, m:m + W])  # the clean crop
+
+
+def test_the_runner_reads_real_pixels_for_the_shift(runs):
+  """The sample's records are 120 px and the run evaluates 32 px crops: a 4 px shift brings in record pixels."""
+  result, shots = robustness.evaluate_runs([runs[0]], ["shift"], {"shift": [4]}, examples=2)
+  entry = result["runs"]["ft_s1s2"]
+  assert entry["shift_margin"] == 4 and [r["severity"] for r in entry["stresses"]["shift"]] == [0.0, 4.0]
+  sh = shots["shift"]["ft_s1s2"]
+  clean, moved = sh["images"][0]["s1"], sh["images"][1]["s1"]
+  for i in range(2):
+    dr, dc = stresses.shift_direction(stresses.sample_keys(0, "shift", np.arange(2))[i]) * 4
+    entering = moved[i, :4] if dr > 0 else moved[i, -4:] if dr < 0 else moved[i, :, :4] if dc > 0 else moved[i, :, -4:]
+    edge = clean[i, :1] if dr > 0 else clean[i, -1:] if dr < 0 else clean[i, :, :1] if dc > 0 else clean[i, :, -1:]
+    assert not np.array_equal(entering, np.broadcast_to(edge, entering.shape))  # not replicated edge pixels
+    inner = moved[i, 4:] if dr > 0 else moved[i, :-4] if dr < 0 else moved[i, :, 4:] if dc > 0 else moved[i, :, :-4]
+    src = clean[i, :-4] if dr > 0 else clean[i, 4:] if dr < 0 else clean[i, :, :-4] if dc > 0 else clean[i, :, 4:]
+    np.testing.assert_array_equal(inner, src)  # the rest is the clean crop, moved

@@ -22,7 +22,8 @@ days from this sample's S2 (the nearest such); samples without one are left out 
 many remained). Data with one acquisition per place: time_gap is skipped with a message.
 
 Outputs (`write_outputs`): robustness.json {"metric", "runs": {RUN: {"clean", "stresses": {STRESS: [{"severity",
-"value", "n"}]}, "skipped": {STRESS: why}, ...}}, "stresses": {STRESS: {"unit", "severities"}}, "seed"},
+"value", "n"}]}, "skipped": {STRESS: why}, "modality_dropout" (the finetune.modality_dropout the run trained with:
+0 = its missing_s1 / missing_s2 rows are zero-shot), ...}}, "stresses": {STRESS: {"unit", "severities"}}, "seed"},
 robustness.md (one table per stress), robustness.png (one panel per stress, one line per run) and
 examples_<stress>.png (a few inputs at each severity).
 """
@@ -219,6 +220,15 @@ class TimeGapPlan:
     return self.decode(self.source[j], np.random.default_rng(0))["s1"]
 
 
+def _whole_records(data_cfg):
+  """data_cfg reading whole encoded records (data.read="record"): the host-side reads here need the record's bytes
+  (metadata, array shapes), not the crop reader's lazy arrays."""
+  cfg = data_cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.read = "record"
+  return cfg
+
+
 def time_gap_plan(run: Run) -> tuple[TimeGapPlan | None, str]:
   """(plan, "") where the eval split has several S1 dates per place, else (None, why it is skipped)."""
   from mmrs.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
@@ -227,7 +237,7 @@ def time_gap_plan(run: Run) -> tuple[TimeGapPlan | None, str]:
   eval_cfg = cfg.data.eval
   if eval_cfg.get("on_bad", "fail") != "fail" or eval_cfg.get("indices"):
     return None, "time_gap needs the eval split read whole and in order (data.eval.on_bad='fail', no indices)."
-  info = pipeline_lib.describe(eval_cfg, method.modalities, eval_cfg.get("split", "test"))
+  info = pipeline_lib.describe(_whole_records(eval_cfg), method.modalities, eval_cfg.get("split", "test"))
   s2_t, s1_t, places = [], [], []
   for i in range(info.num_records):
     _, _, payload = info.source[i]
@@ -284,8 +294,18 @@ def evaluate_run(run: Run, stresses: Sequence[str], severities: Mapping[str, Seq
       eval_cfg, modalities=method.modalities, global_batch_size=batch_size, seed=cfg.seed, normalize="none",
       split=eval_cfg.get("split", "test"), shuffle=False, repeat=False, drop_remainder=False)
   n_records = pipe.num_records
+  margin = (shift_margin(run, max(severities["shift"])) if "shift" in stresses and not applicable(run, "shift")
+            else 0)
+  wide = None  # shift: the same records, in the same order, with `margin` more real pixels on every side
+  if margin:
+    wide_cfg = eval_cfg.copy_and_resolve_references()
+    with wide_cfg.unlocked():
+      wide_cfg.image_size = int(eval_cfg.image_size) + 2 * margin
+    wide = pipeline_lib.make_pipeline(
+        wide_cfg, modalities=method.modalities, global_batch_size=batch_size, seed=cfg.seed, normalize="none",
+        split=eval_cfg.get("split", "test"), shuffle=False, repeat=False, drop_remainder=False)
   ctx = stresses_lib.Context(s2_bands=tuple(pipe.bands.get("s2", ())), num_samples=n_records,
-                             **dict(ctx_overrides or {}))
+                             **dict(dict(margin=margin), **dict(ctx_overrides or {})))
   ev = Evaluator(run, ctx, seed)
   params, state = evaluate_lib._unbox(run.params), evaluate_lib._unbox(run.state)  # pylint: disable=protected-access
   skipped, plans = {}, {}
@@ -320,6 +340,16 @@ def evaluate_run(run: Run, stresses: Sequence[str], severities: Mapping[str, Seq
     position += len(valid)
     images = {m: local[m] for m in method.modalities}
     labels = local[label_key]
+    wide_images = images
+    if wide is not None:
+      w = next(wide.iterator)
+      wide_labels = np.asarray(w[label_key])
+      if wide_labels.ndim == 3:  # per-pixel labels: the wider read's centre is the evaluated crop
+        wide_labels = wide_labels[:, margin:-margin, margin:-margin]
+      if not (np.array_equal(np.asarray(w["valid"]), valid) and np.array_equal(wide_labels, labels)):
+        raise RobustnessError(f"{run.name}: the shift stress's wider read of the split fell out of step with the "
+                              "evaluation read; rerun with --stress excluding shift and report it.")
+      wide_images = {m: np.asarray(w[m]) for m in method.modalities}
     clean_acc.update(np.asarray(ev.clean(params, state, images)), labels, valid)
     clean_n += int(valid.sum())
     extra = {"_id": ids.astype(np.int32), "_rank": np.where(ids < n_records, rank[np.minimum(ids, n_records - 1)],
@@ -333,21 +363,27 @@ def evaluate_run(run: Run, stresses: Sequence[str], severities: Mapping[str, Seq
           batch, keep = _swap_s1(plans[name], images, ids, valid, v, n_records)
           out = np.asarray(ev.clean(params, state, batch))
         else:
-          out = np.asarray(ev.stressed(name)(params, state, dict(images, **extra), np.float32(v)))
+          src = wide_images if name == "shift" else images
+          out = np.asarray(ev.stressed(name)(params, state, dict(src, **extra), np.float32(v)))
           keep = valid
         acc[0].update(out, labels, keep)
         acc[1] += int(keep.sum())
       if examples and name not in shots:
-        shots[name] = _example_shots(ev, plans.get(name), name, images, extra, ids, valid, severities[name],
-                                     examples, n_records)
+        shots[name] = _example_shots(ev, plans.get(name), name, wide_images if name == "shift" else images,
+                                     extra, ids, valid, severities[name], examples, n_records)
   pipe.close()
+  if wide is not None:
+    wide.close()
   clean_metrics = clean_acc.result()
   if metric not in clean_metrics:
     raise RobustnessError(f"--metric={metric!r} is not a metric of {run.path} (it has "
                           f"{sorted(k for k in clean_metrics if not k.startswith('num_'))}).")
   clean = float(clean_metrics[metric])
   entry = {"path": run.path, "modalities": list(method.modalities), "step": run.step, "clean": clean,
-           "reported_clean": reported_metrics(run.results).get(metric), "n": clean_n, "stresses": {},
+           "reported_clean": reported_metrics(run.results).get(metric), "n": clean_n,
+           # missing_s1 / missing_s2 measure a trained ability only where finetuning dropped modalities too
+           "modality_dropout": float(ft.get("modality_dropout", 0.0)), "stresses": {},
+           "shift_margin": margin,  # shift: real record pixels around the crop (beyond them: edge replication)
            "skipped": skipped, "seconds": 0.0}
   for name in todo:
     rows = []
@@ -364,6 +400,26 @@ def evaluate_run(run: Run, stresses: Sequence[str], severities: Mapping[str, Seq
     logging.warning("%s: the clean %s evaluated here (%s) differs from results.json (%s): the checkpoint or the "
                     "data changed since the run evaluated.", run.name, metric, clean, entry["reported_clean"])
   return entry, shots
+
+
+def shift_margin(run: Run, max_shift: float) -> int:
+  """Real record pixels the shift stress can read around the evaluated crop: min(max shift, (record side - crop
+  side) // 2) from the split's first record (mmrs shards read whole and in order); 0 = edge replication only."""
+  from mmrs.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from mmrs.data import records  # pylint: disable=g-import-not-at-top
+  eval_cfg = run.config.data.eval
+  size = int(eval_cfg.get("image_size", 0) or 0)
+  if size <= 0 or eval_cfg.get("on_bad", "fail") != "fail" or eval_cfg.get("indices"):
+    return 0
+  info = pipeline_lib.describe(_whole_records(eval_cfg), run.method.modalities, eval_cfg.get("split", "test"))
+  if not info.num_records:
+    return 0
+  payload = info.source[0][2]
+  if not isinstance(payload, (bytes, bytearray, memoryview)):
+    return 0  # not mmrs shards (TFDS): the record size is not known here
+  rec = records.decode(payload)
+  side = min(min(rec[m].shape[:2]) for m in run.method.modalities if m in rec)
+  return max(0, min(int(math.ceil(max_shift)), (side - size) // 2))
 
 
 def _swap_s1(plan: TimeGapPlan, images, ids, valid, days, n_records):
@@ -456,10 +512,13 @@ def _sev_label(v: float) -> str:
 def markdown(result: Mapping[str, Any]) -> str:
   lines = [f"# Robustness ({result['metric']})", ""]
   runs = result["runs"]
-  lines.append("| run | input | clean |")
-  lines.append("|---|---|---|")
+  lines.append("| run | input | clean | trained with modality dropout |")
+  lines.append("|---|---|---|---|")
   for name, r in runs.items():
-    lines.append(f"| {name} | {'+'.join(r['modalities'])} | {_fmt(r['clean'])} |")
+    p = r.get("modality_dropout", 0.0)
+    trained = f"yes (p={p:g})" if p else ("no: missing_s1 / missing_s2 are zero-shot" if len(r["modalities"]) > 1
+                                          else "n/a (one modality)")
+    lines.append(f"| {name} | {'+'.join(r['modalities'])} | {_fmt(r['clean'])} | {trained} |")
   for s, spec in result["stresses"].items():
     lines += ["", f"## {s}: {result['metric']} by {spec['unit']}", ""]
     sevs = spec["severities"]

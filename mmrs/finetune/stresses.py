@@ -17,7 +17,8 @@ At severity 0 every stress returns its input unchanged (bit for bit; tested).
 The stresses:
   clouds      thick clouds + their shadows on S2, S1 untouched. Severity = % of the image under cloud.
   missing_s2  S2 absent for a fraction of the samples (%), missing_s1 likewise for S1.
-  shift       S1 translated against S2 by exactly k pixels (S2 fixed), severity = k.
+  shift       S1 translated against S2 by exactly k pixels (S2 fixed), severity = k; the pixels that enter the
+              crop come from the uncropped record where it has them (Context.margin), else edge replication.
   speckle     extra multiplicative Gamma speckle on S1 in linear power, severity = number of looks (0 = none).
   time_gap    S1 from another acquisition of the same place (host side, see mmrs/finetune/robustness.py).
 
@@ -40,8 +41,13 @@ Cloud model (`clouds`):
     the anti-solar azimuth, converted to pixels with `gsd_m` (defaults: 1 km cloud base, zenith 40 deg, azimuth
     150 deg = a mid-latitude Sentinel-2 morning overpass, 10 m pixels: 84 px to the north-north-west). The field
     is synthesised on a canvas larger than the image by the displacement, so clouds just outside the frame cast
-    shadows into it. Shadow pixels (not under cloud) are darkened to `shadow_factor` in [0.25, 0.45] of their
-    reflectance (a shadow receives only diffuse skylight), with the cloud's soft edge.
+    shadows into it. In a shadow the ground receives only diffuse skylight: its surface-reflected signal is
+    darkened to `shadow_factor` in [0.25, 0.45] (with the cloud's soft edge), not the whole value. L2A (surface
+    reflectance) is all surface signal, so the value scales. L1C is top-of-atmosphere: the atmosphere's own path
+    reflectance (`PATH_REFLECTANCE`, a clear continental atmosphere at a 40 deg sun, our choice, not a
+    measurement; at most the pixel's value) stays, and the atmospheric bands B01 (aerosol), B09 (water vapour)
+    and B10 (cirrus), whose signal comes mostly or wholly from the atmosphere, are left as they are. The level is
+    L1C when the bands include B10 (`Context.s2_level` overrides).
 """
 from __future__ import annotations
 
@@ -57,6 +63,9 @@ import numpy as np
 CLOUD_REFLECTANCE = {"B01": 0.45, "B02": 0.42, "B03": 0.40, "B04": 0.39, "B05": 0.40, "B06": 0.40, "B07": 0.42,
                      "B08": 0.42, "B8A": 0.42, "B09": 0.25, "B10": 0.02, "B11": 0.32, "B12": 0.18}
 CLOUD_BRIGHTNESS = (0.9, 1.3)
+# L1C shadows: TOA path reflectance (0..1) kept in a shadow; None = an atmospheric band, left unchanged.
+PATH_REFLECTANCE = {"B01": None, "B02": 0.05, "B03": 0.03, "B04": 0.02, "B05": 0.015, "B06": 0.012, "B07": 0.01,
+                    "B08": 0.008, "B8A": 0.007, "B09": None, "B10": None, "B11": 0.002, "B12": 0.001}
 SHADOW_FACTOR = (0.25, 0.45)
 REFLECTANCE_SCALE = 1e4  # records store S2 as reflectance x 1e4 (mmrs/data/records.py)
 
@@ -72,6 +81,13 @@ class Context:
   sun_zenith_deg: float = 40.0
   sun_azimuth_deg: float = 150.0  # clockwise from north
   gsd_m: float = 10.0  # ground size of a pixel
+  s2_level: str = ""  # "L1C" | "L2A" (shadows keep L1C's path reflectance); "" = L1C when s2_bands has B10
+  margin: int = 0  # shift: the batch carries this many real record pixels around the evaluated crop (cropped off)
+
+  def toa(self) -> bool:
+    if self.s2_level not in ("", "L1C", "L2A"):
+      raise ValueError(f"Context.s2_level={self.s2_level!r}: use L1C, L2A or '' (from the bands).")
+    return self.s2_level == "L1C" or (not self.s2_level and "B10" in self.s2_bands)
 
   def shadow_offset(self) -> tuple[int, int]:
     """(rows, cols) from a cloud to its shadow; rows grow southwards, cols eastwards."""
@@ -150,9 +166,19 @@ def cloud_spectrum(bands) -> np.ndarray:
   return np.asarray([CLOUD_REFLECTANCE[b] * REFLECTANCE_SCALE for b in bands], np.float32)
 
 
+def shadow_floor(bands, toa: bool) -> np.ndarray:
+  """Per band, the reflectance x 1e4 a shadow does not darken: 0 for L2A; L1C: the path reflectance, inf for the
+  atmospheric bands (nothing darkens)."""
+  if not toa:
+    return np.zeros(len(bands), np.float32)
+  return np.asarray([np.inf if PATH_REFLECTANCE.get(b) is None else PATH_REFLECTANCE[b] * REFLECTANCE_SCALE
+                     for b in bands], np.float32)
+
+
 def clouds(images, severity, keys, ctx: Context):
   x = images["s2"]
   spectrum = jnp.asarray(cloud_spectrum(ctx.s2_bands))
+  floor = jnp.asarray(shadow_floor(ctx.s2_bands, ctx.toa()))
   _, h, w, _ = x.shape
 
   def one(img, key):
@@ -160,7 +186,8 @@ def clouds(images, severity, keys, ctx: Context):
     cloud, shadow = cloud_masks(k_field, h, w, severity, ctx)
     bright = jax.random.uniform(k_bright, (), minval=CLOUD_BRIGHTNESS[0], maxval=CLOUD_BRIGHTNESS[1])
     dark = jax.random.uniform(k_shadow, (), minval=SHADOW_FACTOR[0], maxval=SHADOW_FACTOR[1])
-    shaded = img * (1.0 - (1.0 - dark) * shadow[..., None])
+    surface = jnp.maximum(img - jnp.minimum(img, floor), 0.0)  # the surface-reflected part (L2A: all of it)
+    shaded = img - (1.0 - dark) * shadow[..., None] * surface
     clouded = shaded * (1.0 - cloud[..., None]) + bright * spectrum * cloud[..., None]
     return jnp.where((cloud + shadow)[..., None] > 0, clouded, img)
 
@@ -194,15 +221,24 @@ def translate(img, drow, dcol):
 
 
 def shift(images, severity, keys, ctx: Context):
-  """S1 moved by exactly k = severity pixels along one of the four axis directions (seeded per sample), S2 fixed."""
-  del ctx
+  """S1 moved by exactly k = severity pixels along one of the four axis directions (seeded per sample), S2 fixed.
+
+  With ctx.margin = m the images are the evaluated crop plus m real pixels of the record on every side (the
+  runner reads them so): S1 is moved on that larger frame and both modalities are cropped back to the centre, so
+  up to m pixels the pixels entering the crop are the record's own, and edge replication only covers the rest."""
   k = jnp.round(severity).astype(jnp.int32)
+  m = int(ctx.margin)
 
   def one(img, key):
     d = jnp.asarray(DIRECTIONS)[jax.random.randint(key, (), 0, 4)]
     return translate(img, d[0] * k, d[1] * k)
 
-  return dict(images, s1=jax.vmap(one)(images["s1"], keys)), {}
+  out = dict(images, s1=jax.vmap(one)(images["s1"], keys))
+  if m:
+    for mod in ("s1", "s2"):
+      if mod in out:
+        out[mod] = out[mod][:, m:out[mod].shape[1] - m, m:out[mod].shape[2] - m]
+  return out, {}
 
 
 def shift_direction(key) -> np.ndarray:
