@@ -7,7 +7,8 @@
 mmrs side: the training step itself (benchmarks/step_throughput.py: config validation, `make_step_fn`,
 `compile_step`, Adafactor, global-norm clipping, the non-finite guard), on synthetic on-device batches.
 PyTorch side: benchmarks/torch_vit.py, an independent implementation of the same model, masking and loss with
-`torch.optim.Adafactor` and `clip_grad_norm_` (eager, and with `--torch_compile` also `torch.compile`d). Both
+mmrs's Adafactor (benchmarks/torch_adafactor.py; torch.optim.Adafactor's update differs) and `clip_grad_norm_`
+(eager, and with `--torch_compile` also `torch.compile`d). Both
 count parameters; they must agree within 0.1 % or the run stops.
 
 Model: encoder `--size` (mmrs/models/sizes.py), ViT-Lite-style decoder `--decoder` x `--decoder_depth` (defaults:
@@ -178,7 +179,8 @@ def run_torch(args, compile_model: bool) -> dict:
   model.to(device).train()
   if device.type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on both sides (XLA: highest precision)
-  step = torch_vit.make_step(model, torch_vit.make_optimizer(model),
+  from benchmarks import torch_adafactor  # pylint: disable=import-outside-toplevel  (mmrs's Adafactor, exactly)
+  step = torch_vit.make_step(model, torch_adafactor.make_optimizer(model),
                              torch.bfloat16 if args.dtype == "bfloat16" else torch.float32,
                              compile_model=compile_model, compile_backend=args.torch_compile_backend)
   batch = torch_vit.synthetic_batch(args.method, args.batch, args.image_size, args.s2_bands, 2, device)
