@@ -18,7 +18,7 @@ import re
 import shutil
 import time
 
-from benchmarks.device import pack
+from benchmarks.device.stages import read_stages
 from mmrs import atomic_io
 
 STEP_NAME = re.compile(r"step_(?P<method>\w+?)_b(?P<batch>\d+)_(?P<variant>remat|noremat|accum\d+)(?P<extra>_\w+)?\.json$")
@@ -118,7 +118,7 @@ def section(suite_dir: str, results_dir: str, command: str, archive: str = "") -
     lines.append("")
 
   items = []
-  for s in pack.read_stages(os.path.join(suite_dir, "stages.jsonl")):
+  for s in read_stages(os.path.join(suite_dir, "stages.jsonl")):
     if s["status"] != "ok":
       why = (s.get("error_line") or "").replace("`", "'")
       code = f" (exit {s['exit']})" if s.get("exit") else ""

@@ -22,6 +22,8 @@ import re
 import shutil
 import tarfile
 
+from benchmarks.device.stages import read_stages
+
 OUT_FILES = ("gpu_suite.tar.gz", "section.md", "stages.jsonl", "peer.jsonl")
 ERROR_LINES = 15
 # The line that names the error (Python's "XError: ...", absl's "E1207 ...", a shell's "...: error: ...").
@@ -57,13 +59,6 @@ def record(stages: str, name: str, status: str, exit_code: int | None = None, se
   with open(stages, "a", encoding="utf-8") as f:
     f.write(json.dumps(rec) + "\n")
   return rec
-
-
-def read_stages(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(l) for l in f if l.strip()]
 
 
 def table(stages: list[dict]) -> str:
