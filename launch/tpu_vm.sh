@@ -124,12 +124,13 @@ create_vm() {
 }
 
 deploy() {
-  # The code: tracked and untracked files of this checkout, without local runs, data, venv or git history.
+  # The code: tracked and untracked files of this checkout, without local runs, data, venvs (.venv, .venv-py312 ...),
+  # carried wheels, build output or git history.
   local tarball
   if ((DRY)); then tarball="${TMPDIR:-/tmp}/mmrs_${RUN}.tgz"; else tarball="$(mktemp -d)/mmrs_${RUN}.tgz"; fi
   ((DRY)) && echo "# 2. copy the code to every worker"
-  run tar -C "$REPO" --exclude=./.venv --exclude=./.git --exclude=./runs --exclude=./data --exclude=__pycache__ \
-    --exclude='*.array_record' -czf "$tarball" .
+  run tar -C "$REPO" --exclude='./.venv*' --exclude=./.whl --exclude=./build --exclude=./.git --exclude=./runs \
+    --exclude=./data --exclude=__pycache__ --exclude='*.array_record' -czf "$tarball" .
   run "${GCLOUD[@]}" scp "$tarball" "$NAME:~/mmrs.tgz" "${LOC[@]}" --worker=all
   on_workers "rm -rf ~/mmrs.new && mkdir -p ~/mmrs.new && tar -xzf ~/mmrs.tgz -C ~/mmrs.new && rm -rf ~/mmrs && mv ~/mmrs.new ~/mmrs"
   if ((!SKIP_SETUP)); then
