@@ -58,8 +58,15 @@ def compute(state: Any) -> tuple[dict[str, list[int]], bool]:
   """({leaf path: [sum, sum of squares]}, whether every float value is finite) of the arrays in `state`."""
   flat = jax.tree_util.tree_flatten_with_path(state)[0]
   arrays = [(p, x) for p, x in flat if isinstance(x, jax.Array)]
-  parts = [_leaf(x) for _, x in arrays]  # dispatched together, fetched once
-  if all(getattr(x, "is_fully_addressable", True) for _, x in arrays):
+  local = all(getattr(x, "is_fully_addressable", True) for _, x in arrays)
+  parts = []
+  for _, x in arrays:
+    parts.append(_leaf(x))  # one process: dispatched together, fetched once
+    if not local:
+      # Several processes: each leaf's program holds cross-process collectives, and XLA:CPU deadlocked (both
+      # processes blocked in Execute) with many such programs in flight at once; one at a time is safe everywhere.
+      jax.block_until_ready(parts[-1])
+  if local:
     values = jax.device_get(parts)
   else:  # several processes: the scalars are replicated, each process reads its own copy
     values = [tuple(_fetch(v) for v in part) for part in parts]
