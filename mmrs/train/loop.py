@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import importlib
 import itertools
+import math
 import os
 import tempfile
 import time
@@ -87,7 +88,11 @@ def train(config, workdir: str, *, method=None, task_data: Mapping[str, data_lib
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     peak_flops, peak_source = metrics_lib.total_peak_flops(list(mesh.devices.flat),
                                                            float(config.get("peak_flops_per_device", 0.0)))
-    logging.info("Peak %.3g FLOP/s for MFU (%s).", peak_flops, peak_source)
+    if math.isfinite(peak_flops):
+      logging.info("Peak %.3g FLOP/s for MFU (%s).", peak_flops, peak_source)
+    else:
+      logging.info("No peak FLOP/s known for %s: MFU n/a (set config.peak_flops_per_device to report one).",
+                   mesh.devices.flat[0].platform)
     with jax.set_mesh(mesh):
       trainer = Trainer(config, epath.Path(workdir), method, dict(task_data), mesh, checkpointer,
                         epath.Path(logdir) if logdir else None, allow_config_change, peak_flops, hooks,
