@@ -24,6 +24,8 @@ import urllib.request
 
 import pytest
 
+import child_process
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUCKET = "bucket"
 TS_RETRIES = 2  # tensorstore attempts per request in tests (default 32 with up to 32 s waits)
@@ -81,13 +83,9 @@ class GcsServer:
 
   def stop(self) -> None:
     for p in self._procs:
-      p.terminate()
+      p.terminate()  # all told first, so their grace periods overlap
     for p in self._procs:
-      try:
-        p.wait(timeout=10)
-      except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
+      child_process.stop(p)
     self._procs = []
     shutil.rmtree(self.root, ignore_errors=True)
 

@@ -18,6 +18,8 @@ import time
 
 import pytest
 
+import child_process
+
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "squeue", "scancel")
 HOSTS_FILE = "/etc/hosts"
 NODES = ("n1", "n2")
@@ -126,13 +128,7 @@ class Cluster:
       while any(p.poll() is None for p in self.procs[1:]) and time.monotonic() < deadline:
         time.sleep(0.2)
     for p in reversed(self.procs):  # what did not shut down, and munged
-      if p.poll() is None:
-        p.terminate()
-        try:
-          p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-          p.kill()
-          p.wait()
+      child_process.stop(p)
     self.procs = []
     if self.hosts_line is not None:
       with open(HOSTS_FILE) as f:
