@@ -84,3 +84,27 @@ def test_compressed_shards_fall_back_to_arrayrecord(tmp_path):
   assert isinstance(info.source, sources.ArrayRecordShards)
   with pytest.raises(crop_read.NotCropReadable, match="compressed chunks"):
     crop_read.ShardIndex(info.source.paths[0], 6)
+
+
+@pytest.mark.parametrize("dtype,channels", [(np.uint16, 13), (np.float32, 2), (np.uint8, 3), (np.int32, 1)])
+def test_stack_copies_flipped_and_rotated_pixels_exactly(dtype, channels):
+  """transforms.stack's pixel copies (whole pixels; transposed views in column strips) give np.stack's bytes for
+  every flip/rot90 combination, odd sizes, strided channels and band subsets; NaN payloads survive."""
+  from mmrs.data import transforms  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  rows = rng.integers(0, 60000, (37, 70, channels)).astype(dtype)
+  if dtype == np.float32:
+    rows[3, 4, 0] = np.nan
+  elements = []
+  for k in range(4):
+    for lr in (False, True):
+      for ud in (False, True):
+        g = transforms.Geometry(0, 11, 37, 37, lr, ud, k)
+        elements.append({"x": transforms.apply_geometry(rows, g, 37), "y": transforms.apply_geometry(rows[..., 0], g, 37)})
+  for sub in (slice(None), slice(None, None, 2), [0]):
+    views = [{"x": e["x"][..., sub], "y": e["y"]} for e in elements]
+    got, want = transforms.stack(views), {k: np.stack([e[k] for e in views]) for k in views[0]}
+    for key in want:
+      assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape
+      np.testing.assert_array_equal(got[key].view(np.uint8), want[key].view(np.uint8))

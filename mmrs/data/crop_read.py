@@ -21,6 +21,7 @@ against the manifest (mmrs.data.staging); structure damage (magic, header JSON, 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -153,7 +154,7 @@ class ShardIndex:
         out[key] = tuple(header[key])
     for key, spec in header["arrays"].items():
       dtype, shape = np.dtype(spec["dtype"]), tuple(spec["shape"])
-      if body + spec["offset"] + int(np.prod(shape)) * dtype.itemsize > size:
+      if body + spec["offset"] + math.prod(shape) * dtype.itemsize > size:
         raise records.RecordError(f"Record {header['id']}: array {key!r} is truncated.")
       arr = LazyArray(self, start + body + spec["offset"], dtype, shape)
       out[key] = arr if len(shape) == 3 or key == "mask" else arr[:]  # small arrays (s1_valid): read whole
@@ -174,11 +175,11 @@ class LazyArray:
     # Holds its shard (not just the descriptor): the file stays open while a record is in flight.
     self._shard, self._logical, self.dtype, self.shape = shard, logical, dtype, shape
     self.ndim = len(shape)
-    self._row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+    self._row_bytes = math.prod(shape[1:]) * dtype.itemsize
 
   @property
   def size(self) -> int:
-    return int(np.prod(self.shape))
+    return math.prod(self.shape)
 
   def __getitem__(self, key):
     rows, cols = (key, slice(None)) if not isinstance(key, tuple) else (key[0], key[1] if len(key) > 1 else slice(None))
