@@ -24,8 +24,13 @@ Exit codes (wrappers and launch/gpu_slurm.sh act on them):
 """
 from __future__ import annotations
 
-import os
-import sys
+if __name__ == "__main__":
+  # Before jax is imported: XLA_FLAGS and LD_PRELOAD count only from a process's start (launch/cpu_setup.py).
+  from launch import cpu_setup  # pylint: disable=g-import-not-at-top
+  cpu_setup.prepare()
+
+import os  # pylint: disable=g-import-not-at-top,wrong-import-position
+import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl import app
 from absl import flags
@@ -33,30 +38,22 @@ from absl import logging
 from ml_collections import config_flags
 
 from launch import cli
+from launch import multiprocess
 
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant,key=value'.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (local or gs://): checkpoints, config.json, metrics.")
 flags.DEFINE_string("logdir", None, "Where metrics.jsonl / TensorBoard go (default: the workdir when local).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
-flags.DEFINE_list("local_device_ids", None, "Device ordinals this process drives (default: "
-                  "$MMRS_LOCAL_DEVICE_IDS, else all visible ones; gpu_slurm.sh sets all GPUs of the node).")
-flags.DEFINE_integer("init_timeout", None, "Seconds to wait for the coordinator (default $MMRS_INIT_TIMEOUT or 300).")
-flags.DEFINE_integer("heartbeat_timeout", None, "Seconds without a heartbeat after which a process counts as dead and "
-                     "the others are aborted (default $MMRS_HEARTBEAT_TIMEOUT or JAX's 100).")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with cluster auto-detection (TPU VM slices: "
-                  "launch/tpu_vm.sh sets it; SLURM and GKE are detected without it).")
 flags.DEFINE_bool("allow_config_change", False,
                   "Resume even though config keys that change data order / model / optimizer layout differ.")
 flags.DEFINE_bool("allow_fresh_start", False, "When checkpoints exist but none restores, move them aside and start "
                   "at step 0 (without it the run refuses: exit 7).")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.adopt_module_key_flags(multiprocess)  # --coordinator_address, --multihost, ...: listed by --helpshort
 
 EXIT_CONFIG_ERROR = 2  # a config / resume problem, found before training (or on resume)
 EXIT_NONFINITE = 3  # training stopped on a NaN/inf (config.on_nonfinite="stop")
-EXIT_START_FAILED = 4  # the processes could not connect
+EXIT_START_FAILED = multiprocess.EXIT_START_FAILED  # 4: the processes could not connect
 EXIT_CHECKPOINT_UNAVAILABLE = 5  # a checkpoint read failed transiently after retries; nothing moved
 EXIT_CHECKPOINT_ACCESS = 6  # the storage refused access to the checkpoints; nothing moved
 EXIT_NO_RESTORABLE_CHECKPOINT = 7  # checkpoints exist, none restores; refused to start again at step 0
@@ -77,17 +74,8 @@ def main(argv, *, method=None, task_data=None):
   """absl main. `method` / `task_data` are for scripts that bring their own (tests/train_toy_method.py)."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from mmrs.train import distributed  # pylint: disable=g-import-not-at-top
-  try:
-    distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
-                           auto=flags.FLAGS.multihost, timeout_s=flags.FLAGS.init_timeout,
-                           heartbeat_timeout_s=flags.FLAGS.heartbeat_timeout,
-                           local_device_ids=[int(i) for i in flags.FLAGS.local_device_ids]
-                           if flags.FLAGS.local_device_ids else None)
-  except distributed.DistributedStartError as e:
-    _fail(e, EXIT_START_FAILED)
-  except ValueError as e:
-    _fail(e, EXIT_CONFIG_ERROR)
+  multiprocess.initialize(fail=_fail)
+  _log_cpu_setup()
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir
   kwargs = dict(logdir=flags.FLAGS.logdir or _default_logdir(workdir),
@@ -126,6 +114,14 @@ def main(argv, *, method=None, task_data=None):
   if summary["preempted"]:
     # Not 0: a wrapper must be able to tell "stopped early, resume me" from "finished".
     sys.exit(EXIT_PREEMPTED)
+
+
+def _log_cpu_setup() -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() == "cpu":
+    from launch import cpu_setup  # pylint: disable=g-import-not-at-top
+    logging.info("CPU run: allocator %s; XLA_FLAGS=%s (launch/cpu_setup.py)", cpu_setup.allocator_in_use(),
+                 os.environ.get("XLA_FLAGS", "") or "-")
 
 
 def _remove_empty_dirs(path: str) -> None:

@@ -7,8 +7,13 @@ first scheduling: the short files fill the gaps at the end) and xdist keeps that
 """
 import os
 
+from launch import cpu_setup  # pylint: disable=g-import-not-at-top
+
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The XLA:CPU options a training run on this CPU gets (launch/cpu_setup.py): the suite, test_flat_dot.py's pinned
+# losses and gradients included, checks the math under them.
+cpu_setup.add_xla_flags(os.environ, cpu_setup.xla_flags_for(cpu_setup.cpuinfo()))
 
 # `real_slurm`: a local SLURM cluster (munge + slurmctld + 2 slurmd), one per session, for tests/test_slurm_real.py.
 from real_slurm import real_slurm  # pylint: disable=g-import-not-at-top,unused-import
