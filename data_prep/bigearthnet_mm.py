@@ -1,9 +1,9 @@
 """BigEarthNet -> mmrs shards: v1 (BigEarthNet-MM, 2019/2021) and v2.0 (reBEN, 2024, what bigearth.net ships today).
 S1+S2 pairs, S1-only and S2-only leftovers, 19-class labels (v1 also the 43 CORINE classes).
 
-    python -m data_prep.bigearthnet_mm --src=DIR --out=DIR [--num_shards=N] [--on_bad=fail|skip] [--workers=N]
-        [--split=official | --split=train | --split=hash:0.8,0.1,0.1] [--splits_dir=DIR [--unlisted_split=NAME]]
-        [--keep_cloudy] [--exclude_lists=DIR]
+    python -m data_prep.bigearthnet_mm --src=DIR --out=DIR [--num_shards=N] [--shard_groups=G] [--on_bad=fail|skip]
+        [--workers=N] [--split=official | --split=train | --split=hash:0.8,0.1,0.1]
+        [--splits_dir=DIR [--unlisted_split=NAME]] [--keep_cloudy] [--exclude_lists=DIR]
 
 The version is detected from the layout (`detect`), never guessed from folder names alone:
   v2.0 (reBEN; layout of bigearth.net's download, torchgeo's BigEarthNetV2 and ConfigILM's BENv2 loader):
@@ -675,8 +675,9 @@ def _build_v2(item: Item) -> list[tuple[str, dict]]:
 
 def convert_dataset(src: str, out: str, *, num_shards: int = 4, on_bad: str = "fail", workers: int = 0,
                     split: str | None = None, splits_dir: str | None = None, unlisted_split: str = "",
-                    keep_cloudy: bool = False, exclude_lists: str | None = None) -> dict:
-  """Converts a BigEarthNet v1 or v2.0 folder to a dataset directory; returns the manifest."""
+                    keep_cloudy: bool = False, exclude_lists: str | None = None, shard_groups: int = 0) -> dict:
+  """Converts a BigEarthNet v1 or v2.0 folder to a dataset directory; returns the manifest. shard_groups: see
+  data_prep.convert (--shard_groups)."""
   items, report = list_items(src, split=split, splits_dir=splits_dir, unlisted_split=unlisted_split,
                              workers=workers, keep_cloudy=keep_cloudy, exclude_lists=exclude_lists)
   v2 = report["version"] == "v2"
@@ -704,7 +705,7 @@ def convert_dataset(src: str, out: str, *, num_shards: int = 4, on_bad: str = "f
   writer = DatasetWriter(out, num_shards=num_shards, source=SOURCE_V2 if v2 else SOURCE, licence=LICENCE,
                          created_by="data_prep.bigearthnet_mm", args=args,
                          label_sets=bigearthnet_labels.LABEL_SETS_V2 if v2 else bigearthnet_labels.LABEL_SETS,
-                         extra=extra, extra_counts=extra_counts)
+                         extra=extra, extra_counts=extra_counts, shard_groups=shard_groups)
   for k, v in report["warnings"].items():
     logging.warning("BigEarthNet: %s: %d patches", k, v)
   logging.info("BigEarthNet %s: %d items; excluded %d flagged patches (cloud/shadow %d, seasonal snow %d)",

@@ -17,6 +17,7 @@ from absl import flags, logging
 
 from mmrs.data.writer import DatasetWriter
 from mmrs.data import records
+from mmrs.data import shard_groups as shard_groups_lib
 
 
 class BadInput(ValueError):
@@ -33,15 +34,24 @@ def define_common_flags():
   flags.DEFINE_integer("num_shards", 4, "ArrayRecord shards per split and modality group.")
   flags.DEFINE_enum("on_bad", "fail", ["fail", "skip"], "Bad input: stop with an error, or skip and count it.")
   flags.DEFINE_integer("workers", min(8, os.cpu_count() or 1), "Parallel reader processes (0 = in-process).")
+  flags.DEFINE_integer("shard_groups", 0, "G shard groups recorded in the manifest: the training pipeline's default "
+                       "data.<name>.shard_groups, with which a pod host stages and reads only its groups' shards "
+                       "(mmrs/data/shard_groups.py); --num_shards must be a multiple of G. 0: not recorded.")
   flags.mark_flag_as_required("out")
 
 
 def run_cli(module: str, function: str, **kwargs):
   """A converter's `main`: calls `data_prep.<module>.<function>(**kwargs)` through the package module (so spawned
   workers unpickle `data_prep.<module>.build`, not `__main__.build`) and turns a data or usage error into a one-line
-  message and a non-zero exit instead of a traceback."""
+  message and a non-zero exit instead of a traceback. The common `--shard_groups` goes to every converter (each
+  hands it to its DatasetWriter); a `--num_shards` it does not divide is refused before any input is read."""
   mod = importlib.import_module(f"data_prep.{module}")
+  if "shard_groups" in flags.FLAGS and "shard_groups" not in kwargs:
+    kwargs["shard_groups"] = flags.FLAGS.shard_groups
   try:
+    if kwargs.get("shard_groups") and "num_shards" in kwargs:
+      shard_groups_lib.check_shard_count(int(kwargs["num_shards"]), int(kwargs["shard_groups"]),
+                                         f"--num_shards={kwargs['num_shards']}: every split and modality group")
     return getattr(mod, function)(**kwargs)
   except (ValueError, FileNotFoundError, FileExistsError, ConversionError) as e:
     from launch import cli  # pylint: disable=g-import-not-at-top

@@ -1,7 +1,7 @@
 """EuroSAT-MS (13-band Sentinel-2 L1C) -> mmrs shards: S2-only records with a class label.
 
     python -m data_prep.eurosat --src=DIR --out=DIR [--splits_dir=auto|none|DIR] [--split=train]
-        [--image_size=64] [--num_shards=N] [--on_bad=fail|skip] [--workers=N]
+        [--image_size=64] [--num_shards=N] [--shard_groups=G] [--on_bad=fail|skip] [--workers=N]
 
 Expected layout (EuroSATallBands.zip / EuroSAT_MS.zip, Helber et al. 2019; --src may be the folder holding the
 class folders, or the extracted archive root with `ds/images/remote_sensing/otherDatasets/sentinel_2/tif/` or
@@ -120,7 +120,7 @@ def build(item: Item) -> list[tuple[str, dict]]:
 
 
 def convert(src: str, out: str, *, splits_dir: str = "auto", split: str = "train", image_size: int = 64,
-            num_shards: int = 4, on_bad: str = "fail", workers: int = 0) -> dict:
+            num_shards: int = 4, on_bad: str = "fail", workers: int = 0, shard_groups: int = 0) -> dict:
   """Converts EuroSAT-MS; returns the manifest (with a `eurosat` section: image root, splits, ignored folders)."""
   if image_size < 0:
     raise ValueError(f"--image_size={image_size}: give the expected side in pixels (64), or 0 to accept any.")
@@ -131,7 +131,7 @@ def convert(src: str, out: str, *, splits_dir: str = "auto", split: str = "train
               num_shards=num_shards, on_bad=on_bad)
   writer = DatasetWriter(out, num_shards=num_shards, source=SOURCE, licence=LICENCE, created_by="data_prep.eurosat",
                          args=args, label_sets=label_sets.manifest_entry(label_sets.EUROSAT),
-                         extra={"eurosat": summary})
+                         extra={"eurosat": summary}, shard_groups=shard_groups)
   return convert_lib.run(items, build, writer, on_bad=on_bad, workers=workers, desc="eurosat")
 
 

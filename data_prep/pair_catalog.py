@@ -2,7 +2,8 @@
 writes mmrs shards: S1+S2 pairs, the S2 chips without a partner as S2-only (AuxMAE's `s2_mae` task reads them).
 
     python -m data_prep.pair_catalog --catalog=FILE --out=DIR [--max_days=7] [--place_tol_m=10] [--exclusive_s1]
-        [--write_s1_only] [--split=train|hash:0.8,0.1,0.1] [--num_shards=N] [--on_bad=fail|skip] [--workers=N]
+        [--write_s1_only] [--split=train|hash:0.8,0.1,0.1] [--num_shards=N] [--shard_groups=G]
+        [--on_bad=fail|skip] [--workers=N]
 
 Catalog: CSV with a header row, or JSON (a list of objects, or {"chips": [...]}), one chip per row:
   path      the GeoTIFF, absolute or relative to the catalog file
@@ -481,7 +482,7 @@ def build(item: Item, source: str = "", licence: str = "") -> list[tuple[str, di
 def convert_catalog(catalog: str, out: str, *, max_days: float = 7.0, place_tol_m: float = 10.0,
                     exclusive_s1: bool = False, write_s1_only: bool = False, split: str = "train",
                     num_shards: int = 4, on_bad: str = "fail", workers: int = 0, source: str = "",
-                    licence: str = "unknown", harmonize: str = "auto") -> dict:
+                    licence: str = "unknown", harmonize: str = "auto", shard_groups: int = 0) -> dict:
   """Reads, pairs and converts a catalog; returns the manifest."""
   if harmonize not in ("auto", "date", "off"):
     raise ValueError(f"--harmonize={harmonize!r}: use auto (catalog column / product name), date or off.")
@@ -529,7 +530,8 @@ def convert_catalog(catalog: str, out: str, *, max_days: float = 7.0, place_tol_
               on_bad=on_bad, harmonize=harmonize)
   writer = DatasetWriter(out, num_shards=num_shards, source=source, licence=licence,
                          created_by="data_prep.pair_catalog", args=args, extra={"pairing": pairing},
-                         extra_counts={"unmatched_s1": report["unmatched_s1"]})
+                         extra_counts={"unmatched_s1": report["unmatched_s1"]},
+                         shard_groups=shard_groups)
   for chip, reason in rejected:
     writer.skip(chip.rel, reason)
   logging.info("pair_catalog: %d pairs, %d S2-only, %d unmatched S1, %d rejected chips", report["pairs"],

@@ -1,7 +1,8 @@
 """SEN12MS and DFC2020 -> mmrs shards: S1 + S2 + land-cover mask per 256 x 256 patch (+ SEN12MS scene labels).
 
     python -m data_prep.sen12ms --dataset=sen12ms|dfc2020 --src=DIR --out=DIR [--splits_dir=auto|none|DIR]
-        [--split=train] [--multi_label_min_fraction=0.1] [--num_shards=N] [--on_bad=fail|skip] [--workers=N]
+        [--split=train] [--multi_label_min_fraction=0.1] [--num_shards=N] [--shard_groups=G]
+        [--on_bad=fail|skip] [--workers=N]
 
 Expected layout (SEN12MS from mediaTUM 1474000, Schmitt et al. 2019; DFC2020 from the contest, Yokoya et al.;
 the folders may sit anywhere under --src, files are found by name):
@@ -186,7 +187,8 @@ def build(item: Item) -> list[tuple[str, dict]]:
 
 
 def convert(src: str, out: str, *, dataset: str = "sen12ms", splits_dir: str = "auto", split: str = "train",
-            min_fraction: float = 0.1, num_shards: int = 4, on_bad: str = "fail", workers: int = 0) -> dict:
+            min_fraction: float = 0.1, num_shards: int = 4, on_bad: str = "fail", workers: int = 0,
+            shard_groups: int = 0) -> dict:
   """Converts SEN12MS or DFC2020 patches; returns the manifest."""
   if not 0.0 < min_fraction <= 1.0:
     raise ValueError(f"--multi_label_min_fraction={min_fraction}: give a fraction in (0, 1].")
@@ -200,7 +202,8 @@ def convert(src: str, out: str, *, dataset: str = "sen12ms", splits_dir: str = "
   counts = {"s1_dropped": 0}
   writer = DatasetWriter(out, num_shards=num_shards, source=d["source"], licence=d["licence"],
                          created_by="data_prep.sen12ms", args=args,
-                         label_sets=label_sets.manifest_entry(*d["label_sets"]), extra={"split_lists": summary}, extra_counts=counts)
+                         label_sets=label_sets.manifest_entry(*d["label_sets"]), extra={"split_lists": summary},
+                         extra_counts=counts, shard_groups=shard_groups)
   return convert_lib.run(items, build, writer, on_bad=on_bad, workers=workers, desc=dataset,
                          on_record=lambda _, rec: chip_io.count_s1_dropped(counts, rec))
 

@@ -1,7 +1,7 @@
 """Sen1Floods11 (hand-labelled flood chips) -> mmrs shards: S1 + S2 + water mask per chip (or per tile).
 
     python -m data_prep.sen1floods11 --src=DIR --out=DIR [--tile=256] [--splits_dir=auto|none|DIR]
-        [--split=train] [--num_shards=N] [--on_bad=fail|skip] [--workers=N]
+        [--split=train] [--num_shards=N] [--shard_groups=G] [--on_bad=fail|skip] [--workers=N]
 
 Expected layout (the `sen1floods11` bucket, v1.1; --src may be the v1.1 folder or its HandLabeled folder):
 
@@ -187,7 +187,7 @@ def build(item: Item) -> list[tuple[str, dict]]:
 
 
 def convert(src: str, out: str, *, tile: int = 0, splits_dir: str = "auto", split: str = "train",
-            num_shards: int = 4, on_bad: str = "fail", workers: int = 0) -> dict:
+            num_shards: int = 4, on_bad: str = "fail", workers: int = 0, shard_groups: int = 0) -> dict:
   """Converts the Sen1Floods11 hand-labelled chips; returns the manifest (with a `split_files` section)."""
   if tile < 0:
     raise ValueError(f"--tile={tile}: give a tile size in pixels, or 0 for whole chips.")
@@ -219,7 +219,7 @@ def convert(src: str, out: str, *, tile: int = 0, splits_dir: str = "auto", spli
   writer = DatasetWriter(out, num_shards=num_shards, source=SOURCE, licence=LICENCE,
                          created_by="data_prep.sen1floods11", args=args,
                          label_sets=label_sets.manifest_entry(label_sets.SEN1FLOODS11),
-                         extra=extra, extra_counts=counts)
+                         extra=extra, extra_counts=counts, shard_groups=shard_groups)
   manifest = convert_lib.run(items, build, writer, on_bad=on_bad, workers=workers, desc="sen1floods11",
                              on_record=on_record)
   if published is not None:

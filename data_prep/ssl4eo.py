@@ -235,8 +235,6 @@ def _define_flags():
   flags.DEFINE_string("split", "train", "Split name for every record, or hash:0.8,0.1,0.1 by location id.")
   flags.DEFINE_integer("grid", GRID, "Nominal 10 m chip size in pixels (SSL4EO-S12: 264); other sizes are "
                        "resampled onto it and counted.")
-  flags.DEFINE_integer("shard_groups", 0, "G shard groups recorded in the manifest (a pod host reads only its "
-                       "groups' shards; --num_shards must be a multiple of G); 0: not recorded.")
   flags.mark_flag_as_required("src")
 
 
@@ -244,8 +242,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   convert_lib.run_cli("ssl4eo", "convert", src=f.src, out=f.out, s2_level=f.s2_level, max_days=f.max_days,
-                      split=f.split, num_shards=f.num_shards, on_bad=f.on_bad, workers=f.workers, grid=f.grid,
-                      shard_groups=f.shard_groups)
+                      split=f.split, num_shards=f.num_shards, on_bad=f.on_bad, workers=f.workers, grid=f.grid)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def check_shard_count(num_shards: int, num_groups: int, what: str) -> None:
     raise ShardGroupError(
         f"{what} has {num_shards} shard file(s), which {num_groups} shard groups cannot split evenly: every group "
         f"must hold the same number of files. Write the dataset with a multiple of {num_groups} shards "
-        f"(data_prep --num_shards), or choose data.shard_groups as a divisor of {num_shards}.")
+        f"(data_prep --num_shards; a split with fewer records than shards gets one file per record), or choose "
+        f"data.shard_groups as a divisor of {num_shards}.")
 
 
 def make_layout(manifest: dict, split: str, modality_groups: Sequence[str], num_groups: int,

@@ -31,7 +31,7 @@ FORMAT = "mmrs-records-v1"
 GROUPS = {("s1", "s2"): "paired", ("s2",): "s2_only", ("s1",): "s1_only"}
 COUNT_KEYS = {"paired": "pairs", "s2_only": "s2_only", "s1_only": "s1_only"}
 _STANDARD_KEYS = ("format", "counts", "skipped_reasons", "skipped_items", "splits", "records_per_shard", "bands",
-                  "stats_from_split", "files", "shard_groups")
+                  "stats_from_split", "files", "shard_groups", "shard_groups_unsplittable")
 
 
 def shard_name(split: str, group: str, i: int, n: int) -> str:
@@ -159,11 +159,15 @@ class DatasetWriter:
                     bands={m: list(b) for m, b in sorted(self._bands.items())},
                     stats_from_split=self.stats_split if self.stats_split in self._stats else "all")
     if self.shard_groups:
-      # A (split, group) with fewer records than shards gets fewer files; the groups must still split them evenly.
-      for split, per_group in splits.items():
-        for group, names in per_group.items():
-          shard_groups_lib.check_shard_count(len(names), self.shard_groups, f"{split}.{group} ({self.out_dir})")
+      # num_shards is a multiple of G (checked at construction), so only a (split, group) with fewer records than
+      # shards, hence fewer files, can have a file count G does not split: e.g. Sen1Floods11's 15-chip Bolivia test
+      # split. Single passes (evaluation) read no groups, so it is written; training on it with groups is refused
+      # at start-up (mmrs.data.shard_groups.make_layout). Listed in the manifest.
+      small = sorted(f"{split}.{group}" for split, per_group in splits.items() for group, names in per_group.items()
+                     if len(names) % self.shard_groups)
       manifest["shard_groups"] = self.shard_groups
+      if small:
+        manifest["shard_groups_unsplittable"] = small
     atomic_io.write_json(os.path.join(self.tmp_dir, "stats.json"), stats)
     atomic_io.write_json(os.path.join(self.tmp_dir, "manifest.json"), manifest)
     self._swap_in()
