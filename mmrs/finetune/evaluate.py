@@ -29,6 +29,48 @@ from mmrs.finetune import metrics as metrics_lib
 from mmrs.finetune import report
 
 
+def layout(config, batch_size: int):
+  """(mesh, batch size) of an evaluation: one process evaluates on its own (None, `batch_size`); several evaluate
+  global batches on config.mesh over all devices (the training layout), the batch rounded down to a multiple of
+  the mesh's batch shards (each process then reads the rows its devices hold: `process_rows`)."""
+  if jax.process_count() == 1:
+    return None, batch_size
+  from mmrs.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  mesh = mesh_lib.make_mesh(config.mesh)
+  shards = math.prod(mesh.shape.get(a, 1) for a in mesh_lib.BATCH_AXES)
+  if batch_size < shards:
+    raise ValueError(f"eval_batch_size / batch_size={batch_size} is below the {shards} batch shards of "
+                     f"config.mesh={config.mesh!r}: raise it.")
+  return mesh, batch_size - batch_size % shards
+
+
+def process_rows(mesh, batch_size: int):
+  """The rows of each global batch this process reads (None: all, one process)."""
+  if mesh is None:
+    return None
+  from mmrs.train import data as data_lib  # pylint: disable=g-import-not-at-top
+  return data_lib.batch_rows(mesh, batch_size)
+
+
+def to_global(local: dict, batch_size: int, mesh) -> dict:
+  """This process's rows of one batch (a tree of (rows, ...) numpy arrays) as global arrays of `batch_size` rows, placed
+  where its devices hold them; a copy of `local` with one process (mesh None)."""
+  if mesh is None:
+    return dict(local)
+  from mmrs.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  sharding = mesh_lib.batch_sharding(mesh)
+  return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v, (batch_size,) + v.shape[1:]),
+                      local)
+
+
+def gather(tree, mesh):
+  """Global batch arrays -> host numpy of every row, in global row order, on every process."""
+  if mesh is None:
+    return jax.tree.map(np.asarray, tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
 def _class_names(config, label_set: str) -> tuple[str, ...]:
   names = tuple(config.finetune.get("class_names", ()) or ())
   if names:
@@ -55,16 +97,7 @@ class Evaluator:
     from mmrs.data import normalize as normalize_lib  # pylint: disable=g-import-not-at-top
     self.config, self.method = config, method
     self.ft = config.finetune
-    self.batch_size = int(config.get("eval_batch_size", 0) or config.batch_size)
-    self.mesh = None
-    if jax.process_count() > 1:  # global arrays on the training layout: the batch splits over its batch axes
-      from mmrs.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-      self.mesh = mesh_lib.make_mesh(config.mesh)
-      shards = math.prod(self.mesh.shape.get(a, 1) for a in mesh_lib.BATCH_AXES)
-      if self.batch_size < shards:
-        raise ValueError(f"eval_batch_size / batch_size={self.batch_size} is below the {shards} batch shards of "
-                         f"config.mesh={config.mesh!r}: raise it.")
-      self.batch_size -= self.batch_size % shards
+    self.mesh, self.batch_size = layout(config, int(config.get("eval_batch_size", 0) or config.batch_size))
     normalize = functools.partial(normalize_lib.normalize_batch,
                                   normalizer=method.training_normalizer())  # as in training
     names = _class_names(config, self.ft.label_set)
@@ -105,10 +138,7 @@ class Evaluator:
     from mmrs.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
     pcount, pindex = jax.process_count(), jax.process_index()
     eval_cfg = self.data_config(split)
-    rows = None
-    if self.mesh is not None:
-      from mmrs.train import data as data_lib  # pylint: disable=g-import-not-at-top
-      rows = data_lib.batch_rows(self.mesh, self.batch_size)  # the rows this process's devices hold
+    rows = process_rows(self.mesh, self.batch_size)  # the rows this process's devices hold
     pipe = pipeline_lib.make_pipeline(
         eval_cfg, modalities=self.method.modalities, global_batch_size=self.batch_size, seed=self.config.seed,
         process_index=pindex, process_count=pcount, rows=rows, normalize="none", split=split, shuffle=False,
@@ -189,18 +219,9 @@ def run_evaluation(config, params, state, workdir: str, *, method=None, step: in
 
 def _run(predict, params, state, local, label_key, batch_size, mesh):
   """(outputs, labels, valid) of one batch as host numpy, global over processes in global row order."""
-  if mesh is None:
-    images = {k: v for k, v in local.items() if k not in (label_key, "valid")}
-    return np.asarray(predict(params, state, images)), local[label_key], local["valid"]
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from mmrs.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  sharding = mesh_lib.batch_sharding(mesh)
-  arrays = {k: jax.make_array_from_process_local_data(sharding, v, (batch_size,) + v.shape[1:])
-            for k, v in local.items()}  # this process's rows placed where its devices hold them
+  arrays = to_global(local, batch_size, mesh)
   labels, valid = arrays.pop(label_key), arrays.pop("valid")
-  out = predict(params, state, arrays)
-  out, labels, valid = multihost_utils.process_allgather((out, labels, valid), tiled=True)
-  return np.asarray(out), np.asarray(labels), np.asarray(valid)
+  return gather((predict(params, state, arrays), labels, valid), mesh)
 
 
 def describe_run(config, method, step) -> dict[str, Any]:

@@ -11,7 +11,12 @@ training used (`method.training_normalizer()`: a pretrained encoder's encoder.js
 data's), and the same jitted `method.predict` for the clean pass, so severity 0 is the run's own clean metric bit
 for bit (severity 0 of every stress is that clean pass; the stresses are identities there, tested).
 The split is read once; every batch is evaluated clean and under every (stress, severity), each stress being one
-compiled program for all its severities (severity is an argument, not a constant).
+compiled program for all its severities (severity is an argument, not a constant). The model is the state the
+run's test metrics came from: the selected step (best_checkpoint/ where model selection kept it), else the newest.
+Several processes (launch.robustness under SLURM or with --coordinator_address): as `mmrs.finetune.evaluate`, each
+process reads the rows of each global batch its devices hold on config.mesh, the predictions are gathered back in
+row order, and every process computes the numbers one process would (per-sample stress seeds and the missing-
+modality draw are keyed by a sample's position in the split, not by batch row or process).
 
 missing_s2 / missing_s1: the affected samples are predicted through the encoder's missing-modality path, i.e. the
 run's method with that modality removed from its inputs (`ViTEncoder(s1=x)` instead of `(s2=..., s1=...)`), never
@@ -79,6 +84,7 @@ def load_run(path: str, name: str | None = None) -> Run:
   import ml_collections  # pylint: disable=g-import-not-at-top
   from mmrs.finetune import convert  # pylint: disable=g-import-not-at-top
   from mmrs.finetune import method as method_lib  # pylint: disable=g-import-not-at-top
+  from mmrs.finetune import validation  # pylint: disable=g-import-not-at-top
 
   for f in ("config.json", report.JSON_FILE):
     if not os.path.exists(os.path.join(path, f)):
@@ -90,16 +96,38 @@ def load_run(path: str, name: str | None = None) -> Run:
     raise RobustnessError(f"--runs: {path}/config.json is a {config.get('method')!r} run, not a finetune run.")
   results = report.read(path)
   selected = results.get("selected_step")
+  method = method_lib.build(config)
+  best = os.path.join(path, validation.BEST_DIR, str(selected), "state")
+  if selected is not None and os.path.isdir(best):
+    # The state the test metrics were computed from (model selection keeps it apart from the train checkpoints,
+    # which need not hold the selected step: the newest one is a later state).
+    params, state = _read_state(best)
+    return Run(name or os.path.basename(os.path.normpath(path)), path, config, method, params, state, results,
+               int(selected))
   ckpt = path
   if selected is not None and os.path.isdir(os.path.join(path, "checkpoints", str(selected))):
     ckpt = os.path.join(path, "checkpoints", str(selected))
-  method = method_lib.build(config)
   params, state, meta = convert.read_checkpoint(ckpt)
-  if results.get("step") is not None and selected is None and meta.get("step") != results["step"]:
+  if results.get("step") is not None and meta.get("step") != results.get("selected_step", results["step"]):
     logging.warning("%s: results.json was computed at step %s but the newest checkpoint is step %s.", path,
-                    results["step"], meta.get("step"))
+                    results.get("selected_step", results["step"]), meta.get("step"))
   return Run(name or os.path.basename(os.path.normpath(path)), path, config, method, params, state, results,
              meta.get("step"))
+
+
+def _read_state(state_dir: str) -> tuple[dict, dict]:
+  """(params, method_state) of a {"params", "method_state"} Orbax tree (best_checkpoint/<step>/state) as host
+  numpy arrays, as `convert.read_checkpoint` reads a train checkpoint."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  ckptr = ocp.PyTreeCheckpointer()
+  md = ckptr.metadata(state_dir)
+  tree = getattr(md, "item_metadata", md)
+  tree = getattr(tree, "tree", tree)
+  want = {k: tree[k] for k in ("params", "method_state") if k in tree and tree[k]}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), want)
+  out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(item=want, restore_args=restore_args,
+                                                             partial_restore=True))
+  return out["params"], out.get("method_state") or {}
 
 
 def primary_metric(results: Mapping[str, Any]) -> str:
@@ -283,16 +311,18 @@ def evaluate_run(run: Run, stresses: Sequence[str], severities: Mapping[str, Seq
   from mmrs.finetune import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from mmrs.finetune import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
 
-  if jax.process_count() > 1:
-    raise RobustnessError("launch.robustness runs in one process (it may use all of that host's devices).")
   cfg, method = run.config, run.method
   ft = cfg.finetune
   metric = metric or primary_metric(run.results)
   eval_cfg = cfg.data.eval
-  batch_size = int(batch_size or cfg.get("eval_batch_size", 0) or cfg.batch_size)
-  pipe = pipeline_lib.make_pipeline(
-      eval_cfg, modalities=method.modalities, global_batch_size=batch_size, seed=cfg.seed, normalize="none",
-      split=eval_cfg.get("split", "test"), shuffle=False, repeat=False, drop_remainder=False)
+  # Several processes: as mmrs.finetune.evaluate, global batches on config.mesh, each process reading the rows its
+  # devices hold; what the metrics need is gathered back in row order on every process (`_Batch`).
+  mesh, batch_size = evaluate_lib.layout(cfg, int(batch_size or cfg.get("eval_batch_size", 0) or cfg.batch_size))
+  rows = evaluate_lib.process_rows(mesh, batch_size)
+  read = dict(modalities=method.modalities, global_batch_size=batch_size, seed=cfg.seed, normalize="none",
+              split=eval_cfg.get("split", "test"), shuffle=False, repeat=False, drop_remainder=False,
+              process_index=jax.process_index(), process_count=jax.process_count(), rows=rows)
+  pipe = pipeline_lib.make_pipeline(eval_cfg, **read)
   n_records = pipe.num_records
   margin = (shift_margin(run, max(severities["shift"])) if "shift" in stresses and not applicable(run, "shift")
             else 0)
@@ -301,13 +331,14 @@ def evaluate_run(run: Run, stresses: Sequence[str], severities: Mapping[str, Seq
     wide_cfg = eval_cfg.copy_and_resolve_references()
     with wide_cfg.unlocked():
       wide_cfg.image_size = int(eval_cfg.image_size) + 2 * margin
-    wide = pipeline_lib.make_pipeline(
-        wide_cfg, modalities=method.modalities, global_batch_size=batch_size, seed=cfg.seed, normalize="none",
-        split=eval_cfg.get("split", "test"), shuffle=False, repeat=False, drop_remainder=False)
+    wide = pipeline_lib.make_pipeline(wide_cfg, **read)
   ctx = stresses_lib.Context(s2_bands=tuple(pipe.bands.get("s2", ())), num_samples=n_records,
                              **dict(dict(margin=margin), **dict(ctx_overrides or {})))
   ev = Evaluator(run, ctx, seed)
   params, state = evaluate_lib._unbox(run.params), evaluate_lib._unbox(run.state)  # pylint: disable=protected-access
+  if mesh is not None:  # every device of the mesh holds the whole model
+    from mmrs.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+    params, state = jax.device_put((params, state), mesh_lib.replicated(mesh))
   skipped, plans = {}, {}
   todo = []
   for name in stresses:
@@ -332,17 +363,18 @@ def evaluate_run(run: Run, stresses: Sequence[str], severities: Mapping[str, Seq
   accs = {(s, v): [make_acc(), 0] for s in todo for v in severities[s] if v != 0}
   shots: dict = {}
   label_key = method.label_key
-  start, position = time.perf_counter(), 0
-  for local in pipe.iterator:
-    local = {k: np.asarray(v) for k, v in local.items()}
+  start = time.perf_counter()
+  local_rows = np.arange(batch_size) if rows is None else rows
+  padding: dict = {}
+  for b in range(math.ceil(n_records / batch_size)):  # global batches (the last padded): the same everywhere
+    local = _next_or_padding(pipe, padding, "eval")
     valid = local["valid"]
-    ids = np.arange(position, position + len(valid), dtype=np.int64)
-    position += len(valid)
+    ids = b * batch_size + local_rows  # global positions in the split of this process's rows
     images = {m: local[m] for m in method.modalities}
     labels = local[label_key]
     wide_images = images
     if wide is not None:
-      w = next(wide.iterator)
+      w = _next_or_padding(wide, padding, "wide")
       wide_labels = np.asarray(w[label_key])
       if wide_labels.ndim == 3:  # per-pixel labels: the wider read's centre is the evaluated crop
         wide_labels = wide_labels[:, margin:-margin, margin:-margin]
@@ -350,27 +382,31 @@ def evaluate_run(run: Run, stresses: Sequence[str], severities: Mapping[str, Seq
         raise RobustnessError(f"{run.name}: the shift stress's wider read of the split fell out of step with the "
                               "evaluation read; rerun with --stress excluding shift and report it.")
       wide_images = {m: np.asarray(w[m]) for m in method.modalities}
-    clean_acc.update(np.asarray(ev.clean(params, state, images)), labels, valid)
-    clean_n += int(valid.sum())
     extra = {"_id": ids.astype(np.int32), "_rank": np.where(ids < n_records, rank[np.minimum(ids, n_records - 1)],
                                                              n_records).astype(np.int32)}
+    batch = _Batch(batch_size, mesh, images, wide_images, extra)
+    labels, valid = batch.gather({label_key: labels, "valid": valid}).values()
+    clean_acc.update(batch.fetch(ev.clean(params, state, batch.images)), labels, valid)
+    clean_n += int(valid.sum())
     for name in todo:
       for v in severities[name]:
         if v == 0:
           continue
         acc = accs[(name, v)]
-        if name == "time_gap":
-          batch, keep = _swap_s1(plans[name], images, ids, valid, v, n_records)
-          out = np.asarray(ev.clean(params, state, batch))
+        if name == "time_gap":  # host-side: this process's rows get the S1 of another date
+          swapped, keep = _swap_s1(plans[name], images, ids, local["valid"], v, n_records)
+          out = batch.fetch(ev.clean(params, state, batch.put(swapped)))
+          keep = batch.gather({"keep": keep})["keep"]
         else:
-          src = wide_images if name == "shift" else images
-          out = np.asarray(ev.stressed(name)(params, state, dict(src, **extra), np.float32(v)))
+          out = batch.fetch(ev.stressed(name)(params, state, batch.stress_input(name), np.float32(v)))
           keep = valid
         acc[0].update(out, labels, keep)
         acc[1] += int(keep.sum())
-      if examples and name not in shots:
-        shots[name] = _example_shots(ev, plans.get(name), name, wide_images if name == "shift" else images,
-                                     extra, ids, valid, severities[name], examples, n_records)
+      if examples and name not in shots:  # from the first batch, whole on every process
+        whole = batch.whole(name)
+        shots[name] = _example_shots(ev, plans.get(name), name, whole["images"], whole["extra"],
+                                     whole["extra"]["_id"].astype(np.int64), valid, severities[name], examples,
+                                     n_records)
   pipe.close()
   if wide is not None:
     wide.close()
@@ -400,6 +436,50 @@ def evaluate_run(run: Run, stresses: Sequence[str], severities: Mapping[str, Seq
     logging.warning("%s: the clean %s evaluated here (%s) differs from results.json (%s): the checkpoint or the "
                     "data changed since the run evaluated.", run.name, metric, clean, entry["reported_clean"])
   return entry, shots
+
+
+def _next_or_padding(pipe, padding: dict, key: str) -> dict:
+  """The pipeline's next batch of this process's rows as numpy; where this process ran out one batch before the
+  others (its rows of the last global batch are all padding), zeros with valid=False, as mmrs.finetune.evaluate."""
+  try:
+    local = {k: np.asarray(v) for k, v in next(pipe.iterator).items()}
+  except StopIteration:
+    return dict(padding[key])
+  padding.setdefault(key, {k: np.zeros_like(v) for k, v in local.items()})
+  return local
+
+
+class _Batch:
+  """One evaluation batch: this process's rows (host numpy) and the same batch as global arrays for the jitted
+  predictions (`mmrs.finetune.evaluate.to_global`). With one process everything stays as it is."""
+
+  def __init__(self, batch_size, mesh, images, wide_images, extra):
+    from mmrs.finetune import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+    self._ev, self._size, self._mesh = evaluate_lib, batch_size, mesh
+    self.local = {"images": images, "wide": wide_images, "extra": extra}
+    self.images = self.put(images)
+    self._extra = self.put(extra)
+    self._wide = self.images if wide_images is images else self.put(wide_images)
+
+  def put(self, local: dict) -> dict:
+    return self._ev.to_global(local, self._size, self._mesh)
+
+  def fetch(self, out) -> np.ndarray:
+    """Predictions on the global batch -> host numpy of every row, in row order."""
+    return self._ev.gather(out, self._mesh)
+
+  def gather(self, local: dict) -> dict:
+    """This process's rows of host arrays -> every row of the batch, in row order, on every process."""
+    return self.fetch(self.put(local)) if self._mesh is not None else local
+
+  def stress_input(self, name: str) -> dict:
+    """The images a stress reads (shift: the wider read) with the per-sample `_id` / `_rank`."""
+    return dict(self._wide if name == "shift" else self.images, **self._extra)
+
+  def whole(self, name: str) -> dict:
+    """{"images", "extra"}: every row of the batch as host numpy (the example grids)."""
+    return self.gather({"images": self.local["wide" if name == "shift" else "images"],
+                        "extra": self.local["extra"]})
 
 
 def shift_margin(run: Run, max_shift: float) -> int:
