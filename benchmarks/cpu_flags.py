@@ -9,9 +9,10 @@ XLA_FLAGS and that allocator's LD_PRELOAD/MALLOC_CONF; PyTorch eager (and torch.
 once per repeat and allocator as the reference. Order per repeat: allocator by allocator, every variant, then
 PyTorch, so each variant is measured between the others (A/B/A/B), never all its repeats in a row.
 
-The loss after the timed steps is printed per trial: a variant that changes the math (fast-math, a different
-accumulation order) shows up there; launch/cpu_setup.py only enables variants whose losses matched the default's to
-the printed digits, and tests/test_flat_dot.py runs under what it enables. Variant names are in VARIANTS below;
+The loss after the timed steps is printed per trial, and its relative difference to the default's: another GEMM
+library rounds differently (~1e-6), fast-math more; launch/cpu_setup.py enables only variants that win here with
+float32-rounding-sized differences, and the test suite (tests/test_flat_dot.py's pinned losses and gradients
+included) runs under what it enables. Which library each variant's dots really compile to is printed first. Variant names are in VARIANTS below;
 `--variants=name=--xla_flag=value` adds one of your own. Prints one table, then one JSON line.
 """
 from __future__ import annotations
@@ -21,24 +22,29 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 
 from benchmarks import peer
 from benchmarks import records
 from launch.cpu_setup import JEMALLOC_CONF
 
-# XLA:CPU options of the installed jaxlib (0.10.2) that choose the dot kernels or how dots are fused; from
-# `XLA_FLAGS=--help` (see benchmarks/RESULTS.md for which won where).
+# XLA:CPU options of the installed jaxlib (0.10.2; `XLA_FLAGS=--help`). Its dots run in YNNPACK fusions by default
+# (`"kind":"__ynn_fusion"` in the compiled HLO, though --help calls the default list empty); an empty YNN list gives
+# them back to XLA's own emitter (Eigen). The XNNPACK and oneDNN dot options are accepted but change nothing in this
+# build (the dots stay in YNN fusions, or go to Eigen with YNN off): `dot_library` below shows it per variant.
 VARIANTS = {
     "default": "",
-    "onednn": "--xla_cpu_use_onednn=true",  # oneDNN thunks for matmul/convolution fusions
-    "onednn_dot": "--xla_cpu_experimental_onednn_fusion_type=dot",
-    "xnn_dot": "--xla_cpu_experimental_xnn_fusion_type=dot",  # XNNPACK dot fusions
-    "ynn_dot": "--xla_cpu_experimental_ynn_fusion_type=dot",  # YNNPACK (XNNPACK's successor) dot fusions
+    "eigen_dots": "--xla_cpu_experimental_ynn_fusion_type=",  # YNNPACK off: XLA's own dot emitter
+    "onednn": "--xla_cpu_use_onednn=true",
+    "xnn_dot": "--xla_cpu_experimental_xnn_fusion_type=dot",
+    "onednn_dot": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_onednn_fusion_type=dot",
     "xnn_graph": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
-    "no_xnnpack": "--xla_cpu_use_xnnpack=false",
     "fast_math": "--xla_cpu_enable_fast_math=true",  # changes the math: reported, never enabled by default
 }
+DOT_PROBE = ("import re, jax, jax.numpy as jnp; f = jax.jit(lambda x, y: jax.nn.gelu(x @ y + 1.0)); "
+             "t = f.lower(jnp.ones((256, 384)), jnp.ones((384, 512))).compile().as_text(); "
+             "k = sorted(set(re.findall(r'\"kind\":\"__([a-z_]+)\"', t))); print(','.join(k) or 'xla')")
 
 
 def parse_args(argv):
@@ -89,6 +95,14 @@ def cpu_model() -> str:
     return platform.processor()
 
 
+def dot_library(xla_flags: str) -> str:
+  """Which library a dense layer's dot (+ bias, GELU) compiles to under these flags: ynn_fusion, xnn_fusion, ... or
+  'xla' (XLA's own emitter)."""
+  env = {**os.environ, "XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", DOT_PROBE], env=env, capture_output=True, text=True, check=False)
+  return out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else "error"
+
+
 def trial(peer_argv: list[str], side: str, env: dict[str, str]) -> dict:
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
@@ -114,6 +128,9 @@ def main(argv=None) -> dict:
   torch_sides = [] if args.no_torch else ["torch"] + (["torch_compile"] if args.torch_compile else [])
   print(f"{args.method} ViT-{args.size} {args.image_size} px b{args.batch}; {cpu_model()}; "
         f"{args.repeats} repeats x {args.steps} steps; XLA_FLAGS before the variant: {user_flags or '-'}", flush=True)
+  libs = {name: dot_library(f"{user_flags} {flags}".strip()) for name, flags in vs.items()}
+  for name, flags in vs.items():
+    print(f"  {name:<12} XLA_FLAGS+={flags or '-'}: dots compile to {libs[name]}", flush=True)
   rows = []
   for r in range(args.repeats):
     for alloc in allocs:
@@ -133,7 +150,7 @@ def main(argv=None) -> dict:
         print(f"  r{r + 1} {alloc:<8} {peer.LABELS[side]:<18} " + (
             f"{out['images_per_s']:7.2f} images/s  loss {out['last_loss']:.6f}" if "error" not in out else
             f"FAILED: {out['error'].splitlines()[-1]}"), flush=True)
-  summary = summarize(rows, allocs, vs, torch_sides)
+  summary = summarize(rows, allocs, vs, torch_sides, libs)
   print_table(summary, args.repeats)
   if args.json_out:
     records.append(args.json_out, {"benchmark": "cpu_flags", "cpu": cpu_model(), "method": args.method,
@@ -143,7 +160,7 @@ def main(argv=None) -> dict:
   return summary
 
 
-def summarize(rows, allocs, vs, torch_sides) -> list[dict]:
+def summarize(rows, allocs, vs, torch_sides, libs) -> list[dict]:
   def ok(**kw):
     return [r for r in rows if "error" not in r and all(r[k] == v for k, v in kw.items())]
   out = []
@@ -155,9 +172,9 @@ def summarize(rows, allocs, vs, torch_sides) -> list[dict]:
     for name in vs:
       rs = ok(allocator=alloc, side="jax", variant=name)
       med = statistics.median(x["images_per_s"] for x in rs) if rs else None
-      out.append({"allocator": alloc, "variant": name, "images_per_s": [round(x["images_per_s"], 2) for x in rs],
+      out.append({"allocator": alloc, "variant": name, "dots": libs[name], "images_per_s": [round(x["images_per_s"], 2) for x in rs],
                   "median": round(med, 2) if med else None, "loss": rs[0]["last_loss"] if rs else None,
-                  "loss_equal_default": bool(rs) and base_loss is not None and rs[0]["last_loss"] == base_loss,
+                  "loss_rel_diff": abs(rs[0]["last_loss"] / base_loss - 1) if rs and base_loss else None,
                   **{f"vs_{s}": round(med / m, 3) if med and m else None for s, m in ref_med.items()}})
     for s in torch_sides:
       out.append({"allocator": alloc, "variant": peer.LABELS[s],
@@ -174,8 +191,9 @@ def print_table(summary, repeats):
   print(f"|---|---|{'---|' * repeats}---|---|{'---|' * len(refs)}")
   for row in summary:
     vals = row["images_per_s"] + ["-"] * (repeats - len(row["images_per_s"]))
-    loss = "-" if row["loss"] is None else f"{row['loss']:.6f}" + ("" if row.get("loss_equal_default", True) else " (differs)")
-    print(f"| {row['allocator']} | {row['variant']} | {' | '.join(map(str, vals))} | {row['median']} | {loss} | "
+    loss = "-" if row["loss"] is None else f"{row['loss']:.6f}" + (
+        f" ({row['loss_rel_diff']:.1e})" if row.get("loss_rel_diff") else "")
+    print(f"| {row['allocator']} | {row['variant']}{' (' + row['dots'] + ')' if row.get('dots') else ''} | {' | '.join(map(str, vals))} | {row['median']} | {loss} | "
           + " | ".join(f"{row[k]}x" if row.get(k) else "-" for k in refs) + " |")
 
 
