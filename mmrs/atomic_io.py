@@ -79,11 +79,47 @@ def write_json(path, obj: Any, *, sort_keys: bool = True, allow_nan: bool = True
 def write_with(path, save: Callable[[str], Any]) -> str:
   """Atomic write for libraries that save to a file name (PIL, matplotlib, safetensors): save(tmp) then rename.
 
-  The temporary keeps `path`'s extension. Local paths only: these are pictures and weights written next to a run.
+  The temporary keeps `path`'s extension. An object-store path: saved to a local temporary folder, then uploaded
+  beside the target and renamed (these libraries write local files only).
   """
   path = os.fspath(path)
   if _is_remote(path):
-    raise ValueError(f"write_with: {path} is not a local path; write it locally and copy it")
+    import shutil  # pylint: disable=g-import-not-at-top
+    import tempfile  # pylint: disable=g-import-not-at-top
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    target = epath.Path(path)
+    with tempfile.TemporaryDirectory(prefix="mmrs_upload_") as folder:
+      local = os.path.join(folder, target.name)
+      save(local)
+      tmp = target.parent / f"{target.name}.tmp"
+      with open(local, "rb") as src, tmp.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 8 << 20)  # streamed: weights can be gigabytes
+      tmp.replace(target)
+    return path
   with _replacing(path) as tmp:
     save(tmp)
   return path
+
+
+def makedirs(path) -> None:
+  """os.makedirs(path, exist_ok=True) for a local path; an object store has no folders to create (os.makedirs would
+  make a local folder named "gs:")."""
+  if not _is_remote(path):
+    os.makedirs(os.fspath(path), exist_ok=True)
+
+
+def read_text(path) -> str:
+  """A local or object-store file's text (FileNotFoundError when it is absent)."""
+  if _is_remote(path):
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    return epath.Path(path).read_text()
+  with open(os.fspath(path), encoding="utf-8") as f:
+    return f.read()
+
+
+def read_bytes(path) -> bytes:
+  if _is_remote(path):
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    return epath.Path(path).read_bytes()
+  with open(os.fspath(path), "rb") as f:
+    return f.read()

@@ -401,7 +401,7 @@ def convert(params, state, *, trained_bands: Mapping[str, Sequence[str]], normal
 def save(out_dir: str, variables: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
-  os.makedirs(out_dir, exist_ok=True)
+  atomic_io.makedirs(out_dir)
   flat = {k: np.ascontiguousarray(v) for k, v in flatten(variables).items()}
   atomic_io.write_with(os.path.join(out_dir, WEIGHTS_FILE),
                        lambda tmp: save_file(flat, tmp, metadata={"format": FORMAT}))
@@ -410,17 +410,17 @@ def save(out_dir: str, variables: Mapping[str, Any], meta: Mapping[str, Any]) ->
 
 def load(path: str) -> tuple[dict, dict]:
   """(variables, meta) of a converted encoder directory."""
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load as load_bytes  # pylint: disable=g-import-not-at-top
 
   wpath, mpath = os.path.join(path, WEIGHTS_FILE), os.path.join(path, META_FILE)
-  if not (os.path.exists(wpath) and os.path.exists(mpath)):
+  try:  # read, not tested for existence first: one round trip fewer on gs://
+    meta, weights = json.loads(atomic_io.read_text(mpath)), atomic_io.read_bytes(wpath)
+  except FileNotFoundError:
     raise FileNotFoundError(f"{path} is not a converted encoder (needs {WEIGHTS_FILE} and {META_FILE}); create one "
-                            "with `python -m launch.convert_checkpoint --checkpoint=WORKDIR --out=DIR ...`.")
-  with open(mpath) as f:
-    meta = json.load(f)
+                            "with `python -m launch.convert_checkpoint --checkpoint=WORKDIR --out=DIR ...`.") from None
   if meta.get("format") != FORMAT:
     raise ValueError(f"{mpath} has format {meta.get('format')!r}, expected {FORMAT!r}.")
-  return layout.unstack_blocks(unflatten(load_file(wpath))), meta  # either block layout (mmrs/models/layout.py)
+  return layout.unstack_blocks(unflatten(load_bytes(weights))), meta  # either block layout (mmrs/models/layout.py)
 
 
 # --- reading a pretraining checkpoint (mmrs/train/checkpoint.py layout) -------------------------------------------

@@ -255,7 +255,7 @@ def export(encoder_dir: str, fmt: str, out: str, modalities: Sequence[str] | Non
     sd = resnet_to_torchvision(params, variables.get("batch_stats", {}))
   elif fmt == "hf":
     sd, config = vit_to_hf(params, meta, modalities)
-    os.makedirs(out, exist_ok=True)
+    atomic_io.makedirs(out)
     config["mmrs"] = info
     files = {"model.safetensors": None, "config.json": config, "preprocessor_config.json": preprocessor_config(info),
              "mmrs.json": info}
@@ -268,12 +268,12 @@ def export(encoder_dir: str, fmt: str, out: str, modalities: Sequence[str] | Non
   else:
     sd = vit_to_timm(params, meta, modalities)
   if out.endswith(".safetensors"):
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    atomic_io.makedirs(os.path.dirname(out) or ".")
     weights, side = out, out[:-len(".safetensors")] + ".json"
     _save_weights(sd, weights, st_meta)
     atomic_io.write_json(side, info)
     return [weights, side]
-  os.makedirs(out, exist_ok=True)
+  atomic_io.makedirs(out)
   names = ("model.safetensors", "config.json", "mmrs.json", "README.md")
   weights, config, side, card = (os.path.join(out, n) for n in names)
   _save_weights(sd, weights, st_meta)

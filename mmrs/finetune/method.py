@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mmrs import atomic_io
 from mmrs import bands as bands_lib
 from mmrs.finetune import convert
 from mmrs.finetune import encoder_api
@@ -74,12 +75,11 @@ def encoder_meta(config) -> dict | None:
   path = config.get("init_from", "")
   if not path:
     return None
-  meta_path = os.path.join(path, convert.META_FILE)
-  if not os.path.exists(meta_path):
+  try:  # a gs:// encoder too
+    return json.loads(atomic_io.read_text(os.path.join(path, convert.META_FILE)))
+  except FileNotFoundError:
     raise FileNotFoundError(f"init_from={path!r} has no {convert.META_FILE}: point it at a directory written by "
-                            "`python -m launch.convert_checkpoint`, or set init_from='' for a random init.")
-  with open(meta_path) as f:
-    return json.load(f)
+                            "`python -m launch.convert_checkpoint`, or set init_from='' for a random init.") from None
 
 
 def pretrained_layout(meta: Mapping[str, Any] | None) -> str | None:

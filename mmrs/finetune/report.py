@@ -57,7 +57,7 @@ def table(results: Sequence[Mapping[str, Any]]) -> str:
 
 
 def write(workdir: str, result: Mapping[str, Any]) -> tuple[str, str]:
-  os.makedirs(workdir, exist_ok=True)
+  atomic_io.makedirs(workdir)
   json_path, md_path = os.path.join(workdir, JSON_FILE), os.path.join(workdir, MD_FILE)
   atomic_io.write_json(json_path, result)
   title = f"# {result.get('dataset', '')} {result.get('task', '')} evaluation\n\n"
@@ -98,8 +98,7 @@ def selection_tables(result: Mapping[str, Any]) -> str:
 
 
 def read(workdir: str) -> dict:
-  with open(os.path.join(workdir, JSON_FILE)) as f:
-    return json.load(f)
+  return json.loads(atomic_io.read_text(os.path.join(workdir, JSON_FILE)))  # a gs:// workdir too
 
 
 if __name__ == "__main__":
