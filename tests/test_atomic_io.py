@@ -62,7 +62,4 @@ def test_a_writer_that_creates_its_file_0600_still_gives_the_umask_mode(tmp_path
     os.umask(old)
   assert os.stat(out).st_mode & 0o777 == 0o644
 
-
-def test_object_store_paths_are_refused_for_library_writers():
-  with pytest.raises(ValueError, match="not a local path"):
-    atomic_io.write_with("gs://bucket/run/picture.png", lambda tmp: None)
+# An object-store target (saved locally, then uploaded): tests/test_gcs_outputs.py, against the GCS emulator.

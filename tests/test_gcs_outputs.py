@@ -14,6 +14,7 @@ import mmrs.finetune
 import test_finetune_validation as ftv
 import tiny_encoder
 from gcs_emulator import gcs, gcs_session  # pylint: disable=unused-import  (fixtures)
+from mmrs import atomic_io
 from mmrs import bands as B
 from mmrs.finetune import convert, export, method, report, validation
 
@@ -87,3 +88,23 @@ def test_exports_to_the_bucket_equal_local_exports(gcs, in_tmp, fmt, out):
   for mine, theirs in zip(local, remote):
     assert _same(_fs().cat(theirs[len("gs://"):]), open(mine, "rb").read()), theirs
   assert not [o for o in gcs.objects() if ".tmp" in o]  # the temporaries were renamed into place
+
+
+def test_library_writers_save_locally_and_upload(gcs, in_tmp):
+  """atomic_io.write_with on gs://: the library saves to a local file with the target's extension, which is uploaded
+  beside the target and renamed; a save that fails uploads nothing."""
+  seen = []
+
+  def save(tmp):
+    seen.append(tmp)
+    with open(tmp, "wb") as f:
+      f.write(b"png bytes")
+  assert atomic_io.write_with("gs://bucket/run/picture.png", save) == "gs://bucket/run/picture.png"
+  assert "://" not in seen[0] and seen[0].endswith("picture.png") and not os.path.exists(seen[0])
+  assert gcs.objects("run/") == ["run/picture.png"] and _fs().cat("bucket/run/picture.png") == b"png bytes"
+
+  def fail(tmp):
+    raise OSError("disk full")
+  with pytest.raises(OSError, match="disk full"):
+    atomic_io.write_with("gs://bucket/run/other.png", fail)
+  assert gcs.objects("run/") == ["run/picture.png"]
