@@ -3,8 +3,10 @@ GCS emulator behind the fault proxy (tests/gcs_emulator.py), with the faults tha
 
 One toy run trains to step 4 on gs://bucket/run (checkpoints 2 and 4, metrics, TensorBoard and reconstruction PNGs
 under gs://bucket/run/logs, jax's compilation cache under gs://bucket/run/compilation_cache); each test starts from a
-copy of that bucket and resumes with a fault injected; launch.main is killed with SIGKILL and resumed exactly. Not
-covered here yet: 2 processes saving to gs://, shards staged from gs://, finetune results / exports on gs://.
+copy of that bucket and resumes with a fault injected; launch.main is killed with SIGKILL and resumed exactly; a
+missing bucket is one error before anything runs. Elsewhere on the emulator: 2 processes saving, restoring and
+staging shards from gs:// (test_gcs_multihost.py), finetune results and exports (test_gcs_outputs.py), the TPU VM
+launcher's logs and maintenance handling (test_tpu_vm_gcs.py).
 """
 import os
 import pathlib
@@ -87,11 +89,12 @@ def test_two_resumes_keep_the_whole_metrics_and_tensorboard_history(bucket):
   assert _steps(bucket) == ["4", "6", "8"]  # keep_checkpoints=3
 
 
-def test_outage_on_array_data_stops_and_moves_nothing(bucket):
-  """503 on every array-data read beyond tensorstore's retries: the old code called it damage (the status is only in
-  the cause of Orbax's bare Exception) and moved step 4 aside."""
+@pytest.mark.parametrize("fault", [dict(status=503), dict(status=429), dict(cut=100)], ids=["503", "429", "cut"])
+def test_outage_on_array_data_stops_and_moves_nothing(bucket, fault):
+  """503 / 429 / a connection cut mid-body on every array-data read, beyond tensorstore's retries: the old code
+  called a 503 damage (the status is only in the cause of Orbax's bare Exception) and moved step 4 aside."""
   before = bucket.objects("run/checkpoints/")
-  bucket.fault(STEP4 + r"state/(.+/)?d/.*alt=media", times=-1, method="GET", status=503)
+  bucket.fault(STEP4 + r"state/(.+/)?d/.*alt=media", times=-1, method="GET", **fault)
   with pytest.raises(ckpt_lib.CheckpointUnavailable, match=r"step 4 .*ABORTED.*nothing was moved"):
     _train(6)
   bucket.clear_faults()
@@ -107,6 +110,14 @@ def test_refused_reads_are_one_error_and_nothing_moves(bucket):
     _train(6)
   bucket.clear_faults()
   assert bucket.objects("run/checkpoints/") == before
+
+
+def test_missing_bucket_is_one_error_before_anything_is_written(gcs):
+  """The old code trained to its first write and died there with a bare FileNotFoundError naming an upload URL."""
+  with pytest.raises(ckpt_lib.CheckpointAccessDenied, match=r"^The bucket gs://nobucket of gs://nobucket/run/"
+                     r"checkpoints does not exist"):
+    loop.train(toy.get_config(), "gs://nobucket/run", method=toy.build(toy.get_config()), task_data=toy.fake_data,
+               devices=jax.devices()[:1])
 
 
 def test_unreadable_meta_is_an_outage_not_a_new_schedule(bucket, monkeypatch):

@@ -196,6 +196,21 @@ def absolute(path: str | epath.Path) -> epath.Path:
   return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
+def _check_bucket(directory: epath.Path) -> None:
+  """An object-store run on a missing bucket: one error before anything runs (otherwise it trains up to its first
+  write, which dies with a bare FileNotFoundError naming an upload URL). A refused check raises what classify()
+  calls access, so the caller reports it as such."""
+  text = str(directory)
+  if "://" not in text:
+    return
+  scheme, rest = text.split("://", 1)
+  bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+  if not epath.Path(bucket).exists():
+    raise CheckpointAccessDenied(f"The bucket {bucket} of {directory} does not exist (or this account cannot see "
+                                 f"it): create it (gcloud storage buckets create {bucket}) or fix --workdir. Nothing "
+                                 "was written.")
+
+
 _VERDICTS = (None, errors.DAMAGE, errors.UNKNOWN, errors.TRANSIENT, errors.ACCESS)  # codes 0..4, weakest first
 _ASIDE = ("corrupt_step_", "unrestorable_step_")
 
@@ -209,10 +224,13 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                            enable_async_checkpointing=async_save)
     try:
+      _check_bucket(self.directory)
       self._manager = ocp.CheckpointManager(
           self.directory, item_names=("state", "data", "meta"), options=options,
           item_handlers={"state": ocp.StandardCheckpointHandler(), "data": IteratorStatesHandler(),
                          "meta": ocp.JsonCheckpointHandler()})
+    except CheckpointAccessDenied:
+      raise
     except Exception as e:  # pylint: disable=broad-except  (listing / creating the folder: say what to check)
       kind = errors.classify(e)
       if kind == errors.ACCESS:
