@@ -7,11 +7,17 @@
 # TensorBoard events (--logdir=<workdir>/logs: one metrics file per start, never overwritten); each worker copies its
 # ~/mmrs_logs/<run> (train.log, exit_code) to <workdir>/logs/workers/<hostname>/<start time>/ every 2 minutes and at
 # exit, so a recreated VM (--watch) adds to the history instead of overwriting it.
+# Host maintenance: v4 and v5e VMs are created with Cloud TPU's Autocheckpoint (`gcloud alpha ... create
+# --autocheckpoint-enabled`, Preview; the docs list v2-v4 and v5e): a maintenance then SIGTERMs the trainer and
+# waits for it (up to 5 min) before it starts. On every VM a watcher (launch/maintenance_watch.py) also reads the
+# metadata key instance/upcoming-maintenance every --maintenance_poll seconds and SIGTERMs the trainer when a
+# maintenance window opens within 10 minutes: the step is saved and the run exits 75, and --watch resumes it.
 #
 # Usage:
 #   launch/tpu_vm.sh --name=mmrs-v4 --zone=us-central2-b --accelerator=v4-32 \
 #     --config=configs/mixmae.py:vit_b --workdir=gs://BUCKET/runs/mixmae_b [--project=P] [--version=IMAGE] \
-#     [--spot] [--skip_setup] [--module=launch.main] [--shared_workdir] [--dry_run] [-- --config.key=value ...]
+#     [--spot] [--skip_setup] [--module=launch.main] [--shared_workdir] [--dry_run] [--[no]autocheckpoint] \
+#     [--maintenance_poll=60] [-- --config.key=value ...]
 #   launch/tpu_vm.sh --name=... --zone=... --workdir=... --status | --logs | --stop
 #   launch/tpu_vm.sh <the launch flags> --watch [--watch_interval=300]
 #     --status: per worker, running / exited <code>; --logs: the last lines of worker 0's train.log;
@@ -19,7 +25,8 @@
 #     --watch: for spot/preemptible VMs: every interval, recreate a preempted/deleted VM and restart training (it
 #     resumes from the latest checkpoint); ends when the run exits 0 (or with any exit code other than 75).
 #   --dry_run prints the commands instead of running them. --shared_workdir allows a non-gs:// workdir that every
-#   worker mounts at the same path (e.g. Filestore NFS).
+#   worker mounts at the same path (e.g. Filestore NFS). --[no]autocheckpoint: create the VM with Cloud TPU's
+#   Autocheckpoint or not (default: on for v4/v5e); --maintenance_poll: seconds between metadata reads.
 #
 # Python: the TPU VM images ship Python 3.10 and the pins need 3.11 (jax 0.10.2 was the last for 3.11; 0.11 needs
 # 3.12). uv (pinned, installed with pip --user) downloads a standalone CPython 3.11 into the user's home: no root,
@@ -28,10 +35,10 @@
 set -euo pipefail
 
 NAME="" ZONE="" ACCEL="" CONFIG="" WORKDIR="" PROJECT="" VERSION="" MODULE="launch.main"
-SPOT=0 SKIP_SETUP=0 DRY=0 SHARED=0 ACTION="launch" WATCH_S=300
+SPOT=0 SKIP_SETUP=0 DRY=0 SHARED=0 ACTION="launch" WATCH_S=300 AUTOCKPT="" MAINT_POLL_S=60
 UV_VERSION="0.13.8"
 EXTRA=()
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "tpu_vm.sh: $*" >&2; exit 2; }
 while (($#)); do
   case "$1" in
@@ -51,6 +58,9 @@ while (($#)); do
     --stop) ACTION=stop ;;
     --watch) ACTION=watch ;;
     --watch_interval=*) WATCH_S="${1#*=}" ;;
+    --autocheckpoint) AUTOCKPT=1 ;;
+    --noautocheckpoint) AUTOCKPT=0 ;;
+    --maintenance_poll=*) MAINT_POLL_S="${1#*=}" ;;
     --dry_run) DRY=1 ;;
     -h|--help) usage 0 ;;
     --) shift; EXTRA=("$@"); break ;;
@@ -69,6 +79,8 @@ if [[ "$WORKDIR" != gs://* ]] && ((!SHARED)); then
   die "--workdir must be a gs:// path: every TPU worker writes its part of each checkpoint there (or pass --shared_workdir for a filesystem every worker mounts)."
 fi
 [[ "$WATCH_S" =~ ^[1-9][0-9]*$ ]] || die "--watch_interval must be a positive number of seconds, got '$WATCH_S'"
+[[ "$MAINT_POLL_S" =~ ^[1-9][0-9]*$ ]] ||
+  die "--maintenance_poll must be a positive number of seconds, got '$MAINT_POLL_S'"
 if [[ -n "$ACCEL" ]]; then
   # Single-slice accelerator types; the image that supports each (Cloud TPU docs, "TPU VM images").
   case "$ACCEL" in
@@ -80,6 +92,10 @@ if [[ -n "$ACCEL" ]]; then
   esac
   [[ "${ACCEL##*-}" =~ ^[1-9][0-9]*$ ]] || die "--accelerator=$ACCEL must end in a core/chip count (e.g. v4-32)"
   VERSION="${VERSION:-$DEFAULT_VERSION}"
+  # Autocheckpoint by default where Cloud TPU documents it (v2-v4, v5e); elsewhere only on request.
+  if [[ -z "$AUTOCKPT" ]]; then
+    case "$ACCEL" in v4-*|v5litepod-*|v5e-*) AUTOCKPT=1 ;; *) AUTOCKPT=0 ;; esac
+  fi
 fi
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -115,6 +131,8 @@ esac
 create_vm() {
   local create=("${GCLOUD[@]}" create "$NAME" "${LOC[@]}" --accelerator-type="$ACCEL" --version="$VERSION")
   ((SPOT)) && create+=(--spot)
+  # Autocheckpoint (Preview, gcloud alpha): a maintenance event SIGTERMs the trainer and waits for its checkpoint.
+  ((AUTOCKPT)) && create=(gcloud alpha "${create[@]:1}" --autocheckpoint-enabled)
   if ((DRY)); then
     echo "# 1. create the TPU VM if '${GCLOUD[*]} describe $NAME ${LOC[*]}' finds none:"
     show "${create[@]}"
@@ -156,7 +174,11 @@ start() {
   local perf
   perf=$(cd "$REPO" && python3 -m launch.perf_flags --platform=tpu) || die "python3 -m launch.perf_flags failed"
   # The wrapper forwards SIGTERM (--stop, a VM shutdown) to the trainer and waits for its checkpoint.
-  local body="stamp=\$(date -u +%Y%m%dT%H%M%SZ); cd ~/mmrs && . ~/mmrs_venv/bin/activate || exit 2; ${perf//$'\n'/; }; ${sync:+(while sleep 120; do $sync; done) & sync_pid=\$!; }$train & child=\$!; trap 'kill -TERM \$child 2>/dev/null' TERM; while :; do rc=0; wait \$child || rc=\$?; kill -0 \$child 2>/dev/null || break; done; ${sync:+kill \$sync_pid; $sync; }echo \$rc > $LOGDIR/exit_code; exit \$rc"
+  # The maintenance watcher SIGTERMs the trainer when host maintenance is near (launch/maintenance_watch.py).
+  # exit_code is written before the last copy to the bucket, so the bucket's history has it too.
+  local watch="python -m launch.maintenance_watch --pid=\$child --poll_s=$MAINT_POLL_S"
+  watch+=" --state=$LOGDIR/maintenance_window"
+  local body="stamp=\$(date -u +%Y%m%dT%H%M%SZ); cd ~/mmrs && . ~/mmrs_venv/bin/activate || exit 2; ${perf//$'\n'/; }; ${sync:+(while sleep 120; do $sync; done) & sync_pid=\$!; }$train & child=\$!; $watch & watch_pid=\$!; trap 'kill -TERM \$child 2>/dev/null' TERM; while :; do rc=0; wait \$child || rc=\$?; kill -0 \$child 2>/dev/null || break; done; kill \$watch_pid 2>/dev/null; echo \$rc > $LOGDIR/exit_code; ${sync:+kill \$sync_pid; $sync; }exit \$rc"
   cmd="mkdir -p $LOGDIR && d=$LOGDIR && if [ -f \$d/pid ] && [ ! -f \$d/exit_code ] && kill -0 \$(cat \$d/pid) 2>/dev/null; then echo \"\$(hostname): already running\"; exit 0; fi; rm -f \$d/exit_code; setsid nohup bash -c $(printf '%q' "$body") >>\$d/train.log 2>&1 </dev/null & echo \$! > \$d/pid; echo \"\$(hostname): started, log \$d/train.log\""
   ((DRY)) && echo "# 4. train on every worker, detached"
   on_workers "$cmd"

@@ -134,7 +134,8 @@ def test_tpu_vm_dry_run_prints_the_commands():
                         "--", "--config.total_steps=10"], cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
   assert out.returncode == 0, out.stderr
   text = out.stdout
-  assert "gcloud compute tpus tpu-vm create mmrs-test" in text and "--accelerator-type=v4-32" in text
+  assert "gcloud compute tpus tpu-vm create mmrs-test" in text.replace("gcloud alpha ", "gcloud ")
+  assert "--accelerator-type=v4-32" in text and "--autocheckpoint-enabled" in text  # v4: Autocheckpoint (alpha)
   assert "--version=tpu-ubuntu2204-base" in text and "--worker=all" in text
   assert "--exclude=./runs --exclude=./data" in text  # local runs and data stay home
   assert "uv python install 3.11" in text and "requirements-tpu.txt" in text
@@ -146,6 +147,7 @@ def test_tpu_vm_dry_run_prints_the_commands():
   # recreated VM never overwrites the history.
   assert "--logdir=gs://bucket/runs/m1/logs" in train and "stamp=$(date -u +%Y%m%dT%H%M%SZ)" in train
   assert "rsync --recursive $HOME/mmrs_logs/m1 gs://bucket/runs/m1/logs/workers/$(hostname)/$stamp" in train
+  assert "python -m launch.maintenance_watch --pid=$child --poll_s=60" in train  # host maintenance -> SIGTERM
 
 
 def test_tpu_vm_needs_a_gs_workdir():
