@@ -6,7 +6,9 @@ on downloads and no ifGeneration(Not)Match preconditions (tensorstore's conditio
 rename), empty 404 bodies. And it injects faults by rule (tests/gcs_emulator.py's `GcsServer.fault`):
 
   POST /__fault/rules {"rules": [RULE, ...]}   append rules      POST /__fault/clear   drop rules and the log
-  GET  /__fault/log                            served requests as JSON [{"method", "path", "fault"}]
+  GET  /__fault/log                            served requests as JSON [{"method", "path", "range", "host",
+                                               "name", "fault"}] (host: the client's Host header, so tests
+                                               can tell clients apart; name: an upload's object name)
 
 RULE: "path_re" (searched in the URL-decoded "path?query"), "method", "times" (matches to fault, -1 = forever,
 default 1), "after" (let the first K matches through), and one action: "status" (answer it with a GCS-style JSON
@@ -80,6 +82,18 @@ def matching_rule(method: str, target: str) -> dict | None:
   return None
 
 
+def upload_name(target: str, body: bytes) -> str | None:
+  """The object an upload writes: `name=` in the query (media uploads) or the metadata JSON at the start of a
+  multipart or resumable upload's body."""
+  if not UPLOAD.match(urlsplit(target).path):
+    return None
+  query = parse_qs(urlsplit(target).query)
+  if "name" in query:
+    return query["name"][0]
+  found = re.search(rb'"name"\s*:\s*"([^"]+)"', body[:4096])
+  return found.group(1).decode() if found else None
+
+
 class Handler(BaseHTTPRequestHandler):
   protocol_version = "HTTP/1.1"
 
@@ -123,6 +137,7 @@ class Handler(BaseHTTPRequestHandler):
     action = next((a for a in ("status", "truncate", "cut", "flip") if a in rule), None)
     with _lock:
       _log.append({"method": method, "path": target, "range": self.headers.get("Range"),
+                   "host": self.headers.get("Host"), "name": upload_name(target, body),
                    "fault": action and f"{action}={rule[action]}"})
     if action == "status":
       return self._reply(rule["status"], [("Content-Type", "application/json")],

@@ -4,14 +4,15 @@ factored kernels; every global batch's record keys are logged, parameters are du
     python -m tests.multihost_run --shards=DIR --workdir=DIR --phases=3,4 [--shard_groups=G] \
         [--stage_root=DIR --stage_quota_gb=Q] \
         [--elastic_from=CKPT_DIR:STEP --elastic_workdir=DIR --elastic_steps=4] \
-        [--coordinator_address=127.0.0.1:PORT --num_processes=2 --process_id=I]
+        [--coordinator_address=127.0.0.1:PORT --num_processes=2 --process_id=I] [--outdir=DIR]
 
 Each phase trains to that many steps (a later phase resumes from the checkpoint of the earlier one in the same
 processes). `--elastic_from` then copies checkpoint STEP of another run (written with another process/device count)
 into `--elastic_workdir` and resumes it there to `--elastic_steps`. Each run directory gets metrics.jsonl (losses),
 records_p{I}.jsonl (task, global batch index, rows this process read, their record keys), params_{STEPS}.npz
 (process 0, gathered); the workdir also gets rows_p{I}.json (the rows this process reads and whether
-`jax.make_array_from_process_local_data` put them at those global rows).
+`jax.make_array_from_process_local_data` put them at those global rows). With a gs:// --workdir these local files go
+to --outdir instead (the metrics stay in the workdir, on the bucket).
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ flags.DEFINE_integer("shard_groups", 0, "data.*.shard_groups (issue 19: a proces
 flags.DEFINE_string("stage_root", None, "--shards is a file:// URL staged per process into STAGE_ROOT/p{I} (one "
                     "disk per host), capped by --stage_quota_gb; stage_p{I}.json lists the staged files.")
 flags.DEFINE_float("stage_quota_gb", 0.0, "data.*.stage_quota_gb.")
+flags.DEFINE_string("outdir", None, "Where the workdir's local side files go (records, rows, params, staged "
+                    "names); default: the workdir itself. Needed when --workdir is a gs:// URL.")
 flags.DEFINE_string("compilation_cache_dir", "auto", "config.compilation_cache_dir of every run (the tests share one "
                     "across runs, so a run that compiles what an earlier one did loads it).")
 
@@ -129,13 +132,14 @@ def main(argv):
   distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
   from mmrs.train import loop  # pylint: disable=g-import-not-at-top
   workdir = flags.FLAGS.workdir
+  side = lambda run_dir: (flags.FLAGS.outdir or run_dir) if run_dir == workdir else run_dir  # local side files
   stage_root = flags.FLAGS.stage_root
   if stage_root:  # a disk of its own per process (the default stage dir lives under $MMRS_STAGE_DIR)
     os.environ["MMRS_STAGE_DIR"] = os.path.join(stage_root, f"p{jax.process_index()}")
   config = config_for(flags.FLAGS.shards)
   config.compilation_cache_dir = flags.FLAGS.compilation_cache_dir
-  os.makedirs(workdir, exist_ok=True)
-  check_rows(config, workdir)
+  os.makedirs(side(workdir), exist_ok=True)
+  check_rows(config, side(workdir))
   runs = [(workdir, int(s)) for s in flags.FLAGS.phases.split(",") if s]
   if flags.FLAGS.elastic_from:
     src, step = flags.FLAGS.elastic_from.rsplit(":", 1)
@@ -147,13 +151,13 @@ def main(argv):
     runs.append((target, flags.FLAGS.elastic_steps))
   for run_dir, total in runs:
     config.total_steps = total
-    summary = loop.train(config, run_dir, task_data=recording_data(run_dir), logdir=run_dir)
+    summary = loop.train(config, run_dir, task_data=recording_data(side(run_dir)), logdir=run_dir)
     params = flat_params(summary["state"]["params"])
     if jax.process_index() == 0:
-      np.savez(f"{run_dir}/params_{total}.npz", **params)
+      np.savez(f"{side(run_dir)}/params_{total}.npz", **params)
   if stage_root:
     staged = [n for _, _, names in os.walk(os.environ["MMRS_STAGE_DIR"]) for n in names if n.endswith(".array_record")]
-    with open(f"{workdir}/stage_p{jax.process_index()}.json", "w") as f:
+    with open(f"{side(workdir)}/stage_p{jax.process_index()}.json", "w") as f:
       json.dump(sorted(staged), f)
   print(f"done process {jax.process_index()}", flush=True)
 
