@@ -1,4 +1,5 @@
-"""`python -m tests.launch_entry` = `python -m launch.main` with test hooks on the data iterators (launcher tests).
+"""`python -m tests.launch_entry` = `python -m launch.main` with test hooks on the data iterators (launcher tests),
+and one compilation cache entry for every process on CPU (tests/cpu_cache_share.py).
 
 The data are the config's real pipelines (grain, workers as configured), or tests/train_toy_method.py's fake data
 when the config's method is the toy. Hooks, by environment (0-based count of next() calls per task iterator):
@@ -81,6 +82,8 @@ def hooked_data(config, method, process_index, process_count):
 
 
 if __name__ == "__main__":
+  from tests import cpu_cache_share  # pylint: disable=g-import-not-at-top
+  cpu_cache_share.enable()  # every process loads the compiled step process 0 cached (each restart of a test job)
   from absl import app  # pylint: disable=g-import-not-at-top
   from launch import main as launch_main  # pylint: disable=g-import-not-at-top
   app.run(functools.partial(launch_main.main, task_data=hooked_data))
