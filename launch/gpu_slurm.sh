@@ -27,10 +27,14 @@
 #   trap sends SIGTERM to the training processes (scancel --signal=TERM: job steps only), every process saves a
 #   checkpoint of the same step (JAX's preemption sync point) and exits 75; the script runs `scontrol requeue`, the
 #   job restarts and resumes from that checkpoint.
-# - SIGTERM to the batch shell (`scancel --signal=TERM --full`, a preemption): srun runs in its own session, so the
-#   TERM sent to the batch shell's process group does not reach it (srun would SIGKILL its tasks, nothing saved);
-#   the trap forwards it to the tasks as above; saved and still RUNNING -> requeued. A plain `scancel` (the job is
-#   already COMPLETING): the tasks save, the job ends CANCELLED, no requeue.
+# - SIGTERM to the batch shell (`scancel --signal=TERM --full`): srun runs in its own session, so the TERM sent to
+#   the batch shell's process group does not reach it (srun would SIGKILL its tasks, nothing saved); the trap
+#   forwards it to the tasks as above; saved and still RUNNING -> requeued.
+# - preemption (PreemptMode=REQUEUE): with a GraceTime, SLURM sends TERM to the tasks only; they save and exit 75 and
+#   the script requeues the job. Without one, SLURM ends the job at once (TERM to everything, SIGKILL after
+#   KillWait: the tasks must save within it) and requeues it itself.
+# - a plain `scancel` (the job is already COMPLETING): the tasks get SLURM's TERM and save, the job ends CANCELLED,
+#   no requeue.
 # - a task that dies (kill -9, OOM): its grain workers exit with it (mmrs/parent_watch.py), so srun sees the task end
 #   at once and stops the others (--kill-on-bad-exit); the job fails, no requeue. --requeue covers node failures.
 # Exit code of the job: the first failing task's own code (launch.main's: 2 config/flag error, 3 NaN/inf, 4 could
@@ -126,10 +130,16 @@ stop_tasks() {
   echo \"mmrs: \$1: asking the training processes to checkpoint and stop\" >&2
   scancel --signal=TERM \"\$SLURM_JOB_ID\" 2>/dev/null  # job steps only, not this shell
 }
-on_term() {  # scancel --full / preemption (job still RUNNING: requeue once saved) or plain scancel (COMPLETING)
+on_term() {  # scancel --full (job still RUNNING: forward, requeue once saved), or SLURM ending the job (plain
+  # scancel, the time limit, a preemption without GraceTime: COMPLETING), which sends the tasks its own TERM; a
+  # forward then only stalls this shell in scancel's retries (\"Job can not be altered now\") until SIGKILL
   local state; state=\$(squeue -h -j \"\$SLURM_JOB_ID\" -o %T 2>/dev/null)
   [[ \$state == RUNNING ]] || requeue=0
-  stop_tasks \"SIGTERM (job \${state:-state unknown})\"
+  if [[ \$state == COMPLETING ]]; then
+    echo \"mmrs: SIGTERM (job COMPLETING): the training processes got SLURM's TERM: they checkpoint and stop\" >&2
+  else
+    stop_tasks \"SIGTERM (job \${state:-state unknown})\"
+  fi
 }
 trap 'stop_tasks \"time limit in ${SIGNAL_S}s\"' USR1
 trap on_term TERM INT
@@ -143,6 +153,7 @@ while :; do  # wait returns early when a trap runs; keep waiting for srun itself
   rc=0; wait \$srun_pid || rc=\$?
   kill -0 \$srun_pid 2>/dev/null || break
 done
+trap '' TERM INT USR1  # the tasks are gone: nothing to forward (scontrol requeue below TERMs this shell too)
 if ((rc != 0)); then  # srun returns the highest task code (143: the tasks it stopped): report the cause instead
   saved=0 cause=\"\"
   for f in \$(ls -tr \"\$MMRS_EXIT_DIR\"); do

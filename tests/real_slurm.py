@@ -1,5 +1,7 @@
 """A real SLURM cluster on this machine for the launcher tests: munge + slurmctld + two slurmd nodes (n1, n2) with
-fake GPU GRES, in a temporary directory (what the job does on it: README "Run on a GPU cluster / a TPU pod").
+fake GPU GRES and two partitions over them, the default one and URGENT, whose jobs preempt the default one's (a
+requeue after a grace time), in a temporary directory (what the job does on it: README "Run on a GPU cluster / a
+TPU pod").
 
 `start(root)` (root: a directory whose parents are all o+x, as munged requires) returns a `Cluster` (its `env`
 points the SLURM clients at it); `Cluster.stop()` kills its jobs, shuts everything down by PID and removes the
@@ -25,6 +27,11 @@ HOSTS_FILE = "/etc/hosts"
 NODES = ("n1", "n2")
 GPUS_PER_NODE = 4  # 2 per job: two jobs at once fit on the nodes (the port-collision test)
 CPUS_PER_NODE = 8  # slots, not cores (config_overrides): jobs of 2 "CPUs" per node, two at once
+# Preemption as clusters configure it for requeueable jobs (PreemptType=preempt/partition_prio, PreemptMode=REQUEUE):
+# a job in partition URGENT preempts the jobs of the default partition on its nodes. SLURM then sends SIGCONT +
+# SIGTERM to their steps at once and requeues them GRACE_S seconds later if they still run.
+URGENT = "urgent"
+GRACE_S = 120
 
 
 def _which(name: str) -> str | None:
@@ -85,7 +92,10 @@ JobRequeue=1
 KillWait=30
 MinJobAge=600
 {nodes}
-PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime={GRACE_S}
+PartitionName={URGENT} Nodes={','.join(NODES)} MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 """
 
 
@@ -171,7 +181,7 @@ def start(root: str, timeout_s: float = 60) -> Cluster:
     c.procs.append(subprocess.Popen([_which("slurmctld"), "-D", "-i"], env=c.env, stdout=log, stderr=log))
     for n in NODES:  # -N: several slurmd on one host (without it the second replaces the first)
       c.procs.append(subprocess.Popen([_which("slurmd"), "-D", "-N", n], env=c.env, stdout=log, stderr=log))
-    while c.run("sinfo", "-h", "-t", "idle", "-o", "%D", check=False).strip() != str(len(NODES)):
+    while c.run("sinfo", "-h", "-p", "debug", "-t", "idle", "-o", "%D", check=False).strip() != str(len(NODES)):
       if time.monotonic() > deadline or any(p.poll() is not None for p in c.procs):
         raise RuntimeError(f"the nodes did not become idle within {timeout_s:g}s")
       time.sleep(0.2)

@@ -1,8 +1,9 @@
 """launch/gpu_slurm.sh's job submitted to a real SLURM (tests/real_slurm.py: slurmctld + 2 slurmd on this machine),
 2 nodes x 1 task x 2 CPU devices: MAE `tiny` on the bundled sample, and a tiny finetune run with validation. What
 SLURM itself does is not simulated: time-limit and TERM signals, scancel (plain and --full), requeue, srun's kill of
-the other tasks, the job's recorded state and exit code. Exit codes are launch/main.py's (75 = preempted, 4 = could
-not connect). One cluster and one compilation cache serve every test (CI time)."""
+the other tasks, a preemption by a job of a higher-priority partition, the job's recorded state and exit code. Exit
+codes are launch/main.py's (75 = preempted, 4 = could not connect). One cluster and one compilation cache serve every
+test (CI time); tests.launch_entry lets every process load the compiled step from it (tests/cpu_cache_share.py)."""
 import json
 import os
 import pathlib
@@ -21,7 +22,7 @@ from sample_data import shards  # pylint: disable=unused-import  (fixture)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PREEMPTED = 75
-UNINTERRUPTED_STEPS = 16
+UNINTERRUPTED_STEPS = 36  # past the interrupted job's third resume (its saves land 5-9 steps apart: 5, 13, 22)
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
@@ -58,7 +59,8 @@ class _Jobs:
   def args(self, workdir, total_steps, *extra):
     """launch.main's arguments (gpu_slurm.sh takes --config and --workdir, the rest after `--`)."""
     return [f"--config=configs/mae_s2.py:tiny,shards={self.shards}", f"--workdir={workdir}",
-            f"--config.total_steps={total_steps}", "--config.optimizer.decay_steps=16",  # one schedule for all
+            # one schedule for every run, whatever its total_steps
+            f"--config.total_steps={total_steps}", f"--config.optimizer.decay_steps={UNINTERRUPTED_STEPS}",
             "--config.checkpoint_every_steps=0", "--config.data.s2_only.workers=1",
             f"--config.compilation_cache_dir={self.cache}", *extra]
 
@@ -148,18 +150,32 @@ def test_two_jobs_at_once_complete_on_their_own_ports_and_equal_one_process(unin
   ft_eval.assert_same_numbers(json.loads(uninterrupted["finetune"].read_text()), uninterrupted["ft_single"])
 
 
-def test_time_limit_and_term_save_and_requeue_and_plain_scancel_saves_and_cancels(jobs, uninterrupted, tmp_path):
-  """One job, three runs: (1) the time-limit signal (USR1 to the batch shell, what --signal=B:USR1@N delivers) ->
+def test_time_limit_term_and_preemption_save_and_requeue_and_plain_scancel_saves_and_cancels(jobs, uninterrupted,
+                                                                                            tmp_path):
+  """One job, four runs: (1) the time-limit signal (USR1 to the batch shell, what --signal=B:USR1@N delivers) ->
   both tasks save the same step, 75, requeued; (2) `scancel --signal=TERM --full` (TERM to the batch shell's process
-  group, srun included, as a preemption does) -> saved, requeued; (3) plain `scancel` -> saved, CANCELLED, not
-  requeued. Every resume is exact: the losses are the uninterrupted job's, bit for bit."""
+  group, srun included) -> the trap forwards it to the tasks: saved, requeued; (3) a real preemption: a job in the
+  urgent partition takes both nodes (tests/real_slurm.py: PreemptMode=REQUEUE with a GraceTime), SLURM sends its
+  TERM to the tasks -> saved, requeued, and the urgent job runs; (4) plain `scancel` -> saved, CANCELLED, not
+  requeued, without the batch shell forwarding a TERM SLURM already sent. Every resume is exact: the losses are the
+  uninterrupted job's, bit for bit."""
   workdir = tmp_path / "run"
   job = jobs.submit(workdir, 200, env={"MMRS_TEST_STEP_SLEEP_S": "0.1"})  # 200 steps: signals land first
+  urgent = []
+
+  def preempt():
+    urgent.append(jobs.cluster.run("sbatch", f"--partition={real_slurm.URGENT}", "--nodes=2", "--exclusive",
+                                   f"--output={tmp_path}/urgent-%j.out", "--wrap=true").split()[-1])
+
+  phases = (lambda: jobs.cluster.run("scancel", "--batch", "--signal=USR1", job),
+            lambda: jobs.cluster.run("scancel", "--signal=TERM", "--full", job),
+            preempt,
+            lambda: jobs.cluster.run("scancel", job))
   saved = []
-  for restarts, how in enumerate((["--batch", "--signal=USR1"], ["--signal=TERM", "--full"], [])):
+  for restarts, act in enumerate(phases):
     jobs.wait_running(job, workdir, restarts, (saved[-1] if saved else 0) + 2)
-    jobs.cluster.run("scancel", *how, job)
-    if how:  # saved and requeued: the job runs again
+    act()
+    if restarts < len(phases) - 1:  # saved and requeued: the job runs again
       _wait_for(lambda: int(jobs.state(job).get("Restarts", 0)) == restarts + 1, f"requeue #{restarts + 1}")
     else:
       end = jobs.wait_end(job, restarts)
@@ -168,14 +184,20 @@ def test_time_limit_and_term_save_and_requeue_and_plain_scancel_saves_and_cancel
     assert len(done) == 2 and len(set(done)) == 1 and "preempted=True" in done[0], text[-5000:]  # the same step
     saved.append(int(done[0].split()[1].split("=")[1]))
     assert (workdir / "checkpoints" / str(saved[-1])).is_dir()
-  assert (end["JobState"], end["Restarts"]) == ("CANCELLED", "2"), end
+  assert (end["JobState"], end["Restarts"], end["ExitCode"]) == ("CANCELLED", "3", "75:0"), end  # 75: saved
+  assert jobs.wait_end(urgent[0])["JobState"] == "COMPLETED"  # the preempting job got the nodes
   text = log(workdir, job)
-  assert all(text.count(f"at step {s}.") == 2 for s in saved[:2])  # both tasks resumed each saved step
+  assert all(text.count(f"at step {s}.") == 2 for s in saved[:3])  # both tasks resumed each saved step
+  assert text.count("mmrs: preempted, checkpoint saved: requeueing") == 3
+  # The batch shell forwarded one TERM, scancel --full's: the preemption's went to the tasks only, and plain
+  # scancel's to every process (the shell only notes it).
+  terms = [l for l in text.splitlines() if l.startswith("mmrs: SIGTERM (job ")]
+  assert [l.split(")")[0] for l in terms] == ["mmrs: SIGTERM (job RUNNING", "mmrs: SIGTERM (job COMPLETING"], terms
   assert "cancelled, checkpoint saved: resubmit to resume" in text
   reference = uninterrupted["pretrain"]  # the same job, uninterrupted
   got = _losses(workdir)
   common = sorted(set(got) & set(reference))
-  assert saved[0] + 1 in common and saved[1] + 1 in common, (saved, common)  # steps right after each resume
+  assert all(s + 1 in common for s in saved[:3]), (saved, common)  # steps right after each resume
   assert [got[s] for s in common] == [reference[s] for s in common]
 
 
