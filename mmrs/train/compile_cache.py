@@ -2,8 +2,9 @@
 
 "auto" (the default) puts it in `<workdir>/compilation_cache`, a gs:// workdir included (jax reads and writes
 remote cache folders through etils.epath; only process 0 writes entries: jax's compiler._cache_write, so a pod's
-workers do not race on the bucket), "" turns it off, any other value is the directory. On several CPU processes only
-process 0's programs hit the cache: the others look up keys that process 0 did not write (tests/test_gcs_multihost.py).
+workers do not race on the bucket), "" turns it off, any other value is the directory. GPU/TPU keys agree across
+processes, so every process loads what process 0 wrote; CPU keys hold each process's own topology (jax's
+cache_key._hash_accelerator_config), so there only process 0 hits (tests/cpu_cache_share.py evens that out in tests).
 The thresholds are lowered to zero so every step is cached, CPU steps included (jax's defaults skip compiles under
 1 s). The cache is process-global jax state: the last `configure` wins. Cache hits are counted from jax's monitoring
 events (`hits()`), and the train loop logs them per task.
