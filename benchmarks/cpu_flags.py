@@ -36,6 +36,7 @@ from launch.cpu_setup import JEMALLOC_CONF
 VARIANTS = {
     "default": "",
     "eigen_dots": "--xla_cpu_experimental_ynn_fusion_type=",  # YNNPACK off: XLA's own dot emitter
+    "ynn_all": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",  # elementwise ops and reductions too
     "onednn": "--xla_cpu_use_onednn=true",
     "xnn_dot": "--xla_cpu_experimental_xnn_fusion_type=dot",
     "onednn_dot": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_onednn_fusion_type=dot",
@@ -54,7 +55,7 @@ def parse_args(argv):
   p.add_argument("--image_size", type=int, default=128)
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--variants", default="default,onednn,xnn_dot,ynn_dot",
-                 help="Comma-separated names from VARIANTS, or name=FLAGS for your own.")
+                 help="Comma-separated names from VARIANTS, or name=FLAGS for your own (FLAGS without commas).")
   p.add_argument("--allocators", default="system,jemalloc")
   p.add_argument("--jemalloc", default=f"/usr/lib/{platform.machine()}-linux-gnu/libjemalloc.so.2")
   p.add_argument("--repeats", type=int, default=2)

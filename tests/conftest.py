@@ -21,8 +21,9 @@ from real_slurm import real_slurm  # pylint: disable=g-import-not-at-top,unused-
 # Files whose run takes longest on 2 cores (pytest --durations, summed per file), slowest first. Files not listed
 # follow in collection order. A rough order is enough: it only decides which worker starts what when.
 SLOWEST_FIRST = (
-    "test_end_to_end_pretrain.py", "test_slurm_real.py", "test_multihost.py", "test_launch_cluster.py",
-    "test_multihost_eval.py", "test_grad_accum.py", "test_peer.py", "test_train_loop.py", "test_end_to_end_finetune.py",
+    "test_multihost.py", "test_end_to_end_pretrain.py", "test_slurm_real.py", "test_multihost_eval.py",
+    "test_gcs.py", "test_launch_cluster.py", "test_tpu_vm_gcs.py", "test_gcs_multihost.py", "test_gcs_outputs.py",
+    "test_shard_groups.py", "test_grad_accum.py", "test_peer.py", "test_train_loop.py", "test_end_to_end_finetune.py",
     "test_train_launch.py", "test_finetune_method.py", "test_flat_dot.py", "test_export.py", "test_aot.py",
     "test_finetune_validation.py", "test_flops.py",
 )
