@@ -158,7 +158,8 @@ deploy() {
 }
 
 start() {
-  # Detached: setsid + nohup + redirects cut the wrapper from the ssh session (a disconnect does not stop it). The wrapper records the exit code; on gs:// workdirs it syncs the metrics every 2 min.
+  # Detached: setsid + nohup + redirects cut the wrapper from the ssh session (a disconnect does not stop it). The wrapper records the exit code; on gs:// workdirs it syncs the logs every 2 min and at exit (3 tries: a
+  # transient storage error must not lose the last copy, whose exit_code says the start ended).
   # "Already running" needs a live pid AND no exit_code: the wrapper writes exit_code as its last act, and its pid can
   # outlive that (a zombie not yet reaped, or a reused pid), which would otherwise skip the restart on that worker.
   local train sync="" cmd a
@@ -178,7 +179,7 @@ start() {
   # exit_code is written before the last copy to the bucket, so the bucket's history has it too.
   local watch="python -m launch.maintenance_watch --pid=\$child --poll_s=$MAINT_POLL_S"
   watch+=" --state=$LOGDIR/maintenance_window"
-  local body="stamp=\$(date -u +%Y%m%dT%H%M%SZ); cd ~/mmrs && . ~/mmrs_venv/bin/activate || exit 2; ${perf//$'\n'/; }; ${sync:+(while sleep 120; do $sync; done) & sync_pid=\$!; }$train & child=\$!; $watch & watch_pid=\$!; trap 'kill -TERM \$child 2>/dev/null' TERM; while :; do rc=0; wait \$child || rc=\$?; kill -0 \$child 2>/dev/null || break; done; kill \$watch_pid 2>/dev/null; echo \$rc > $LOGDIR/exit_code; ${sync:+kill \$sync_pid; $sync; }exit \$rc"
+  local body="stamp=\$(date -u +%Y%m%dT%H%M%SZ); cd ~/mmrs && . ~/mmrs_venv/bin/activate || exit 2; ${perf//$'\n'/; }; ${sync:+(while sleep 120; do $sync; done) & sync_pid=\$!; }$train & child=\$!; $watch & watch_pid=\$!; trap 'kill -TERM \$child 2>/dev/null' TERM; while :; do rc=0; wait \$child || rc=\$?; kill -0 \$child 2>/dev/null || break; done; kill \$watch_pid 2>/dev/null; echo \$rc > $LOGDIR/exit_code; ${sync:+kill \$sync_pid; for try in 1 2 3; do $sync && break; sleep 10; done; }exit \$rc"
   cmd="mkdir -p $LOGDIR && d=$LOGDIR && if [ -f \$d/pid ] && [ ! -f \$d/exit_code ] && kill -0 \$(cat \$d/pid) 2>/dev/null; then echo \"\$(hostname): already running\"; exit 0; fi; rm -f \$d/exit_code; setsid nohup bash -c $(printf '%q' "$body") >>\$d/train.log 2>&1 </dev/null & echo \$! > \$d/pid; echo \"\$(hostname): started, log \$d/train.log\""
   ((DRY)) && echo "# 4. train on every worker, detached"
   on_workers "$cmd"

@@ -122,7 +122,16 @@ def test_processes_of_one_host_share_one_copy(remote, tmp_path):
   assert all((stage / n).read_bytes() == (remote / n).read_bytes() for n in names)
 
 
-def test_unreachable_remote_is_one_clear_line(tmp_path):
+def test_unreachable_remote_is_one_clear_line(tmp_path, monkeypatch):
+  # A GCS emulator another test file started in this worker (tests/gcs_emulator.py: session-wide environment) must not
+  # answer here: without it gs:// is really unreachable (no credentials, no network), with it the bucket is missing.
+  for var in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "FSSPEC_GS_TOKEN", "GOOGLE_AUTH_TOKEN_FOR_TESTING"):
+    monkeypatch.delenv(var, raising=False)
+  try:
+    import gcsfs  # pylint: disable=g-import-not-at-top
+    gcsfs.GCSFileSystem.clear_instance_cache()  # fsspec reuses a file system built for the emulator otherwise
+  except ImportError:
+    pass
   with pytest.raises(staging.StagingError, match=r"Cannot read gs://no-such-bucket-mmrs/ds/manifest.json .*gcloud"
                      ) as e:
     staging.stage_dataset("gs://no-such-bucket-mmrs/ds", "train", ("paired",), str(tmp_path / "s"))

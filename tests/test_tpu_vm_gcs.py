@@ -144,7 +144,7 @@ def test_maintenance_saves_and_a_recreated_vm_keeps_every_workers_history(gcs, t
     metadata.server.shutdown()
 
   assert _steps(logdir) == list(range(1, saved[0] + 3))  # one history across both VMs
-  _wait_for(lambda: all(len(_synced_starts(i)) == 2 for i in range(2)), "the second start's logs on the bucket", 120)
+  _wait_for(lambda: all(len(_synced_starts(i)) == 2 for i in range(2)), "the second start's logs on the bucket", 300)
   for i in range(2):
     prefix = f"tpu/logs/workers/fake-tpu-w-{i}/"
     starts = _synced_starts(i)  # one prefix per start: the recreated VM did not overwrite the first
