@@ -1,6 +1,7 @@
 """Multi-host by simulation: local processes x 2 CPU devices (gloo), preemption across processes, Ctrl-C, start-up
 errors, the launchers' input checks and the TPU VM launcher (fake gcloud). launch/gpu_slurm.sh's job against a real
 SLURM: tests/test_slurm_real.py. Exit codes are launch/main.py's (75 = preempted)."""
+import functools
 import json
 import os
 import pathlib
@@ -8,12 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-
-import pytest
 
 import sample_data
 from sample_data import shards  # pylint: disable=unused-import  (fixture)
+from timeouts import wait_for
 
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -34,12 +33,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _wait_for(predicate, what, timeout=600):
-  deadline = time.monotonic() + timeout
-  while not predicate():
-    if time.monotonic() > deadline:
-      pytest.fail(f"timed out waiting for {what}")
-    time.sleep(0.2)
+_wait_for = functools.partial(wait_for, timeout_s=600)
 
 
 def _metrics(workdir):

@@ -4,6 +4,7 @@ SLURM itself does is not simulated: time-limit and TERM signals, scancel (plain 
 the other tasks, a preemption by a job of a higher-priority partition, the job's recorded state and exit code. Exit
 codes are launch/main.py's (75 = preempted, 4 = could not connect). One cluster and one compilation cache serve every
 test (CI time); tests.launch_entry lets every process load the compiled step from it (tests/cpu_cache_share.py)."""
+import functools
 import json
 import os
 import pathlib
@@ -19,6 +20,7 @@ import pytest
 import real_slurm
 import test_multihost_eval as ft_eval
 from sample_data import shards  # pylint: disable=unused-import  (fixture)
+from timeouts import wait_for
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PREEMPTED = 75
@@ -33,13 +35,7 @@ def test_ci_runs_the_real_slurm_tests():
   assert real_slurm.unavailable_reason() is None
 
 
-def _wait_for(predicate, what, timeout=600):
-  deadline = time.monotonic() + timeout
-  while not (value := predicate()):
-    if time.monotonic() > deadline:
-      pytest.fail(f"timed out waiting for {what}")
-    time.sleep(0.3)
-  return value
+_wait_for = functools.partial(wait_for, timeout_s=600)
 
 
 def _losses(workdir):

@@ -11,6 +11,7 @@ time, that --autocheckpoint-enabled (a Preview flag of `gcloud alpha`) is accept
 the SIGTERM itself, and real hostnames, IAM or gcloud's own rsync.
 """
 import datetime as dt
+import functools
 import http.server
 import json
 import os
@@ -19,13 +20,11 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-
-import pytest
 
 import fake_gcloud
 from gcs_emulator import _forget_listings, gcs, gcs_session  # pylint: disable=unused-import  (fixtures)
 from mmrs.train import metrics as metrics_lib
+from timeouts import wait_for
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PREEMPTED = 75
@@ -68,12 +67,7 @@ class FakeMetadata:
                    "windowEndTime": (start + dt.timedelta(hours=4)).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
-def _wait_for(predicate, what, timeout=600):
-  deadline = time.monotonic() + timeout
-  while not predicate():
-    if time.monotonic() > deadline:
-      pytest.fail(f"timed out waiting for {what}")
-    time.sleep(0.5)
+_wait_for = functools.partial(wait_for, timeout_s=600)
 
 
 def _read(name):
@@ -144,7 +138,8 @@ def test_maintenance_saves_and_a_recreated_vm_keeps_every_workers_history(gcs, t
     metadata.server.shutdown()
 
   assert _steps(logdir) == list(range(1, saved[0] + 3))  # one history across both VMs
-  _wait_for(lambda: all(len(_synced_starts(i)) == 2 for i in range(2)), "the second start's logs on the bucket", 300)
+  _wait_for(lambda: all(len(_synced_starts(i)) == 2 for i in range(2)), "the second start's logs on the bucket",
+            timeout_s=300)
   for i in range(2):
     prefix = f"tpu/logs/workers/fake-tpu-w-{i}/"
     starts = _synced_starts(i)  # one prefix per start: the recreated VM did not overwrite the first

@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import ml_collections
@@ -18,7 +17,7 @@ from mmrs.train import checkpoint as ckpt_lib
 from mmrs.train import config_check
 from mmrs.train import loop
 from mmrs.train import step as step_lib
-from timeouts import HANG_GUARD_S
+from timeouts import HANG_GUARD_S, wait_for
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -245,7 +244,7 @@ def test_kill9_after_checkpoint_then_resume_is_exact(runs, tmp_path):
     else:
       pytest.fail(f"the run ended (rc={proc.wait()}) before stalling at step 5")
     # Orbax renames the temporary directory to "4" only once every item is written.
-    _wait_for(lambda: (workdir / "checkpoints" / "4").is_dir(), "checkpoint 4 to be committed")
+    wait_for(lambda: (workdir / "checkpoints" / "4").is_dir(), "checkpoint 4 to be committed")
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -267,9 +266,3 @@ def subprocess_env(tmp_path, devices=8):
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
-def _wait_for(predicate, what, timeout=HANG_GUARD_S):
-  deadline = time.monotonic() + timeout
-  while not predicate():
-    if time.monotonic() > deadline:
-      pytest.fail(f"timed out waiting for {what}")
-    time.sleep(0.1)
