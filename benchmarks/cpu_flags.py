@@ -27,6 +27,7 @@ import sys
 
 from benchmarks import peer
 from benchmarks import records
+from launch import cpu_setup
 from launch.cpu_setup import JEMALLOC_CONF
 
 # XLA:CPU options of the installed jaxlib (0.10.2; `XLA_FLAGS=--help`). Its dots run in YNNPACK fusions by default
@@ -57,7 +58,8 @@ def parse_args(argv):
   p.add_argument("--variants", default="default,onednn,xnn_dot,ynn_dot",
                  help="Comma-separated names from VARIANTS, or name=FLAGS for your own (FLAGS without commas).")
   p.add_argument("--allocators", default="system,jemalloc")
-  p.add_argument("--jemalloc", default=f"/usr/lib/{platform.machine()}-linux-gnu/libjemalloc.so.2")
+  p.add_argument("--jemalloc", default=cpu_setup.jemalloc_path({}) or cpu_setup.JEMALLOC_PATHS[0],
+                 help="libjemalloc.so.2 (default: the first one launch/cpu_setup.py finds, as a training run would)")
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=3)
